@@ -1,0 +1,161 @@
+"""`matvlm` command line: a table of subcommands over typed library functions.
+
+Each subcommand is a function whose signature gives the flags (parameters without a
+default are positional; `a_b` becomes `--a-b`; bool defaults give `--x/--no-x`;
+`list[int]` takes `0,4,8`) and whose docstring gives the help (`Args:` entries).
+Functions are imported only when their subcommand runs, so `matvlm --help` is instant.
+
+Errors the user can fix (`MatvlmError`) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import logging
+import os
+import re
+import sys
+import typing
+from pathlib import Path
+
+# name -> (module:function, one-line summary). Groups map to nested tables.
+COMMANDS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
+    "convert": ("matvlm.commands:convert", "turn a transformer teacher into a hybrid with Mamba-2 layers"),
+    "info": ("matvlm.commands:info", "describe a model directory (format, layers, parameters)"),
+    "toy": {
+        "tiny-teacher": ("matvlm.commands:tiny_teacher", "write a tiny random-weight teacher (for trying things)"),
+    },
+}
+
+
+# --- docstring and signature -> argparse --------------------------------------------------------
+
+def _doc_parts(fn) -> tuple[str, dict[str, str]]:
+    """(description, {param: help}) from a Google-style docstring."""
+    doc = inspect.getdoc(fn) or ""
+    desc, _, rest = doc.partition("\nArgs:\n")
+    helps: dict[str, str] = {}
+    current = None
+    for line in rest.splitlines():
+        if re.match(r"^\S", line):              # a new section (Returns:, ...) ends Args
+            break
+        m = re.match(r"^\s{2,4}(\w+)(?: \(.*?\))?:\s*(.*)$", line)
+        if m:
+            current = m.group(1)
+            helps[current] = m.group(2)
+        elif current and line.strip():
+            helps[current] += " " + line.strip()
+    return desc.strip(), helps
+
+
+def _parse_list(item_type):
+    def parse(text: str):
+        try:
+            return [item_type(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {item_type.__name__}, got {text!r}")
+    return parse
+
+
+def _add_param(parser: argparse.ArgumentParser, name: str, param: inspect.Parameter, hint, help_text: str):
+    flag = "--" + name.replace("_", "-")
+    origin = typing.get_origin(hint)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
+        hint, origin, args = args[0], typing.get_origin(args[0]), typing.get_args(args[0])
+    kw: dict = {"help": help_text}
+    if hint is bool:
+        kw["action"] = argparse.BooleanOptionalAction
+        kw["default"] = param.default if param.default is not inspect.Parameter.empty else False
+        parser.add_argument(flag, **kw)
+        return
+    if origin is typing.Literal:
+        kw["choices"] = list(args)
+        kw["type"] = type(args[0])
+    elif origin is list:
+        kw["type"] = _parse_list(args[0] if args else str)
+        kw["metavar"] = "A,B,..."
+    elif hint in (int, float, str, Path):
+        kw["type"] = hint
+    else:
+        kw["type"] = str
+    if param.default is inspect.Parameter.empty:
+        parser.add_argument(name, **kw)
+    else:
+        kw["default"] = param.default
+        if param.default is not None and "default" not in help_text:
+            kw["help"] = f"{help_text} (default: {param.default})"
+        parser.add_argument(flag, **kw)
+
+
+def build_parser(fn, prog: str) -> argparse.ArgumentParser:
+    desc, helps = _doc_parts(fn)
+    parser = argparse.ArgumentParser(prog=prog, description=desc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    hints = typing.get_type_hints(fn)
+    for name, param in inspect.signature(fn).parameters.items():
+        _add_param(parser, name, param, hints.get(name, str), helps.get(name, ""))
+    return parser
+
+
+def _resolve(target: str):
+    mod, _, attr = target.partition(":")
+    return getattr(importlib.import_module(mod), attr)
+
+
+def _top_help() -> str:
+    lines = ["usage: matvlm <command> [options]   (matvlm <command> --help for its options)", "",
+             "Convert a transformer VLM into a hybrid Mamba-2/transformer model, distil, evaluate,",
+             "benchmark, chat and serve it (MaTVLM, arXiv 2503.13440).", "", "commands:"]
+    for name, entry in COMMANDS.items():
+        if isinstance(entry, dict):
+            for sub, (_, summary) in entry.items():
+                lines.append(f"  {name + ' ' + sub:<22}{summary}")
+        else:
+            lines.append(f"  {name:<22}{entry[1]}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_top_help())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+        print(f"matvlm {__version__}")
+        return 0
+    name, rest, prog = argv[0], argv[1:], f"matvlm {argv[0]}"
+    entry = COMMANDS.get(name)
+    if isinstance(entry, dict):
+        if not rest or rest[0] not in entry:
+            subs = ", ".join(entry)
+            if rest and rest[0] in ("-h", "--help"):
+                print(f"usage: matvlm {name} <{'|'.join(entry)}> [options]")
+                return 0
+            print(f"matvlm: error: 'matvlm {name}' needs one of: {subs}", file=sys.stderr)
+            return 2
+        entry, prog, rest = entry[rest[0]], f"{prog} {rest[0]}", rest[1:]
+    if entry is None:
+        print(f"matvlm: error: unknown command {name!r}; see 'matvlm --help'", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=os.environ.get("MATVLM_LOG", "WARNING").upper(),
+                        format="%(levelname)s %(name)s: %(message)s")
+    fn = _resolve(entry[0])
+    ns = build_parser(fn, prog).parse_args(rest)
+    from .errors import MatvlmError
+    try:
+        result = fn(**vars(ns))
+    except MatvlmError as e:
+        print(f"matvlm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("matvlm: interrupted", file=sys.stderr)
+        return 130
+    return int(result) if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
