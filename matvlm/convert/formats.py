@@ -71,7 +71,7 @@ def detect_format(path: str | Path) -> str:
 def load_transformers_dir(path: Path, fmt: str, dtype: torch.dtype | None, attn_implementation: str | None):
     """A llava-hf or causal-LM teacher directory through transformers' own loader (local files only),
     as a hybrid model with no Mamba layers."""
-    io.weight_files(path)                        # refuse pickle-only or empty directories up front
+    io.check_readable(io.weight_files(path))     # refuse pickle-only, empty or corrupt directories up front
     from transformers import AutoConfig, AutoModelForCausalLM, LlavaForConditionalGeneration
 
     config = AutoConfig.from_pretrained(path, local_files_only=True)

@@ -173,6 +173,16 @@ def weight_files(path: Path) -> list[Path]:
     raise MatvlmError(f"{path} has no *.safetensors weight files")
 
 
+def check_readable(files: list[Path]) -> None:
+    """Open each file's header (cheap) so a corrupt file is reported by name before any loading."""
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                fh.keys()
+        except (SafetensorError, OSError) as e:
+            raise MatvlmError(f"corrupt or unreadable weight file {f}: {e}") from e
+
+
 def read_tensors(files: list[Path], dtype: torch.dtype | None = None, rename=None) -> dict[str, torch.Tensor]:
     """All tensors of `files`, floating ones cast to `dtype` if given, keys passed through `rename`."""
     out = {}
@@ -197,9 +207,11 @@ def _attach_lm_head_bias(model: nn.Module, tensors: dict[str, torch.Tensor]) -> 
         head.bias = nn.Parameter(torch.zeros(head.out_features, dtype=head.weight.dtype))
 
 
-def load_into(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+def load_into(model: nn.Module, tensors: dict[str, torch.Tensor], where: str, display=None) -> None:
     """Load `tensors` (transformers names) into `model` strictly; tie the output embedding if the
-    config ties it and the checkpoint left it out."""
+    config ties it and the checkpoint left it out. `display` maps names to the checkpoint's own
+    names in error messages."""
+    display = display or (lambda k: k)
     _attach_lm_head_bias(model, tensors)
     expected = set(model.state_dict().keys())
     head_key = f"{_module_name(model, model.get_output_embeddings())}.weight"
@@ -210,13 +222,13 @@ def load_into(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) ->
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
+            parts.append(f"missing {len(missing)} tensors (e.g. {', '.join(map(display, missing[:3]))})")
         if unexpected:
-            parts.append(f"unexpected {len(unexpected)} tensors (e.g. {', '.join(unexpected[:3])})")
+            parts.append(f"unexpected {len(unexpected)} tensors (e.g. {', '.join(map(display, unexpected[:3]))})")
         raise MatvlmError(f"weights in {where} do not fit the model its config describes: {'; '.join(parts)}")
     for k, t in tensors.items():
         if tuple(model.state_dict()[k].shape) != tuple(t.shape):
-            raise MatvlmError(f"weights in {where}: {k} has shape {tuple(t.shape)}, the config expects "
+            raise MatvlmError(f"weights in {where}: {display(k)} has shape {tuple(t.shape)}, the config expects "
                               f"{tuple(model.state_dict()[k].shape)}")
     model.load_state_dict(tensors, strict=False, assign=True)
     if tied and head_key not in tensors:
@@ -252,7 +264,8 @@ def load_hybrid_dir(path: Path, dtype: torch.dtype | None = None, attn_implement
     cfg = HybridConfig.load(path / MAMBA_CONFIG)
     model = build_empty(config, (config.architectures or [None])[0])
     make_hybrid(model, cfg)
-    renames = {v: k for k, v in mamba_key_renames(model, cfg).items()}
-    tensors = read_tensors(weight_files(path), dtype, rename=lambda k: _rename(k, renames))
-    load_into(model, tensors, str(path))
+    forward = mamba_key_renames(model, cfg)
+    back = {v: k for k, v in forward.items()}
+    tensors = read_tensors(weight_files(path), dtype, rename=lambda k: _rename(k, back))
+    load_into(model, tensors, str(path), display=lambda k: _rename(k, forward))
     return model.eval()

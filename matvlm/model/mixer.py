@@ -34,6 +34,11 @@ from .. import ops
 from ..config import HybridConfig
 
 
+def _upcast(t: Tensor) -> Tensor:
+    """float32 for low-precision tensors (dt, A, D are kept in float32), float64 stays float64."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 class GatedRMSNorm(nn.Module):
     """RMSNorm over groups of channels of y * silu(z) (Mamba-2, norm_before_gate=False)."""
 
@@ -140,17 +145,17 @@ class Mamba2Mixer(nn.Module):
         has_prev = state is not None and state.initialized
         xBC = self.causal_conv(xBC, state.conv if has_prev else None)
         x, B, C = self.split_xbc(xBC)
-        dt = F.softplus(dt_raw.float() + self.dt_bias.float())        # (B, T, H)
+        dt = F.softplus(_upcast(dt_raw) + _upcast(self.dt_bias))        # (B, T, H)
         if pad is not None:
             dt = dt * pad[..., None]                                  # pads leave the state alone
-        A = -torch.exp(self.A_log.float())                            # (H,)
+        A = -torch.exp(_upcast(self.A_log))                            # (H,)
         y, final = ops.ssd(
             x.reshape(b, t, self.nheads, self.headdim),               # (B, T, H, P)
             dt,
             A,
             B.reshape(b, t, self.ngroups, self.d_state),              # (B, T, G, N)
             C.reshape(b, t, self.ngroups, self.d_state),
-            self.D.float(),
+            _upcast(self.D),
             initial_state=state.ssm if has_prev else None,
         )
         if state is not None:
@@ -166,11 +171,11 @@ class Mamba2Mixer(nn.Module):
         w = self.conv1d.weight[:, 0]                                  # (C, d_conv)
         xBC = F.silu((window * w).sum(-1) + self.conv1d.bias)         # (B, C)
         x, B, C = self.split_xbc(xBC)
-        dt = F.softplus(dt_raw.float() + self.dt_bias.float())        # (B, H)
-        A = -torch.exp(self.A_log.float())
+        dt = F.softplus(_upcast(dt_raw) + _upcast(self.dt_bias))        # (B, H)
+        A = -torch.exp(_upcast(self.A_log))
         y = ops.ssd_step(state.ssm, x.reshape(b, self.nheads, self.headdim), dt, A,
                          B.reshape(b, self.ngroups, self.d_state), C.reshape(b, self.ngroups, self.d_state),
-                         self.D.float())                              # (B, H, P)
+                         _upcast(self.D))                              # (B, H, P)
         state.seen += 1
         y = self.norm(y.reshape(b, 1, self.d_inner), z[:, None])
         return self.out_proj(y)
