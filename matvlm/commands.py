@@ -58,7 +58,7 @@ def info(model: Path) -> None:
 
 
 def tiny_teacher(out: Path, family: Literal["phi", "llama", "qwen2"] = "phi", layers: int = 8,
-                 text_only: bool = False, seed: int = 0) -> None:
+                 text_only: bool = False, seed: int = 0, overwrite: bool = False) -> None:
     """Write a tiny random-weight teacher (a transformers LLaVA with a SigLIP-style tower, or a causal LM)
     with a byte-level tokenizer: something to run convert/info on without downloading anything.
 
@@ -68,6 +68,7 @@ def tiny_teacher(out: Path, family: Literal["phi", "llama", "qwen2"] = "phi", la
         layers: number of decoder layers.
         text_only: write a causal LM instead of a VLM.
         seed: weight seed.
+        overwrite: replace the output directory if it exists.
     """
     from .errors import MatvlmError
     from .model.io import atomic_dir
@@ -78,7 +79,7 @@ def tiny_teacher(out: Path, family: Literal["phi", "llama", "qwen2"] = "phi", la
     kv = 2 if family == "llama" else None
     build = tiny_causal_lm if text_only else tiny_llava
     model, proc = build(family, n_layer=layers, kv_heads=kv, seed=seed)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
         proc.save_pretrained(tmp)
     print(f"wrote {out}: tiny {family} {'causal LM' if text_only else 'LLaVA'}, {layers} layers")
