@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -232,6 +233,28 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
     return model.eval()
 
 
+@contextmanager
+def _quiet_torchvision_fallback():
+    """transformers warns on every load that, without torchvision, image processors use their PIL
+    backend; that is expected here (matvlm does not depend on torchvision), so drop that line."""
+    import logging
+
+    class _Drop(logging.Filter):
+        def filter(self, record):
+            return "requires torchvision" not in record.getMessage()
+
+    loggers = [logging.getLogger(n) for n in ("transformers", "transformers.image_processing_utils",
+                                              "transformers.models.auto.image_processing_auto")]
+    f = _Drop()
+    for lg in loggers:
+        lg.addFilter(f)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(f)
+
+
 def load_processor(path: str | Path):
     """The tokenizer (text models) or `LlavaProcessor` (VLMs) of a model directory."""
     from transformers import AutoProcessor, AutoTokenizer
@@ -243,7 +266,8 @@ def load_processor(path: str | Path):
     is_vlm = read_config(path).get("model_type") == "llava"
     try:
         if is_vlm:
-            return AutoProcessor.from_pretrained(path, local_files_only=True)
+            with _quiet_torchvision_fallback():
+                return AutoProcessor.from_pretrained(path, local_files_only=True)
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
         raise MatvlmError(f"{path}: cannot read its {'processor' if is_vlm else 'tokenizer'} files: "
