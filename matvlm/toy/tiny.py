@@ -24,19 +24,21 @@ EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<pad>"
 FAMILIES = ("phi", "llama", "qwen2")
 
-# A plain chat template: "USER: <text>\nASSISTANT: <text><|endoftext|>" per turn.
+# The "plain" chat template of matvlm.distill.templates in Jinja, for `apply_chat_template`:
+# "USER: <image>\n<text>\nASSISTANT: <text><|endoftext|>\n" per turn (newlines written as
+# expressions because transformers renders templates with trim_blocks).
 CHAT_TEMPLATE = (
     "{% for m in messages %}"
-    "{% if m['role'] == 'system' %}{{ m['content'] }}\n"
-    "{% elif m['role'] == 'user' %}USER: "
+    "{% if m['role'] == 'system' %}{{ m['content'] }}{{ '\\n' }}"
+    "{% elif m['role'] == 'user' %}{{ 'USER: ' }}"
     "{% if m['content'] is string %}{{ m['content'] }}"
-    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n"
-    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}\n"
-    "{% else %}ASSISTANT: "
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}{{ '<image>\\n' }}"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}{{ '\\n' }}"
+    "{% else %}{{ 'ASSISTANT: ' }}"
     "{% if m['content'] is string %}{{ m['content'] }}"
     "{% else %}{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
-    "{% endif %}" + EOS_TOKEN + "\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    "{% endif %}{{ '" + EOS_TOKEN + "\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
 
 
