@@ -23,6 +23,7 @@ from pathlib import Path
 # name -> (module:function, one-line summary). Groups map to nested tables.
 COMMANDS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
     "convert": ("matvlm.commands:convert", "turn a transformer teacher into a hybrid with Mamba-2 layers"),
+    "distill": ("matvlm.commands:distill", "distil a hybrid from its teacher (layer + KL + CE losses)"),
     "info": ("matvlm.commands:info", "describe a model directory (format, layers, parameters)"),
     "toy": {
         "tiny-teacher": ("matvlm.commands:tiny_teacher", "write a tiny random-weight teacher (for trying things)"),
@@ -65,6 +66,7 @@ def _add_param(parser: argparse.ArgumentParser, name: str, param: inspect.Parame
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
         hint, origin, args = args[0], typing.get_origin(args[0]), typing.get_args(args[0])
+    help_text = help_text.replace("%", "%%")        # argparse %-formats help strings
     kw: dict = {"help": help_text}
     if hint is bool:
         kw["action"] = argparse.BooleanOptionalAction

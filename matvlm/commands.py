@@ -83,3 +83,86 @@ def tiny_teacher(out: Path, family: Literal["phi", "llama", "qwen2"] = "phi", la
         model.save_pretrained(tmp)
         proc.save_pretrained(tmp)
     print(f"wrote {out}: tiny {family} {'causal LM' if text_only else 'LLaVA'}, {layers} layers")
+
+
+def distill(config: Path | None = None, teacher: Path | None = None, student: Path | None = None,
+            data: Path | None = None, image_root: Path | None = None, out: Path | None = None,
+            mamba_ratio: float | None = None, placement: Literal["even", "begin", "middle", "end"] | None = None,
+            train: list[str] | None = None, max_steps: int | None = None, epochs: float | None = None,
+            global_batch_size: int | None = None, micro_batch_size: int | None = None, lr: float | None = None,
+            alpha: float | None = None, beta: float | None = None, gamma: float | None = None,
+            temperature: float | None = None, loss_reduction: Literal["mean", "sum"] | None = None,
+            template: Literal["phi", "vicuna", "chatml", "plain"] | None = None, max_length: int | None = None,
+            image_aspect: Literal["pad", "square"] | None = None, save_every: int | None = None,
+            keep_last: int | None = None, seed: int | None = None, gradient_checkpointing: bool | None = None,
+            mixed_precision: Literal["auto", "bf16", "fp16", "no"] | None = None, strict: bool | None = None,
+            num_workers: int | None = None, tensorboard: bool | None = None, wandb: bool | None = None,
+            resume: Path | None = None) -> None:
+    """Distil a hybrid student from its transformer teacher in one stage (paper §3.3):
+    L = alpha*L_layer + beta*L_prob + gamma*L_ce, only the Mamba-2 mixers and the connector training.
+
+    Examples:
+      matvlm distill --teacher T --student H --data train.json --image-root imgs/ --out run/
+      matvlm distill --teacher T --mamba-ratio 0.25 --data train.json --out run/   (convert on the fly)
+      matvlm distill --config recipe.yaml [--max-steps 100]                       (flags override the file)
+      accelerate launch -m matvlm distill --config recipe.yaml                    (several processes / GPUs)
+      matvlm distill --resume run/                                                (continue where it stopped)
+    The output directory gets the final hybrid at its top level, checkpoints/step-N/ and log.jsonl.
+    Losses are per-token means over real tokens (never padding); --loss-reduction sum gives MaTVLM's sums.
+
+    Args:
+        config: YAML or JSON recipe whose keys are these option names (underscores).
+        teacher: the original model directory (kept frozen).
+        student: hybrid init directory from `matvlm convert` (omit it and give --mamba-ratio to convert here).
+        data: LLaVA/ShareGPT4V JSON or JSONL (VLM), or text JSONL with "text" or "messages" (causal LM).
+        image_root: folder the data's image paths are relative to (default: the data file's folder).
+        out: output directory (must be new or empty unless --resume).
+        mamba_ratio: fraction of layers to convert when --student is not given.
+        placement: where converted layers go when --student is not given (default even).
+        train: parameter groups that train, comma-separated: mamba, connector, mlp (of the Mamba layers), all
+            (default mamba,connector as in the paper).
+        max_steps: optimizer steps (default: --epochs over the data).
+        epochs: passes over the data (default 1).
+        global_batch_size: samples per optimizer step over all processes (default 64).
+        micro_batch_size: samples per forward pass per process (default 4).
+        lr: peak learning rate of the warmup-stable-decay schedule, 10 % / 10 % (default 2e-4).
+        alpha: weight of the layer loss (default 1).
+        beta: weight of the KL loss (default 1).
+        gamma: weight of the cross-entropy loss (default 0).
+        temperature: softmax temperature of the KL loss (default 1).
+        loss_reduction: mean per real token (default) or sum (MaTVLM's unnormalised sums).
+        template: chat template of the data (default: by decoder family; phi = TinyLLaVA's).
+        max_length: maximum tokens per sample; longer ones are truncated, never inside an image (default 2048).
+        image_aspect: pad to square with the mean colour, or square resize (default: the teacher's setting).
+        save_every: checkpoint every N steps, and at the end (default 500).
+        keep_last: keep only the newest N checkpoints (default: all).
+        seed: seed of the data order and the Mamba init (default 0).
+        gradient_checkpointing: recompute decoder layers in the backward pass to save memory.
+        mixed_precision: auto = bf16 on CUDA, fp32 on CPU (default auto).
+        strict: fail on a missing image instead of counting and skipping it.
+        num_workers: data-loading worker processes (default 0).
+        tensorboard: also log to OUT/tensorboard when tensorboard is installed (default on).
+        wandb: also log to Weights & Biases (needs wandb).
+        resume: continue the run in this output directory from its newest checkpoint.
+    """
+    from .distill.config import DistillConfig
+    from .distill.train import CONFIG_NAME, run
+    from .errors import MatvlmError
+
+    overrides = dict(teacher=teacher, student=student, data=data, image_root=image_root, out=out,
+                     mamba_ratio=mamba_ratio, placement=placement, train=train, max_steps=max_steps, epochs=epochs,
+                     global_batch_size=global_batch_size, micro_batch_size=micro_batch_size, lr=lr, alpha=alpha,
+                     beta=beta, gamma=gamma, temperature=temperature, loss_reduction=loss_reduction,
+                     template=template, max_length=max_length, image_aspect=image_aspect, save_every=save_every,
+                     keep_last=keep_last, seed=seed, gradient_checkpointing=gradient_checkpointing,
+                     mixed_precision=mixed_precision, strict=strict, num_workers=num_workers,
+                     tensorboard=tensorboard, wandb=wandb)
+    overrides = {k: (str(v) if isinstance(v, Path) else v) for k, v in overrides.items()}
+    if resume is not None:
+        if config is not None:
+            raise MatvlmError("--resume reads the run's own settings; give either --config or --resume")
+        cfg = DistillConfig.from_sources(Path(resume) / CONFIG_NAME, **{**overrides, "out": str(resume)})
+    else:
+        cfg = DistillConfig.from_sources(config, **overrides)
+    path = run(cfg, resume=resume is not None)
+    print(f"wrote {path}: final hybrid, checkpoints/ and log.jsonl")

@@ -1,0 +1,162 @@
+"""`DistillConfig`: every setting of a distillation run, with the paper's defaults (§4.1).
+
+A YAML recipe is only its serialisation: keys are the field names. `from_sources` merges a file
+and command-line overrides (flags win).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from ..errors import MatvlmError
+
+TRAINABLE_GROUPS = ("mamba", "connector", "mlp", "all")
+
+
+@dataclass
+class DistillConfig:
+    """Attributes (defaults follow MaTVLM §4.1 unless noted):
+
+    teacher: the original model directory (frozen).
+    student: hybrid init directory from `matvlm convert`; None converts on the fly with mamba_ratio/placement.
+    data: LLaVA/ShareGPT4V JSON(L) for VLMs, or text JSONL ({"text"} or {"messages"}) for causal LMs.
+    image_root: folder the JSON's "image" paths are relative to.
+    out: output directory (final hybrid at its top level, checkpoints/step-N/, log.jsonl).
+    template: chat template (phi, vicuna, chatml, plain); None picks by decoder family.
+    max_length: token budget per sample (model_max_length); longer samples are truncated.
+    image_aspect: "pad" (to square with the mean colour) or "square" (resize); None: the teacher's
+        `image_aspect_ratio` if it has one, else "square".
+    max_steps / epochs: optimizer steps; max_steps wins when given.
+    global_batch_size: samples per optimizer step, whatever the number of processes (paper: 64).
+    micro_batch_size: samples per forward on one process; accumulation makes up the rest.
+    lr, weight_decay, adam_betas: AdamW (2e-4, 0.01, (0.9, 0.95)); no decay on 1-D params and biases.
+    warmup_ratio, decay_ratio: warmup-stable-decay schedule fractions (10 % / 10 %), linear both ways.
+    max_grad_norm: gradient clipping (not stated in the paper; 1.0).
+    alpha, beta, gamma: weights of L_layer, L_prob, L_ce (1, 1, 0).
+    temperature: softmax temperature of L_prob (1).
+    loss_reduction: "mean" (per real token, matvlm's default) or "sum" (MaTVLM's unnormalised sums).
+    train: parameter groups to train: mamba, connector (paper), mlp (the MLPs of the Mamba layers), all.
+    save_every: checkpoint every N optimizer steps (and at the end).
+    keep_last: keep only the newest N checkpoints (None keeps all).
+    seed: seed of data order and Mamba init.
+    gradient_checkpointing: recompute decoder layers in backward to save memory.
+    mixed_precision: "auto" (bf16 on CUDA, fp32 on CPU), "bf16", "fp16", "no".
+    strict: fail on a missing image instead of counting and skipping it.
+    num_workers: DataLoader worker processes.
+    tensorboard / wandb: extra loggers (log.jsonl is always written).
+    """
+
+    teacher: str = ""
+    data: str = ""
+    out: str = ""
+    student: str | None = None
+    mamba_ratio: float | None = None
+    placement: str = "even"
+    image_root: str | None = None
+    template: str | None = None
+    max_length: int = 2048
+    image_aspect: str | None = None
+    max_steps: int | None = None
+    epochs: float = 1.0
+    global_batch_size: int = 64
+    micro_batch_size: int = 4
+    lr: float = 2e-4
+    weight_decay: float = 0.01
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    warmup_ratio: float = 0.1
+    decay_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    alpha: float = 1.0
+    beta: float = 1.0
+    gamma: float = 0.0
+    temperature: float = 1.0
+    loss_reduction: str = "mean"
+    train: list[str] = field(default_factory=lambda: ["mamba", "connector"])
+    save_every: int = 500
+    keep_last: int | None = None
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "auto"
+    strict: bool = False
+    num_workers: int = 0
+    tensorboard: bool = True
+    wandb: bool = False
+
+    def __post_init__(self) -> None:
+        self.adam_betas = tuple(self.adam_betas)
+        if isinstance(self.train, str):
+            self.train = [t.strip() for t in self.train.split(",") if t.strip()]
+
+    def validate(self) -> None:
+        """Check values; raise MatvlmError naming the first bad one."""
+        def bad(msg):
+            raise MatvlmError(msg)
+
+        for name in ("teacher", "data", "out"):
+            if not getattr(self, name):
+                bad(f"distill needs --{name} (or `{name}:` in the config file)")
+        if self.student is None and self.mamba_ratio is None:
+            bad("give --student HYBRID_INIT_DIR, or --mamba-ratio to convert the teacher on the fly")
+        if self.mamba_ratio is not None and not 0 < self.mamba_ratio <= 1:
+            bad(f"--mamba-ratio must be in (0, 1], got {self.mamba_ratio}")
+        for name in ("global_batch_size", "micro_batch_size", "max_length", "save_every"):
+            if getattr(self, name) < 1:
+                bad(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            bad(f"--max-steps must be >= 1, got {self.max_steps}")
+        if self.epochs <= 0:
+            bad(f"--epochs must be > 0, got {self.epochs}")
+        if self.lr <= 0:
+            bad(f"--lr must be > 0, got {self.lr}")
+        if not (0 <= self.warmup_ratio and 0 <= self.decay_ratio and self.warmup_ratio + self.decay_ratio <= 1):
+            bad(f"warmup_ratio + decay_ratio must lie in [0, 1], got {self.warmup_ratio} + {self.decay_ratio}")
+        if min(self.alpha, self.beta, self.gamma) < 0 or self.alpha + self.beta + self.gamma == 0:
+            bad(f"loss weights must be >= 0 and not all 0, got alpha={self.alpha} beta={self.beta} gamma={self.gamma}")
+        if self.temperature <= 0:
+            bad(f"--temperature must be > 0, got {self.temperature}")
+        if self.loss_reduction not in ("mean", "sum"):
+            bad(f"--loss-reduction must be mean or sum, got {self.loss_reduction!r}")
+        unknown = [t for t in self.train if t not in TRAINABLE_GROUPS]
+        if unknown or not self.train:
+            bad(f"--train takes a comma list of {', '.join(TRAINABLE_GROUPS)}; got {','.join(self.train) or 'nothing'}")
+        if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
+            bad(f"--mixed-precision must be auto, bf16, fp16 or no, got {self.mixed_precision!r}")
+        if self.image_aspect not in (None, "pad", "square"):
+            bad(f"--image-aspect must be pad or square, got {self.image_aspect!r}")
+
+    # --- serialisation ---------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["adam_betas"] = list(self.adam_betas)
+        return d
+
+    @classmethod
+    def from_sources(cls, path: str | Path | None = None, **overrides) -> "DistillConfig":
+        """Fields from a YAML/JSON file, then every override that is not None."""
+        values: dict = {}
+        if path is not None:
+            values = read_recipe(path)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise MatvlmError(f"{path}: unknown setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def read_recipe(path: str | Path) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise MatvlmError(f"config file {p} does not exist")
+    try:
+        data = json.loads(p.read_text()) if p.suffix == ".json" else yaml.safe_load(p.read_text())
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        raise MatvlmError(f"{p} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {e}") from e
+    if not isinstance(data, dict):
+        raise MatvlmError(f"{p} must hold a mapping of setting: value, got {type(data).__name__}")
+    return data

@@ -1,0 +1,282 @@
+"""One copy of the frozen weights for teacher and student (DESIGN.md, issue 3).
+
+The student is the hybrid module tree. The teacher pass runs the *same* tree with, swapped in,
+each replaced layer's original attention (frozen) and a frozen copy of every other module the
+student trains (the connector by default). Nothing else is duplicated: vision tower, embeddings,
+MLPs, norms, the remaining attention layers and the LM head are shared, frozen tensors.
+
+`DistillStep` is the module the trainer wraps (DDP etc.): its forward runs, for one micro-batch,
+the vision tower once, the teacher pass (no grad, capturing the inputs and outputs of the Mamba
+layers), the student pass, and each student Mamba layer on the teacher's input to that layer,
+and returns per-micro-batch loss sums.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..convert import formats
+from ..convert.init import init_from_attention
+from ..convert.layers import select_layers
+from ..errors import MatvlmError
+from ..model.hybrid import (attention_names, attention_shape, decoder_layers, decoder_stack, hybrid_config_for,
+                            make_hybrid, text_config)
+from . import losses
+
+
+@dataclass
+class TeacherSwap:
+    """(parent module, attribute name, frozen teacher module) triples swapped in for the teacher pass."""
+
+    swaps: list[tuple[nn.Module, str, nn.Module]] = field(default_factory=list)
+
+    def add(self, parent: nn.Module, name: str, module: nn.Module) -> None:
+        module.requires_grad_(False)
+        self.swaps.append((parent, name, module))
+
+    @contextmanager
+    def active(self):
+        students = [getattr(p, n) for p, n, _ in self.swaps]
+        for p, n, t in self.swaps:
+            setattr(p, n, t)
+        try:
+            yield
+        finally:
+            for (p, n, _), s in zip(self.swaps, students):
+                setattr(p, n, s)
+
+
+def is_vlm(model: nn.Module) -> bool:
+    return hasattr(model.config, "vision_config")
+
+
+def connector(model: nn.Module) -> nn.Module | None:
+    return getattr(model.model, "multi_modal_projector", None) if is_vlm(model) else None
+
+
+def trainable_modules(model: nn.Module, groups: list[str]) -> list[nn.Module]:
+    """The modules whose parameters train, for the groups mamba / connector / mlp / all."""
+    mods: list[nn.Module] = []
+    mixers = model.mamba_mixers
+    if "mamba" in groups or "all" in groups:
+        mods += list(mixers.values())
+    if ("connector" in groups or "all" in groups) and connector(model) is not None:
+        mods.append(connector(model))
+    if "mlp" in groups:
+        layers = decoder_layers(model)
+        mods += [layers[i].mlp for i in mixers]
+    if "all" in groups:
+        mods += [decoder_stack(model), model.get_output_embeddings()]
+    return mods
+
+
+def check_compatible(teacher: nn.Module, student: nn.Module, teacher_dir, student_dir) -> None:
+    """Refuse a student that was not converted from this teacher (before any compute)."""
+    t, s = text_config(teacher.config), text_config(student.config)
+    for attr in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+        if getattr(t, attr, None) != getattr(s, attr, None):
+            raise MatvlmError(f"student {student_dir} does not match teacher {teacher_dir}: {attr} is "
+                              f"{getattr(s, attr, None)} vs {getattr(t, attr, None)}")
+    if is_vlm(teacher) != is_vlm(student):
+        raise MatvlmError(f"student {student_dir} and teacher {teacher_dir} differ: one is a VLM, the other not")
+
+
+def _load_student_weights(model: nn.Module, student: nn.Module, trainable_names: set[str], student_dir) -> None:
+    """Copy trainable tensors from the student; every frozen tensor the two share must be identical."""
+    own = model.state_dict()
+    for name, tensor in student.state_dict().items():
+        if name not in own:
+            raise MatvlmError(f"student {student_dir} has a tensor the teacher-based model lacks: {name}")
+        if name in trainable_names:
+            own[name].copy_(tensor)
+        elif not torch.equal(own[name], tensor.to(own[name].dtype)):
+            raise MatvlmError(f"student {student_dir} differs from the teacher in frozen tensor {name}: "
+                              "it was not converted from this teacher (or train more groups with --train)")
+
+
+def build(teacher_dir: str | Path, student_dir: str | Path | None = None, mamba_ratio: float | None = None,
+          placement: str = "even", train: list[str] = ("mamba", "connector"), dtype: torch.dtype | None = None,
+          seed: int = 0) -> tuple[nn.Module, TeacherSwap, list[str]]:
+    """The hybrid student (one module tree), the teacher swaps, and the names of trainable parameters.
+
+    Frozen weights are kept in `dtype` (default: the checkpoint's); trainable ones in float32.
+    """
+    model = formats.load(teacher_dir, dtype=dtype)
+    if model.hybrid_config.mamba_layers:
+        raise MatvlmError(f"teacher {teacher_dir} is itself a hybrid (Mamba layers "
+                          f"{model.hybrid_config.mamba_layers}); give the original transformer")
+    teacher = TeacherSwap()
+    frozen_copies = {}
+    if "all" in train:
+        stack_parent, stack_name = (model.model, "language_model") if is_vlm(model) else (model, "model")
+        frozen_copies[(stack_parent, stack_name)] = copy.deepcopy(getattr(stack_parent, stack_name))
+        frozen_copies[(model, "lm_head")] = copy.deepcopy(model.lm_head)
+    if ("connector" in train or "all" in train) and connector(model) is not None:
+        frozen_copies[(model.model, "multi_modal_projector")] = copy.deepcopy(connector(model))
+
+    student = None
+    if student_dir is not None:
+        student = formats.load(student_dir, dtype=dtype)
+        check_compatible(model, student, teacher_dir, student_dir)
+        cfg = student.hybrid_config
+        if not cfg.mamba_layers:
+            raise MatvlmError(f"student {student_dir} has no Mamba layers; convert the teacher first")
+    else:
+        layers = select_layers(len(decoder_layers(model)), mamba_ratio, placement)
+        cfg = hybrid_config_for(model, layers, source={"teacher": str(teacher_dir), "placement": placement,
+                                                       "mamba_ratio": mamba_ratio, "seed": seed})
+    torch.manual_seed(seed)
+    replaced = make_hybrid(model, cfg)
+    if "mlp" in train:
+        for i in cfg.mamba_layers:
+            frozen_copies[(decoder_layers(model)[i], "mlp")] = copy.deepcopy(decoder_layers(model)[i].mlp)
+
+    model.requires_grad_(False)
+    mods = trainable_modules(model, list(train))
+    trainable_names = {n for n, p in model.named_parameters() if any(p is q for m in mods for q in m.parameters())}
+    if student is not None:
+        _load_student_weights(model, student, trainable_names | _mixer_names(model), student_dir)
+        del student
+    else:
+        names, (heads, kv, _) = attention_names(model.config), attention_shape(model.config)
+        for i, attn in replaced.items():
+            init_from_attention(model.mamba_mixers[i], attn, names, heads, kv)
+
+    if "all" not in train:
+        for i, attn in replaced.items():
+            teacher.add(decoder_layers(model)[i], "self_attn", attn)
+    for (parent, name), frozen in frozen_copies.items():
+        teacher.add(parent, name, frozen)
+    for m in mods:
+        m.float().requires_grad_(True)
+    for m in model.modules():                     # teacher and student see one deterministic network
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    for _, _, t in teacher.swaps:
+        for m in t.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
+    return model, teacher, sorted(trainable_names)
+
+
+def _mixer_names(model: nn.Module) -> set[str]:
+    ids = {id(p) for m in model.mamba_mixers.values() for p in m.parameters()}
+    return {n for n, p in model.named_parameters() if id(p) in ids}
+
+
+# --- the step ---------------------------------------------------------------------------------
+
+def vision_features(model: nn.Module, pixel_values: Tensor) -> Tensor:
+    """The vision tower's selected hidden states, before the connector. (n_img, 3, H, W) -> (n_img, N, D)."""
+    cfg = model.config
+    out = model.model.vision_tower(pixel_values, output_hidden_states=True)
+    layers = cfg.vision_feature_layer if isinstance(cfg.vision_feature_layer, list) else [cfg.vision_feature_layer]
+    hs = [out.hidden_states[i] for i in layers]
+    if cfg.vision_feature_select_strategy == "default":
+        hs = [h[:, 1:] for h in hs]
+    return torch.cat(hs, dim=-1)
+
+
+def embed(model: nn.Module, input_ids: Tensor, features: Tensor | None) -> Tensor:
+    """Token embeddings with the connector's image features written over the image tokens. (B, T, d)."""
+    emb = model.get_input_embeddings()(input_ids)
+    if features is None:
+        return emb
+    image_feats = connector(model)(features)                        # (n_img, N, d)
+    slots = input_ids == model.config.image_token_id                # (B, T)
+    n_slots, n_feats = int(slots.sum()), image_feats.shape[0] * image_feats.shape[1]
+    if n_slots != n_feats:
+        raise MatvlmError(f"batch has {n_slots} image tokens but its images give {n_feats} features")
+    return emb.masked_scatter(slots[..., None], image_feats.reshape(-1, image_feats.shape[-1]).to(emb.dtype))
+
+
+def lm_logits(model: nn.Module, embeds: Tensor, attention_mask: Tensor) -> Tensor:
+    hidden = decoder_stack(model)(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
+    return model.get_output_embeddings()(hidden.last_hidden_state)
+
+
+@contextmanager
+def capture_layers(model: nn.Module, indices: list[int], store: dict):
+    """Record (input hidden states, output hidden states) of decoder layers `indices` into `store`."""
+    layers = decoder_layers(model)
+    handles = []
+    for i in indices:
+        def pre(mod, args, kwargs, i=i):
+            store[i] = [(args[0] if args else kwargs["hidden_states"]).detach(), None]
+
+        def post(mod, args, kwargs, out, i=i):
+            store[i][1] = (out[0] if isinstance(out, tuple) else out).detach()
+
+        handles.append(layers[i].register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(layers[i].register_forward_hook(post, with_kwargs=True))
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class DistillStep(nn.Module):
+    """Teacher pass + student pass + teacher-forced layer outputs for one micro-batch.
+
+    forward(...) returns a dict of float32 scalars:
+      prob_sum: Σ over real tokens of T²·KL;  layer_sum: Σ over Mamba layers and real tokens of
+      ‖T_l − S_l‖₂ (its square under loss_reduction="sum", kept per layer in layer_sq);
+      ce_sum: Σ over answer targets of the CE;  and the counts n_tokens, n_answer.
+    """
+
+    def __init__(self, model: nn.Module, teacher: TeacherSwap, temperature: float, need_ce: bool,
+                 need_layer: bool, need_prob: bool):
+        super().__init__()
+        self.model = model
+        self.teacher = teacher
+        self.teacher_modules = nn.ModuleList([t for _, _, t in teacher.swaps])   # moved with .to()
+        self.temperature = temperature
+        self.need_ce, self.need_layer, self.need_prob = need_ce, need_layer, need_prob
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
+                pixel_values: Tensor | None = None) -> dict[str, Tensor]:
+        model = self.model
+        mamba = model.hybrid_config.mamba_layers
+        mask = attention_mask.bool()
+        with torch.no_grad():
+            feats = vision_features(model, pixel_values) if pixel_values is not None else None
+        captured: dict = {}
+        t_logits = None
+        if self.need_prob or self.need_layer:
+            # Inside `active()` the decoder stack, its layers and the connector resolve to the teacher's.
+            with torch.no_grad(), self.teacher.active(), \
+                    capture_layers(model, mamba if self.need_layer else [], captured):
+                t_hidden = decoder_stack(model)(inputs_embeds=embed(model, input_ids, feats),
+                                                attention_mask=attention_mask, use_cache=False).last_hidden_state
+                if self.need_prob:
+                    t_logits = model.get_output_embeddings()(t_hidden)
+        out = {"n_tokens": mask.sum().float(), "n_answer": losses.answer_mask(labels).logical_and(mask).sum().float()}
+        zero = torch.zeros((), device=input_ids.device)
+        out["prob_sum"] = out["ce_sum"] = out["layer_sum"] = zero
+        out["layer_sq"] = torch.zeros(len(mamba), device=input_ids.device)
+        if self.need_prob or self.need_ce:
+            s_logits = lm_logits(model, embed(model, input_ids, feats), attention_mask)
+            if self.need_prob:
+                out["prob_sum"] = losses.reduce_sum(losses.kl_per_token(s_logits, t_logits, self.temperature), mask)
+            if self.need_ce:
+                ce_mask = losses.answer_mask(labels).logical_and(mask)
+                out["ce_sum"] = losses.reduce_sum(losses.ce_per_token(s_logits, labels), ce_mask)
+        if self.need_layer:
+            layers = decoder_layers(model)
+            sums, sqs = [], []
+            for i in mamba:
+                h_in, h_out = captured[i]
+                s_out = layers[i](h_in, attention_mask=None, mamba_padding_mask=attention_mask)
+                s_out = s_out[0] if isinstance(s_out, tuple) else s_out
+                sums.append(losses.reduce_sum(losses.layer_distance_per_token(s_out, h_out), mask))
+                sqs.append(losses.reduce_sum(losses.layer_sq_distance_per_token(s_out, h_out), mask))
+            out["layer_sum"] = torch.stack(sums).sum()
+            out["layer_sq"] = torch.stack(sqs)
+        return out

@@ -1,0 +1,355 @@
+"""The distillation loop (paper §4.1) on accelerate: one process or many, CPU or GPU.
+
+Exactness across process counts: a step's global batch is the same list of samples whatever the
+number of processes (`BatchPlan`), every loss is a sum over real tokens divided by the number of
+real tokens in the *global* batch (all-reduced before the backward passes), and gradients are
+summed over micro-batches and processes. So 1 process with 4 micro-batches and 2 processes with 2
+each give the same loss curve up to float rounding, and `--resume` continues bit-for-bit on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from ..errors import MatvlmError
+from . import state as ckpt
+from .config import DistillConfig
+from .model import DistillStep, build, is_vlm
+
+log = logging.getLogger("matvlm.distill")
+CONFIG_NAME = "distill_config.json"
+LOG_NAME = "log.jsonl"
+
+
+@dataclass
+class BatchPlan:
+    """Which samples each process sees at each step.
+
+    Epoch e is a permutation of the data seeded by (seed, e); step s takes the next global batch of
+    `global_batch` samples (a partial last batch is dropped); process r takes the r-th contiguous
+    share of it, cut into micro-batches.
+    """
+
+    n: int
+    global_batch: int
+    world: int
+    micro: int
+    seed: int
+
+    def __post_init__(self):
+        if self.global_batch % (self.world * self.micro):
+            raise MatvlmError(f"--global-batch-size {self.global_batch} must be a multiple of --micro-batch-size "
+                              f"{self.micro} x {self.world} process(es)")
+        if self.n < self.global_batch:
+            raise MatvlmError(f"the data has {self.n} usable samples, fewer than one global batch of "
+                              f"{self.global_batch}; lower --global-batch-size")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n // self.global_batch
+
+    @property
+    def accumulation(self) -> int:
+        return self.global_batch // (self.world * self.micro)
+
+    def global_indices(self, step: int) -> list[int]:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        perm = torch.randperm(self.n, generator=g)
+        return perm[k * self.global_batch:(k + 1) * self.global_batch].tolist()
+
+    def micro_batches(self, rank: int, start: int, stop: int):
+        share = self.global_batch // self.world
+        for step in range(start, stop):
+            mine = self.global_indices(step)[rank * share:(rank + 1) * share]
+            for j in range(0, share, self.micro):
+                yield mine[j:j + self.micro]
+
+
+def wsd_lambda(total: int, warmup_ratio: float, decay_ratio: float):
+    """Warmup-stable-decay: linear warmup over the first warmup_ratio of steps, flat, then linear decay
+    towards 0 over the last decay_ratio."""
+    w = max(1, round(warmup_ratio * total)) if warmup_ratio > 0 else 0
+    d = max(1, round(decay_ratio * total)) if decay_ratio > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < w:
+            return (step + 1) / w
+        if d and step >= total - d:
+            return (total - step) / d
+        return 1.0
+    return factor
+
+
+def param_groups(model: torch.nn.Module, names: list[str], weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on matrices, none on 1-D parameters (biases, norms, dt_bias, A_log, D)."""
+    params = dict(model.named_parameters())
+    decay = [params[n] for n in names if params[n].ndim >= 2]
+    no_decay = [params[n] for n in names if params[n].ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_dataset(cfg: DistillConfig, processor, model_config):
+    from .data import LlavaJsonDataset, TextJsonlDataset
+    from .templates import get_template, template_for
+
+    template = get_template(cfg.template) if cfg.template else template_for(model_config)
+    if hasattr(model_config, "vision_config"):
+        aspect = cfg.image_aspect or getattr(model_config, "image_aspect_ratio", None) or "square"
+        aspect = aspect if aspect in ("pad", "square") else "square"
+        return LlavaJsonDataset(cfg.data, cfg.image_root or Path(cfg.data).parent, processor, template,
+                                cfg.max_length, image_aspect=aspect, strict=cfg.strict)
+    return TextJsonlDataset(cfg.data, processor, template, cfg.max_length)
+
+
+def _check_out_dir(out: Path, resume: bool) -> None:
+    if resume:
+        if not (out / CONFIG_NAME).is_file():
+            raise MatvlmError(f"--resume {out}: no {CONFIG_NAME} there; it is not a distillation output directory")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise MatvlmError(f"output directory {out} is not empty; pass --resume {out} to continue that run, "
+                          "or choose another --out")
+
+
+class _Loggers:
+    """log.jsonl always; TensorBoard and wandb when asked for and installed."""
+
+    def __init__(self, out: Path, cfg: DistillConfig, active: bool):
+        self.active, self.path, self.tb, self.wandb = active, out / LOG_NAME, None, None
+        if not active:
+            return
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:
+                log.info("tensorboard is not installed; logging to %s only", self.path)
+        if cfg.wandb:
+            try:
+                import wandb
+            except ImportError as e:
+                raise MatvlmError("--wandb needs the wandb package (pip install wandb)") from e
+            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "matvlm"), config=cfg.to_dict(),
+                                    dir=str(out), name=out.name)
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop log lines of steps after the checkpoint (they will be redone)."""
+        if not self.active or not self.path.is_file():
+            return
+        keep = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(l + "\n" for l in keep))
+        os.replace(tmp, self.path)
+
+    def write(self, rec: dict) -> None:
+        if not self.active:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.tb:
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"distill/{k}", v, rec["step"])
+        if self.wandb:
+            self.wandb.log(rec, step=rec["step"])
+
+    def close(self) -> None:
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def _mean_mode_loss(o: dict, cfg: DistillConfig, n_tok: torch.Tensor, n_ans: torch.Tensor) -> torch.Tensor:
+    loss = (cfg.alpha * o["layer_sum"] + cfg.beta * o["prob_sum"]) / n_tok
+    if cfg.gamma:
+        loss = loss + cfg.gamma * o["ce_sum"] / n_ans.clamp_min(1)
+    return loss
+
+
+def _sum_mode_loss(o: dict, cfg: DistillConfig, batch_size: int) -> torch.Tensor:
+    """MaTVLM's micro-batch loss: Frobenius layer norms, KL 'batchmean', mean CE."""
+    loss = cfg.alpha * o["layer_sq"].clamp_min(0).sqrt().sum() + cfg.beta * o["prob_sum"] / batch_size
+    if cfg.gamma:
+        loss = loss + cfg.gamma * o["ce_sum"] / o["n_answer"].clamp_min(1)
+    return loss
+
+
+def run(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Distil `cfg.student` (or a fresh conversion) from `cfg.teacher`; returns the output directory."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+    from tqdm.auto import tqdm
+
+    from ..convert import formats
+    from ..model.io import save_hybrid
+    from .data import collate
+
+    cfg.validate()
+    out = Path(cfg.out)
+    cuda = torch.cuda.is_available()
+    mp = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if cuda else "no")
+    accelerator = Accelerator(mixed_precision=mp, cpu=not cuda,
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    main = accelerator.is_main_process
+    world, rank = accelerator.num_processes, accelerator.process_index
+    _check_out_dir(out, resume)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            (out / CONFIG_NAME).write_text(json.dumps(cfg.to_dict(), indent=1))
+    accelerator.wait_for_everyone()
+
+    frozen_dtype = torch.bfloat16 if mp == "bf16" else (torch.float16 if mp == "fp16" else torch.float32)
+    model, teacher, trainable_names = build(cfg.teacher, cfg.student, cfg.mamba_ratio, cfg.placement, cfg.train,
+                                            dtype=frozen_dtype, seed=cfg.seed)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    processor = formats.load_processor(cfg.teacher)
+    dataset = make_dataset(cfg, processor, model.config)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    plan = BatchPlan(len(dataset), cfg.global_batch_size, world, cfg.micro_batch_size, cfg.seed)
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * plan.steps_per_epoch))
+
+    optimizer = torch.optim.AdamW(param_groups(model, trainable_names, cfg.weight_decay), lr=cfg.lr,
+                                  betas=tuple(cfg.adam_betas))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, wsd_lambda(total, cfg.warmup_ratio, cfg.decay_ratio))
+    loggers = _Loggers(out, cfg, main)
+    start = 0
+    if resume:
+        found = ckpt.list_checkpoints(out / "checkpoints")
+        if not found:
+            raise MatvlmError(f"--resume {out}: no checkpoints/step-N there yet; start the run again without --resume")
+        weights, opt_t, rng_t, st = ckpt.load_checkpoint(found[-1])
+        params = dict(model.named_parameters())
+        missing = set(trainable_names) - set(weights)
+        if missing:
+            raise MatvlmError(f"checkpoint {found[-1]} lacks trainable tensors (e.g. {sorted(missing)[0]}); "
+                              "was it written with other --train groups?")
+        with torch.no_grad():
+            for n in trainable_names:
+                params[n].copy_(weights[n])
+        optimizer.load_state_dict(ckpt.optimizer_from_flat(opt_t, st["optimizer"]))
+        scheduler.load_state_dict(st["scheduler"])
+        ckpt.set_rng_state(rng_t, st["rng"])
+        start = st["step"]
+        loggers.truncate_after(start)
+        log.info("resuming from %s at step %d", found[-1], start)
+    if start >= total:
+        raise MatvlmError(f"the run in {out} already reached step {start} of {total}; raise --max-steps to go on")
+
+    need_logits = cfg.beta > 0 or cfg.gamma > 0
+    step_module = DistillStep(model, teacher, cfg.temperature, need_ce=need_logits, need_layer=cfg.alpha > 0,
+                              need_prob=cfg.beta > 0)
+    step_module, optimizer = accelerator.prepare(step_module, optimizer)
+    params = [p for n, p in accelerator.unwrap_model(step_module).model.named_parameters() if n in set(trainable_names)]
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=list(plan.micro_batches(rank, start, total)),
+        collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id), num_workers=cfg.num_workers)
+    batches = iter(loader)
+    keys = ("input_ids", "attention_mask", "labels", "pixel_values")
+
+    bar = tqdm(total=total, initial=start, disable=not (main and progress), desc="distill", unit="step",
+               dynamic_ncols=True)
+    t0, tokens_done = time.time(), 0
+    try:
+        for step in range(start, total):
+            micro = [next(batches) for _ in range(plan.accumulation)]
+            counts = torch.tensor([[float(b["attention_mask"].sum()),
+                                    float(((b["labels"][:, 1:] != -100) & (b["attention_mask"][:, :-1] > 0)).sum())]
+                                   for b in micro]).sum(0).to(accelerator.device)
+            n_tok, n_ans = accelerator.reduce(counts, "sum")
+            sums = torch.zeros(4, device=accelerator.device)      # loss, layer, prob, ce (for logging)
+            step_module.train()
+            for j, b in enumerate(micro):
+                b = {k: b[k].to(accelerator.device) for k in keys if b.get(k) is not None}
+                sync = accelerator.no_sync(step_module) if j < len(micro) - 1 else nullcontext()
+                with sync, accelerator.autocast():
+                    o = step_module(**b)
+                    if cfg.loss_reduction == "mean":
+                        loss = _mean_mode_loss(o, cfg, n_tok, n_ans)
+                        accelerator.backward(loss * world)        # DDP averages over processes
+                        sums += torch.stack([loss.detach(), o["layer_sum"].detach() / n_tok,
+                                             o["prob_sum"].detach() / n_tok, o["ce_sum"].detach() / n_ans.clamp_min(1)])
+                    else:
+                        loss = _sum_mode_loss(o, cfg, b["input_ids"].shape[0])
+                        accelerator.backward(loss)
+                        n_mb = len(micro) * world
+                        sums += torch.stack([loss.detach(), o["layer_sq"].detach().clamp_min(0).sqrt().sum(),
+                                             o["prob_sum"].detach() / b["input_ids"].shape[0],
+                                             o["ce_sum"].detach() / o["n_answer"].clamp_min(1)]) / n_mb
+            sums = accelerator.reduce(sums, "sum")
+            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            loss_value = float(sums[0])
+            if not math.isfinite(loss_value) or not math.isfinite(float(grad_norm)):
+                last = ckpt.list_checkpoints(out / "checkpoints")
+                raise MatvlmError(f"non-finite loss ({loss_value}) or gradient norm ({float(grad_norm)}) at step "
+                                  f"{step + 1}; stopped. Last good checkpoint: {last[-1] if last else 'none'}")
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens_done += int(n_tok)
+            elapsed = time.time() - t0
+            rec = {"step": step + 1, "loss": loss_value, "loss_layer": float(sums[1]) if cfg.alpha > 0 else None,
+                   "loss_prob": float(sums[2]) if cfg.beta > 0 else None,
+                   "loss_ce": float(sums[3]) if need_logits else None, "lr": lr, "grad_norm": float(grad_norm),
+                   "tokens": int(n_tok), "tokens_per_s": tokens_done / max(elapsed, 1e-9), "elapsed_s": elapsed}
+            loggers.write(rec)
+            bar.update(1)
+            bar.set_postfix({k: f"{rec[k]:.4g}" for k in ("loss", "loss_layer", "loss_prob", "lr", "tokens_per_s")
+                             if rec[k] is not None})
+            if (step + 1) % cfg.save_every == 0 or step + 1 == total:
+                if main:
+                    trained = {n: p for n, p in accelerator.unwrap_model(step_module).model.named_parameters()
+                               if n in set(trainable_names)}
+                    ckpt.save_checkpoint(out / "checkpoints", step + 1, trained, optimizer.optimizer
+                                         if hasattr(optimizer, "optimizer") else optimizer, scheduler,
+                                         {"total_steps": total, "config": cfg.to_dict()}, cfg.keep_last)
+                accelerator.wait_for_everyone()
+    finally:
+        bar.close()
+        loggers.close()
+
+    if main:
+        student = accelerator.unwrap_model(step_module).model
+        save_final(student, out, processor, frozen_dtype, cfg)
+    accelerator.wait_for_everyone()
+    return out
+
+
+def save_final(model: torch.nn.Module, out: Path, processor, dtype: torch.dtype, cfg: DistillConfig) -> None:
+    """Write the trained hybrid at the top level of `out`: files are staged in a temporary directory and
+    moved in one by one, config.json last, so a reader never sees a config without its weights."""
+    import shutil
+    import uuid
+
+    from ..model.io import save_hybrid
+
+    stage = out / f".final-{uuid.uuid4().hex[:8]}"
+    trained = {id(p): p.data for p in model.parameters() if p.requires_grad}
+    try:
+        for p in model.parameters():                     # store one dtype, the teacher's
+            if p.requires_grad and p.is_floating_point():
+                p.data = p.data.to(dtype)
+        model.hybrid_config.source.update({"distilled_from": str(cfg.teacher), "distill_out": str(out)})
+        save_hybrid(model, stage, src_dir=cfg.teacher, processor=processor)
+        names = sorted(os.listdir(stage), key=lambda n: n == "config.json")
+        for name in names:
+            os.replace(stage / name, out / name)
+    finally:
+        for p in model.parameters():
+            if id(p) in trained:
+                p.data = trained[id(p)]
+        shutil.rmtree(stage, ignore_errors=True)

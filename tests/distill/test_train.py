@@ -1,0 +1,217 @@
+"""Distillation: the one-copy teacher path, teacher forcing, exactness of resume and of multi-process runs."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import matvlm
+from matvlm.convert import convert
+from matvlm.distill import train as train_mod
+from matvlm.distill.config import DistillConfig
+from matvlm.distill.model import DistillStep, build
+from matvlm.distill.train import run
+from matvlm.errors import MatvlmError
+from matvlm.toy import shapes
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    shapes.make_splits(root, n_train=48, n_test=8, seed=0, grid=2, image_size=32)
+    return root / "train.json"
+
+
+def cfg(teacher_dirs, data, out, **kw):
+    base = dict(teacher=str(teacher_dirs["phi"]), data=str(data), out=str(out), mamba_ratio=0.5,
+                global_batch_size=8, micro_batch_size=2, max_steps=4, save_every=2, template="plain",
+                tensorboard=False, lr=1e-3)
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def read_log(out):
+    return [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+
+
+def batch_of(teacher_dirs, data, n=2):
+    from matvlm.distill.data import LlavaJsonDataset, collate
+    from matvlm.distill.templates import get_template
+
+    proc = matvlm.load_processor(teacher_dirs["phi"])
+    ds = LlavaJsonDataset(data, None, proc, get_template("plain"), 256)
+    b = collate([ds[i] for i in range(n)], proc.tokenizer.pad_token_id)
+    return {k: b[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values")}
+
+
+def test_layer_loss_is_teacher_forced(teacher_dirs, data):
+    model, teacher, _ = build(teacher_dirs["phi"], mamba_ratio=0.5)          # Mamba layers 0 and 2
+    step = DistillStep(model, teacher, 1.0, need_ce=True, need_layer=True, need_prob=True).double()
+    b = batch_of(teacher_dirs, data)
+    b["pixel_values"] = b["pixel_values"].double()
+    with torch.no_grad():
+        before = step(**b)
+        model.mamba_mixers[0].out_proj.weight.mul_(3.0)                       # change the student's layer 0
+        for p in model.model.multi_modal_projector.parameters():              # ... and its connector
+            p.add_(0.5)
+        after = step(**b)
+    assert not torch.equal(before["layer_sq"][0], after["layer_sq"][0])       # layer 0's own term moves
+    assert torch.equal(before["layer_sq"][1], after["layer_sq"][1])           # layer 2 sees the teacher's input
+    assert not torch.equal(before["prob_sum"], after["prob_sum"])             # the student's logits did change
+
+
+def test_one_copy_of_the_frozen_weights(teacher_dirs):
+    teacher_model = matvlm.load(teacher_dirs["phi"])
+    model, teacher, trainable = build(teacher_dirs["phi"], mamba_ratio=0.5)
+    step = DistillStep(model, teacher, 1.0, True, True, True)
+    storages = {p.untyped_storage().data_ptr(): p.numel() for p in step.parameters()}
+    n_mixer = sum(p.numel() for m in model.mamba_mixers.values() for p in m.parameters())
+    n_connector = sum(p.numel() for p in model.model.multi_modal_projector.parameters())
+    # teacher weights once, plus the new mixers, plus one frozen copy of the (trainable) connector
+    assert sum(storages.values()) == sum(p.numel() for p in teacher_model.parameters()) + n_mixer + n_connector
+    shared = model.model.language_model.layers[1].mlp.fc1.weight
+    with teacher.active():
+        assert model.model.language_model.layers[1].mlp.fc1.weight is shared
+        assert type(model.model.language_model.layers[0].self_attn).__name__ == "PhiAttention"
+    assert type(model.model.language_model.layers[0].self_attn).__name__ == "Mamba2Mixer"
+    assert all(n.startswith(("model.language_model.layers.0.self_attn", "model.language_model.layers.2.self_attn",
+                             "model.multi_modal_projector")) for n in trainable)
+
+
+def test_training_changes_only_trainable_weights_and_lowers_the_loss(teacher_dirs, data, tmp_path):
+    out = run(cfg(teacher_dirs, data, tmp_path / "run", max_steps=12, save_every=12), progress=False)
+    log = read_log(out)
+    assert [r["step"] for r in log] == list(range(1, 13))
+    assert log[-1]["loss"] < 0.85 * log[0]["loss"], [r["loss"] for r in log]
+    for r in log:
+        assert set(r) >= {"step", "loss", "loss_layer", "loss_prob", "loss_ce", "lr", "tokens_per_s"}
+    teacher = matvlm.load(teacher_dirs["phi"]).state_dict()
+    student = matvlm.load(out)                                                  # a normal hybrid checkpoint
+    assert student.hybrid_config.mamba_layers == [0, 2]
+    s = student.state_dict()
+    trained = ("layers.0.self_attn", "layers.2.self_attn", "multi_modal_projector")
+    for k, v in teacher.items():
+        if not any(t in k for t in trained):
+            assert torch.equal(v, s[k]), k
+    assert not torch.equal(teacher["model.multi_modal_projector.linear_1.weight"],
+                           s["model.multi_modal_projector.linear_1.weight"])
+
+
+def test_resume_reproduces_the_uninterrupted_run(teacher_dirs, data, tmp_path, monkeypatch):
+    full = run(cfg(teacher_dirs, data, tmp_path / "full", max_steps=6, save_every=2), progress=False)
+    real_forward, calls = DistillStep.forward, {"n": 0}
+
+    def crash_in_step_4(self, **kw):
+        calls["n"] += 1
+        if calls["n"] > 3 * 4:                          # 4 micro-batches per step: die inside step 4
+            raise KeyboardInterrupt
+        return real_forward(self, **kw)
+
+    monkeypatch.setattr(DistillStep, "forward", crash_in_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg(teacher_dirs, data, tmp_path / "cut", max_steps=6, save_every=2), progress=False)
+    monkeypatch.setattr(DistillStep, "forward", real_forward)
+    assert [r["step"] for r in read_log(tmp_path / "cut")] == [1, 2, 3]
+    run(cfg(teacher_dirs, data, tmp_path / "cut", max_steps=6, save_every=2), resume=True, progress=False)
+    a, b = read_log(full), read_log(tmp_path / "cut")
+    assert [r["step"] for r in b] == list(range(1, 7))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    sa, sb = matvlm.load(full).state_dict(), matvlm.load(tmp_path / "cut").state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_give_the_one_process_loss_curve(teacher_dirs, data, tmp_path):
+    common = ["--teacher", str(teacher_dirs["phi"]), "--mamba-ratio", "0.5", "--data", str(data), "--max-steps", "3",
+              "--global-batch-size", "8", "--micro-batch-size", "2", "--template", "plain", "--no-tensorboard"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "matvlm", "distill", *common, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          "--main_process_port", str(free_port()), "-m", "matvlm", "distill", *common,
+                          "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    assert len(a) == len(b) == 3
+    for ra, rb in zip(a, b):
+        assert ra["tokens"] == rb["tokens"]
+        for k in ("loss", "loss_layer", "loss_prob", "loss_ce"):
+            assert abs(ra[k] - rb[k]) <= 1e-5 * abs(ra[k]), (k, ra[k], rb[k])
+
+
+def test_mismatched_student_is_refused_before_any_compute(teacher_dirs, data, tmp_path):
+    other = convert(teacher_dirs["llama"], tmp_path / "llama-hybrid", mamba_ratio=0.5)
+    with pytest.raises(MatvlmError, match="does not match teacher .*model_type"):
+        run(cfg(teacher_dirs, data, tmp_path / "o", student=str(other), mamba_ratio=None), progress=False)
+    assert not (tmp_path / "o" / "log.jsonl").exists()
+
+
+def test_student_from_another_base_with_same_shapes_is_refused(teacher_dirs, data, tmp_path):
+    from matvlm.toy.tiny import save_teacher, tiny_llava
+
+    m, p = tiny_llava("phi", n_layer=4, seed=99)                                # same shapes, other weights
+    other = convert(save_teacher(m, p, tmp_path / "t2"), tmp_path / "h2", mamba_ratio=0.5)
+    with pytest.raises(MatvlmError, match="differs from the teacher in frozen tensor"):
+        run(cfg(teacher_dirs, data, tmp_path / "o", student=str(other), mamba_ratio=None), progress=False)
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(teacher_dirs, data, tmp_path,
+                                                                           monkeypatch):
+    real = train_mod._mean_mode_loss
+
+    def poisoned(o, c, n_tok, n_ans):
+        loss = real(o, c, n_tok, n_ans)
+        return loss * float("nan") if poisoned.calls > 8 else loss      # from step 3 on
+
+    def counting(*a):
+        poisoned.calls += 1
+        return poisoned(*a)
+
+    poisoned.calls = 0
+    monkeypatch.setattr(train_mod, "_mean_mode_loss", counting)
+    with pytest.raises(MatvlmError, match=r"non-finite loss .* at step 3; .*Last good checkpoint: .*step-2"):
+        run(cfg(teacher_dirs, data, tmp_path / "nan", max_steps=4, save_every=2), progress=False)
+    assert [p.name for p in (tmp_path / "nan" / "checkpoints").iterdir()] == ["step-2"]
+
+
+def test_recipe_file_with_flag_overrides(teacher_dirs, data, tmp_path, capsys):
+    from matvlm.cli import main
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"teacher: {teacher_dirs['phi']}\ndata: {data}\nmamba_ratio: 0.5\nglobal_batch_size: 8\n"
+                      "micro_batch_size: 4\nmax_steps: 5\ntemplate: plain\ntensorboard: false\nalpha: 0.0\n")
+    rc = main(["distill", "--config", str(recipe), "--max-steps", "2", "--out", str(tmp_path / "r")])
+    assert rc == 0
+    log = read_log(tmp_path / "r")
+    assert len(log) == 2 and log[0]["loss_layer"] is None                      # alpha 0 from the file
+    saved = json.loads((tmp_path / "r" / "distill_config.json").read_text())
+    assert saved["max_steps"] == 2 and saved["micro_batch_size"] == 4
+    recipe.write_text("teacher: x\nbogus_key: 1\n")
+    rc = main(["distill", "--config", str(recipe)])
+    assert rc == 2 and "unknown setting(s) bogus_key" in capsys.readouterr().err
+
+
+def test_missing_images_are_counted_or_fatal_with_strict(teacher_dirs, data, tmp_path):
+    from matvlm.distill.data import LlavaJsonDataset
+    from matvlm.distill.templates import get_template
+
+    root = shutil.copytree(data.parent, tmp_path / "d")
+    recs = json.loads((root / "train.json").read_text())
+    (root / recs[0]["image"]).unlink()
+    proc = matvlm.load_processor(teacher_dirs["phi"])
+    ds = LlavaJsonDataset(root / "train.json", None, proc, get_template("plain"), 256)
+    assert ds.skipped_missing_images == 1 and len(ds) == len(recs) - 1
+    with pytest.raises(MatvlmError, match=recs[0]["id"]):
+        LlavaJsonDataset(root / "train.json", None, proc, get_template("plain"), 256, strict=True)
