@@ -185,8 +185,9 @@ _OPTION_MARKS = re.compile(r"[.()\[\],:;!*#{}\"']")
 
 
 def infer_option(answer: str, options: Mapping[str, str]) -> str | None:
-    """The option letter an MMBench answer names, or None, following VLMEvalKit's can_infer
-    (exact-matching mode, no GPT fallback).
+    """The option letter an MMBench answer names, or None, after VLMEvalKit's can_infer_option /
+    can_infer_text (exact-matching mode: no GPT fallback). A re-statement of their rules, not a
+    copy; answers on which the two differ may exist (UNVERIFIED beyond the tests' cases).
 
     Args:
         answer: the model's text.

@@ -65,13 +65,13 @@ class MMVet:
         samples = []
         for key, entry in take(list(entries.items()), limit):
             field = lambda k: get_field("mmvet", entry, k, path, f"entry {key}", LAYOUT)  # noqa: E731
-            capability = field("capability")
+            question, answer, capability = str(field("question")), str(field("answer")), field("capability")
             samples.append(Sample(
                 id=str(key),
-                prompt=str(field("question")).strip(),
+                prompt=question.strip(),
                 images=[existing_image("mmvet", data_dir / "images" / str(field("imagename")), LAYOUT)],
                 max_new_tokens=self.max_new_tokens,
-                meta={"answer": str(field("answer")), "question": str(field("question")),
+                meta={"answer": answer, "question": question,
                       "capability": [capability] if isinstance(capability, str) else list(capability)},
             ))
         return samples

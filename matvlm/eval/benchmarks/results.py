@@ -108,10 +108,10 @@ def compare_table(results_a, results_b, names: tuple[str, str] = ("teacher", "st
         avg_a, avg_b = paper_average({n: a[n] for n in both}), paper_average({n: b[n] for n in both})
         title = "AVG" if len(both) == len(PAPER_COLUMNS) else f"AVG ({len(both)} of {len(PAPER_COLUMNS)})"
         rows.append((title, _fmt(avg_a), _fmt(avg_b), _delta(avg_a, avg_b)))
-        notes.append(f"AVG: MME-P/{MME_SCALE:g} averaged with the other percentages (MaTVLM Table 2); "
-                     f"{names[1]} keeps {100 * avg_b / avg_a:.1f} % of {names[0]}'s average.")
+        kept = f"; {names[1]} keeps {100 * avg_b / avg_a:.1f} % of {names[0]}'s average" if avg_a else ""
+        notes.append(f"AVG: MME-P/{MME_SCALE:g} averaged with the other percentages (MaTVLM Table 2){kept}.")
     if any("*" in r[0] for r in rows):
-        notes.append("*: offline judge or split, not comparable to published numbers.")
+        notes.append("*: scored by an offline judge, not comparable to published numbers.")
     header = ("benchmark", names[0], names[1], "delta")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]
 
