@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
     "info": ("matvlm.commands:info", "describe a model directory (format, layers, parameters)"),
     "toy": {
         "tiny-teacher": ("matvlm.commands:tiny_teacher", "write a tiny random-weight teacher (for trying things)"),
+        "train-teacher": ("matvlm.commands:train_teacher", "train the toy teacher on Shapes-VQA (the shipped recipe)"),
     },
 }
 

@@ -100,14 +100,15 @@ def _load_student_weights(model: nn.Module, student: nn.Module, trainable_names:
                               "it was not converted from this teacher (or train more groups with --train)")
 
 
-def build(teacher_dir: str | Path, student_dir: str | Path | None = None, mamba_ratio: float | None = None,
-          placement: str = "even", train: list[str] = ("mamba", "connector"), dtype: torch.dtype | None = None,
-          seed: int = 0) -> tuple[nn.Module, TeacherSwap, list[str]]:
+def build(teacher_dir: str | Path | nn.Module, student_dir: str | Path | None = None,
+          mamba_ratio: float | None = None, placement: str = "even", train: list[str] = ("mamba", "connector"),
+          dtype: torch.dtype | None = None, seed: int = 0) -> tuple[nn.Module, TeacherSwap, list[str]]:
     """The hybrid student (one module tree), the teacher swaps, and the names of trainable parameters.
 
-    Frozen weights are kept in `dtype` (default: the checkpoint's); trainable ones in float32.
+    `teacher_dir` may also be a loaded teacher (from `matvlm.load`), which is turned into the student
+    in place. Frozen weights are kept in `dtype` (default: the checkpoint's); trainable ones in float32.
     """
-    model = formats.load(teacher_dir, dtype=dtype)
+    model = teacher_dir if isinstance(teacher_dir, nn.Module) else formats.load(teacher_dir, dtype=dtype)
     if model.hybrid_config.mamba_layers:
         raise MatvlmError(f"teacher {teacher_dir} is itself a hybrid (Mamba layers "
                           f"{model.hybrid_config.mamba_layers}); give the original transformer")

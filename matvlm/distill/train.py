@@ -99,6 +99,14 @@ def param_groups(model: torch.nn.Module, names: list[str], weight_decay: float) 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def enable_checkpointing(model) -> None:
+    """Activation checkpointing of the decoder layers (transformers renamed the method in 5.2x)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def make_dataset(cfg: DistillConfig, processor, model_config):
     from .data import LlavaJsonDataset, TextJsonlDataset
     from .templates import get_template, template_for
@@ -215,7 +223,7 @@ def run(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Path
     model, teacher, trainable_names = build(cfg.teacher, cfg.student, cfg.mamba_ratio, cfg.placement, cfg.train,
                                             dtype=frozen_dtype, seed=cfg.seed)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     processor = formats.load_processor(cfg.teacher)
     dataset = make_dataset(cfg, processor, model.config)
     tokenizer = getattr(processor, "tokenizer", processor)

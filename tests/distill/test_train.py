@@ -215,3 +215,10 @@ def test_missing_images_are_counted_or_fatal_with_strict(teacher_dirs, data, tmp
     assert ds.skipped_missing_images == 1 and len(ds) == len(recs) - 1
     with pytest.raises(MatvlmError, match=recs[0]["id"]):
         LlavaJsonDataset(root / "train.json", None, proc, get_template("plain"), 256, strict=True)
+
+
+def test_gradient_checkpointing_gives_the_same_losses(teacher_dirs, data, tmp_path):
+    plain = run(cfg(teacher_dirs, data, tmp_path / "plain", max_steps=2), progress=False)
+    ckpt = run(cfg(teacher_dirs, data, tmp_path / "ckpt", max_steps=2, gradient_checkpointing=True), progress=False)
+    for a, b in zip(read_log(plain), read_log(ckpt)):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]) and abs(a["grad_norm"] - b["grad_norm"]) < 1e-4
