@@ -27,6 +27,7 @@ from ..convert.layers import select_layers
 from ..errors import MatvlmError
 from ..model.hybrid import (attention_names, attention_shape, decoder_layers, decoder_stack, hybrid_config_for,
                             make_hybrid, text_config)
+from ..model.vlm import connector, embed, is_vlm, vision_features
 from . import losses
 
 
@@ -50,14 +51,6 @@ class TeacherSwap:
         finally:
             for (p, n, _), s in zip(self.swaps, students):
                 setattr(p, n, s)
-
-
-def is_vlm(model: nn.Module) -> bool:
-    return hasattr(model.config, "vision_config")
-
-
-def connector(model: nn.Module) -> nn.Module | None:
-    return getattr(model.model, "multi_modal_projector", None) if is_vlm(model) else None
 
 
 def trainable_modules(model: nn.Module, groups: list[str]) -> list[nn.Module]:
@@ -172,30 +165,6 @@ def _mixer_names(model: nn.Module) -> set[str]:
 
 
 # --- the step ---------------------------------------------------------------------------------
-
-def vision_features(model: nn.Module, pixel_values: Tensor) -> Tensor:
-    """The vision tower's selected hidden states, before the connector. (n_img, 3, H, W) -> (n_img, N, D)."""
-    cfg = model.config
-    out = model.model.vision_tower(pixel_values, output_hidden_states=True)
-    layers = cfg.vision_feature_layer if isinstance(cfg.vision_feature_layer, list) else [cfg.vision_feature_layer]
-    hs = [out.hidden_states[i] for i in layers]
-    if cfg.vision_feature_select_strategy == "default":
-        hs = [h[:, 1:] for h in hs]
-    return torch.cat(hs, dim=-1)
-
-
-def embed(model: nn.Module, input_ids: Tensor, features: Tensor | None) -> Tensor:
-    """Token embeddings with the connector's image features written over the image tokens. (B, T, d)."""
-    emb = model.get_input_embeddings()(input_ids)
-    if features is None:
-        return emb
-    image_feats = connector(model)(features)                        # (n_img, N, d)
-    slots = input_ids == model.config.image_token_id                # (B, T)
-    n_slots, n_feats = int(slots.sum()), image_feats.shape[0] * image_feats.shape[1]
-    if n_slots != n_feats:
-        raise MatvlmError(f"batch has {n_slots} image tokens but its images give {n_feats} features")
-    return emb.masked_scatter(slots[..., None], image_feats.reshape(-1, image_feats.shape[-1]).to(emb.dtype))
-
 
 def lm_logits(model: nn.Module, embeds: Tensor, attention_mask: Tensor) -> Tensor:
     hidden = decoder_stack(model)(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)

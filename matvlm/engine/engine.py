@@ -1,0 +1,402 @@
+"""The generation engine used by chat, the Gradio app, the HTTP server, evaluation and benchmarks.
+
+One forward path for hybrids and plain teachers alike (so the two are compared under the same code):
+
+- a static, pre-allocated cache per (batch bucket, length bucket): KV buffers for attention layers,
+  conv + SSM states for Mamba layers, all at fixed addresses;
+- prefill of the left-padded batch through the model's own decoder layers (sdpa attention, the
+  chunked SSD for Mamba layers), with an explicit causal + padding mask;
+- decode steps that run the same layers on one token per sequence, captured once per bucket as a
+  CUDA graph on CUDA (eager on CPU); mask, positions and cache slot advance inside the graph;
+- sampling (greedy, temperature, top-k, top-p, repetition penalty, per-request seeds), stop tokens
+  and stop strings, and a streaming iterator.
+
+The decoder layers are transformers' own; the engine only replaces the loop around them
+(transformers' `generate` re-derives masks and cache positions on the host every step, which is
+what makes its decode slow and uncapturable).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from ..errors import MatvlmError
+from ..model.cache import MambaLayerState
+from ..model.hybrid import decoder_stack, text_config
+from ..model.vlm import embed, is_vlm, vision_features
+from .sampling import SamplingParams, sample_row
+
+FINAL_NORM = ("final_layernorm", "norm")        # Phi, then Llama / Mistral / Qwen2
+
+
+# --- static cache -----------------------------------------------------------------------------
+
+class StaticKVLayer(CacheLayerMixin):
+    """KV buffers (B, kv_heads, L, head_dim) written at the cache's shared slot counter."""
+
+    is_compileable = True
+    is_sliding = False
+
+    def __init__(self, batch: int, kv_heads: int, length: int, head_dim: int, dtype, device, slot: Tensor):
+        super().__init__()
+        self.keys = torch.zeros(batch, kv_heads, length, head_dim, dtype=dtype, device=device)
+        self.values = torch.zeros_like(self.keys)
+        self.slot = slot
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:  # allocated up front
+        return None
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        idx = self.slot + torch.arange(key_states.shape[-2], device=self.keys.device)        # (T,)
+        self.keys.index_copy_(2, idx, key_states.to(self.keys.dtype))
+        self.values.index_copy_(2, idx, value_states.to(self.values.dtype))
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.keys.shape[2], 0
+
+    def get_seq_length(self) -> int:
+        return int(self.slot)
+
+    def get_max_length(self) -> int:
+        return self.keys.shape[2]
+
+    def reset(self) -> None:
+        self.keys.zero_()
+        self.values.zero_()
+
+
+class StaticHybridCache(Cache):
+    """Pre-allocated cache for `batch` sequences of up to `length` tokens; `slot` is the next write index."""
+
+    def __init__(self, model: nn.Module, batch: int, length: int, dtype, device):
+        tc = text_config(model.config)
+        cfg = model.hybrid_config
+        heads = tc.num_attention_heads
+        kv = getattr(tc, "num_key_value_heads", None) or heads
+        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
+        self.slot = torch.zeros((), dtype=torch.long, device=device)
+        layers = []
+        for i in range(cfg.n_layer):
+            if i in cfg.mamba_layers:
+                state = MambaLayerState()
+                state.allocate(batch, cfg.conv_dim, cfg.d_conv - 1, cfg.nheads, cfg.headdim, cfg.d_state, dtype, device)
+                layers.append(state)
+            else:
+                layers.append(StaticKVLayer(batch, kv, length, head_dim, dtype, device, self.slot))
+        super().__init__(layers=layers)
+        self.batch, self.length = batch, length
+
+    def tensors(self) -> list[Tensor]:
+        out = [self.slot]
+        for layer in self.layers:
+            if isinstance(layer, StaticKVLayer):
+                out += [layer.keys, layer.values]
+            else:
+                out += [layer.conv, layer.ssm]
+        return out
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def clear(self) -> None:
+        self.slot.zero_()
+        for layer in self.layers:
+            if isinstance(layer, MambaLayerState):
+                layer.conv.zero_()
+                layer.ssm.zero_()
+                layer.has_previous_state[0] = False
+                layer.seen = 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self.slot)
+
+
+@dataclass
+class _Static:
+    """Buffers one (batch, length) bucket decodes with; a CUDA graph is bound to their addresses."""
+
+    cache: StaticHybridCache
+    token: Tensor        # (B, 1) int64: input token of the step
+    position: Tensor     # (B, 1) int64: its position id
+    mask: Tensor         # (B, 1, 1, L) bool: slots a query may attend to
+    logits: Tensor       # (B, V) float32: output of the step
+    graph: torch.cuda.CUDAGraph | None = None
+
+
+# --- requests and results ---------------------------------------------------------------------
+
+@dataclass
+class Request:
+    """A prompt (already templated text, or token ids) with its images and sampling parameters."""
+
+    prompt: str | list[int]
+    images: list = field(default_factory=list)
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class Output:
+    text: str
+    token_ids: list[int]
+    finish_reason: str                 # "stop" (eos, stop token or stop string) or "length"
+    prompt_tokens: int
+    timings: dict
+
+
+def _bucket(n: int, sizes=(1, 2, 4, 8, 16, 32, 64, 128)) -> int:
+    for s in sizes:
+        if n <= s:
+            return s
+    return n
+
+
+def _round_up(n: int, to: int = 256) -> int:
+    return -(-n // to) * to
+
+
+class Engine:
+    """Generation for a matvlm model (hybrid or plain teacher) and its processor or tokenizer.
+
+    Args:
+        model: from `matvlm.load`; moved to `device` / `dtype`.
+        processor: its `LlavaProcessor` (VLMs) or tokenizer (text models).
+        device: default cuda when available.
+        dtype: default bfloat16 on CUDA, float32 on CPU.
+        cuda_graphs: capture decode steps (default: on for CUDA).
+        max_batch_size: largest batch one decode runs.
+    """
+
+    def __init__(self, model: nn.Module, processor, device: str | torch.device | None = None, dtype=None,
+                 cuda_graphs: bool | None = None, max_batch_size: int = 64, image_aspect: str = "square"):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.model = model.to(self.device, self.dtype).eval()
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.stack = decoder_stack(model)
+        self.norm = next(getattr(self.stack, n) for n in FINAL_NORM if hasattr(self.stack, n))
+        self.vlm = is_vlm(model)
+        self.cuda_graphs = (self.device.type == "cuda") if cuda_graphs is None else cuda_graphs
+        self.max_batch_size = max_batch_size
+        self.image_aspect = image_aspect
+        self._statics: dict[tuple[int, int], _Static] = {}
+        self.eos_ids = self._eos_ids()
+
+    def _eos_ids(self) -> set[int]:
+        ids = set()
+        for src in (self.model.generation_config, text_config(self.model.config), self.tokenizer):
+            e = getattr(src, "eos_token_id", None)
+            ids |= set(e) if isinstance(e, (list, tuple)) else ({e} if e is not None else set())
+        return ids
+
+    # --- the forward path -----------------------------------------------------------------------
+
+    def _forward(self, embeds: Tensor, position: Tensor, mask4d: Tensor, pad2d: Tensor | None,
+                 cache: StaticHybridCache) -> Tensor:
+        """Decoder layers over `embeds` (B, T, d) writing the cache; logits of the last position (B, V)."""
+        pe = self.stack.rotary_emb(embeds, position)
+        h = embeds
+        for layer in self.stack.layers:
+            h = layer(h, attention_mask=mask4d, position_ids=position, past_key_values=cache, use_cache=True,
+                      position_embeddings=pe, mamba_padding_mask=pad2d)
+            h = h[0] if isinstance(h, tuple) else h
+        return self.model.get_output_embeddings()(self.norm(h[:, -1:]))[:, -1].float()
+
+    def _decode_body(self, st: _Static) -> None:
+        st.mask.index_fill_(-1, st.cache.slot.view(1), True)
+        st.logits.copy_(self._forward(self.model.get_input_embeddings()(st.token), st.position, st.mask, None, st.cache))
+        st.cache.slot.add_(1)
+        st.position.add_(1)
+
+    def _static(self, batch: int, length: int) -> _Static:
+        key = (batch, length)
+        if key not in self._statics:
+            if len(self._statics) >= 2:                       # keep at most two buckets' buffers alive
+                self._statics.pop(next(iter(self._statics)))
+            vocab = self.model.get_output_embeddings().out_features
+            self._statics[key] = _Static(
+                cache=StaticHybridCache(self.model, batch, length, self.dtype, self.device),
+                token=torch.zeros(batch, 1, dtype=torch.long, device=self.device),
+                position=torch.zeros(batch, 1, dtype=torch.long, device=self.device),
+                mask=torch.zeros(batch, 1, 1, length, dtype=torch.bool, device=self.device),
+                logits=torch.zeros(batch, vocab, dtype=torch.float32, device=self.device))
+        return self._statics[key]
+
+    def _capture(self, st: _Static) -> None:
+        """Record one decode step as a CUDA graph. Warm-up and capture run the step, so the buffers are
+        saved before and restored after."""
+        saved = [t.clone() for t in (*st.cache.tensors(), st.token, st.position, st.mask)]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._decode_body(st)
+        torch.cuda.current_stream().wait_stream(stream)
+        st.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(st.graph):
+            self._decode_body(st)
+        for t, s in zip((*st.cache.tensors(), st.token, st.position, st.mask), saved):
+            t.copy_(s)
+
+    # --- inputs ---------------------------------------------------------------------------------
+
+    def encode(self, request: Request) -> tuple[list[int], Tensor | None]:
+        """Token ids of a request (image placeholders expanded) and its pixel values (n_img, 3, H, W)."""
+        if isinstance(request.prompt, list):
+            if request.images:
+                raise MatvlmError("a request given as token ids cannot carry images")
+            return list(request.prompt), None
+        if request.images:
+            if not self.vlm:
+                raise MatvlmError("this model takes no images (it is a text model)")
+            from ..distill.data import expand2square
+
+            images = [im.convert("RGB") for im in request.images]
+            if self.image_aspect == "pad":
+                mean = tuple(int(m * 255) for m in self.processor.image_processor.image_mean)
+                images = [expand2square(im, mean) for im in images]
+            enc = self.processor(text=[request.prompt], images=images, return_tensors="pt")
+            return enc["input_ids"][0].tolist(), enc["pixel_values"]
+        return self.tokenizer(request.prompt, add_special_tokens=True)["input_ids"], None
+
+    # --- generation -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, requests: list[Request]) -> list[Output]:
+        """Generate for a batch of requests (any lengths; left-padded together)."""
+        outs: list[Output] = []
+        for i in range(0, len(requests), self.max_batch_size):
+            final = None
+            for event in self._run(requests[i:i + self.max_batch_size]):
+                final = event
+            outs += final
+        return outs
+
+    def stream(self, request: Request) -> Iterator[str]:
+        """Yield the text of one request as it is generated (pieces that concatenate to the full text)."""
+        sent = ""
+        with torch.no_grad():
+            for event in self._run([request]):
+                final = not isinstance(event[0], str)
+                text = event[0].text if final else event[0]
+                if not final:                     # hold back a character whose bytes are still arriving
+                    text = text.rstrip("\ufffd")
+                if text.startswith(sent) and len(text) > len(sent):
+                    yield text[len(sent):]
+                    sent = text
+
+    def _run(self, requests: list[Request]):
+        """Generator: yields [partial text per request] after each step, and finally [Output, ...]."""
+        t0 = time.perf_counter()
+        encoded = [self.encode(r) for r in requests]
+        n = len(requests)
+        b = _bucket(n)
+        prompt_len = max(len(ids) for ids, _ in encoded)
+        max_new = max(r.params.max_new_tokens for r in requests)
+        length = _round_up(prompt_len + max_new)
+        limit = getattr(text_config(self.model.config), "max_position_embeddings", None)
+        if limit and prompt_len + max_new > limit:
+            raise MatvlmError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new}) exceeds the model's "
+                              f"context of {limit} tokens")
+        st = self._static(b, length)
+        st.cache.clear()
+        dev = self.device
+
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((b, prompt_len), pad_id, dtype=torch.long)
+        valid = torch.zeros((b, prompt_len), dtype=torch.bool)
+        for row in range(b):
+            src = encoded[min(row, n - 1)][0]                 # bucket padding rows repeat the last request
+            ids[row, prompt_len - len(src):] = torch.tensor(src)
+            valid[row, prompt_len - len(src):] = True
+        ids, valid = ids.to(dev), valid.to(dev)
+        pixels = [p for _, p in encoded[:n] if p is not None]
+        pixels += [encoded[n - 1][1]] * (b - n) if encoded[n - 1][1] is not None else []
+        feats = vision_features(self.model, torch.cat(pixels).to(dev, self.dtype)) if pixels else None
+        embeds = embed(self.model, ids, feats)
+
+        position = (valid.long().cumsum(-1) - 1).clamp_min(0)
+        causal = torch.ones(prompt_len, prompt_len, dtype=torch.bool, device=dev).tril()
+        mask4d = torch.zeros(b, 1, prompt_len, length, dtype=torch.bool, device=dev)
+        mask4d[:, 0, :, :prompt_len] = causal & valid[:, None, :]
+        mask4d[:, 0, :, :prompt_len] |= torch.eye(prompt_len, dtype=torch.bool, device=dev)   # pad rows: no NaN
+        logits = self._forward(embeds, position, mask4d, valid.long(), st.cache)
+        st.cache.slot.fill_(prompt_len)
+        st.mask.zero_()
+        st.mask[:, 0, 0, :prompt_len] = valid
+        st.position.copy_(valid.long().sum(-1, keepdim=True))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        t_prefill = time.perf_counter() - t0
+        if self.cuda_graphs and st.graph is None:
+            self._capture(st)
+
+        params = [r.params for r in requests]
+        gens = [torch.Generator(device=dev).manual_seed(p.seed) if p.seed is not None else None for p in params]
+        need_seen = any(p.repetition_penalty != 1.0 for p in params)
+        seen = torch.zeros(n, logits.shape[-1], dtype=torch.bool, device=dev) if need_seen else None
+        if need_seen:
+            for row, (src, _) in enumerate(encoded):
+                seen[row, torch.tensor(src, device=dev)] = True
+        out_ids: list[list[int]] = [[] for _ in range(n)]
+        done = [False] * n
+        reason = ["length"] * n
+        texts = [""] * n
+        t_first = None
+        steps = 0
+        while True:
+            tokens = self._sample(logits[:n], params, gens, seen)
+            if t_first is None:
+                t_first = time.perf_counter() - t0
+            for row, tok in enumerate(tokens):
+                if done[row]:
+                    continue
+                p = params[row]
+                if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+                    done[row], reason[row] = True, "stop"
+                    continue
+                out_ids[row].append(tok)
+                if seen is not None:
+                    seen[row, tok] = True
+                texts[row] = self.tokenizer.decode(out_ids[row], skip_special_tokens=True)
+                cut = _first_stop(texts[row], p.stop)
+                if cut is not None:
+                    texts[row], done[row], reason[row] = texts[row][:cut], True, "stop"
+                elif len(out_ids[row]) >= p.max_new_tokens:
+                    done[row] = True
+            yield [t for t in texts]
+            if all(done):
+                break
+            st.token.copy_(torch.tensor(tokens + [tokens[-1]] * (b - n), device=dev).view(b, 1))
+            if st.graph is not None:
+                st.graph.replay()
+            else:
+                self._decode_body(st)
+            logits = st.logits
+            steps += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        total = time.perf_counter() - t0
+        timings = {"prefill_s": t_prefill, "ttft_s": t_first, "total_s": total, "decode_steps": steps,
+                   "decode_s_per_step": (total - t_first) / steps if steps else None, "batch_bucket": b,
+                   "cache_length": length, "cache_bytes": st.cache.nbytes()}
+        yield [Output(texts[i], out_ids[i], reason[i], len(encoded[i][0]), timings) for i in range(n)]
+
+    def _sample(self, logits: Tensor, params: list[SamplingParams], gens, seen) -> list[int]:
+        if all(p.temperature == 0 and p.repetition_penalty == 1.0 for p in params):
+            return logits.argmax(-1).tolist()
+        return [sample_row(logits[i], p, seen[i] if seen is not None else None, gens[i])
+                for i, p in enumerate(params)]
+
+
+def _first_stop(text: str, stops: list[str]) -> int | None:
+    hits = [text.find(s) for s in stops if s and s in text]
+    return min(hits) if hits else None
