@@ -24,6 +24,7 @@ from pathlib import Path
 COMMANDS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
     "convert": ("matvlm.commands:convert", "turn a transformer teacher into a hybrid with Mamba-2 layers"),
     "distill": ("matvlm.commands:distill", "distil a hybrid from its teacher (layer + KL + CE losses)"),
+    "bench": ("matvlm.commands:bench", "speed and memory vs the teacher: engine, transformers generate, roofline"),
     "info": ("matvlm.commands:info", "describe a model directory (format, layers, parameters)"),
     "toy": {
         "tiny-teacher": ("matvlm.commands:tiny_teacher", "write a tiny random-weight teacher (for trying things)"),

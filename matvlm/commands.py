@@ -170,7 +170,7 @@ def distill(config: Path | None = None, teacher: Path | None = None, student: Pa
 
 def train_teacher(out: Path, steps: int | None = None, batch_size: int | None = None, lr: float | None = None,
                   n_train_images: int | None = None, seed: int | None = None, device: str | None = None,
-                  num_workers: int = 4) -> None:
+                  num_workers: int = 4, evaluate: bool = True) -> None:
     """Train the toy teacher from scratch on Shapes-VQA, the recipe that produced the shipped one
     (data generated at OUT-data/, model written to OUT/ with its held-out accuracy in training.json).
     Takes minutes on a GPU, about an hour on a laptop CPU.
@@ -184,6 +184,7 @@ def train_teacher(out: Path, steps: int | None = None, batch_size: int | None = 
         seed: model and data-order seed (default 0).
         device: cuda or cpu (default: cuda when available).
         num_workers: processes that decode the images.
+        evaluate: score the held-out split afterwards (written to training.json).
     """
     from dataclasses import replace
 
@@ -191,5 +192,55 @@ def train_teacher(out: Path, steps: int | None = None, batch_size: int | None = 
 
     over = {k: v for k, v in dict(steps=steps, batch_size=batch_size, lr=lr, n_train_images=n_train_images,
                                   seed=seed).items() if v is not None}
-    result = train(out, replace(ToyRecipe(), **over), device=device, num_workers=num_workers)
-    print(f"wrote {out}: held-out accuracy {100 * result['overall']:.1f} %")
+    result = train(out, replace(ToyRecipe(), **over), device=device, num_workers=num_workers, run_eval=evaluate)
+    acc = f": held-out accuracy {100 * result['overall']:.1f} %" if result else ""
+    print(f"wrote {out}{acc}")
+
+
+def _lengths(items: list[str]) -> list[int]:
+    from .errors import MatvlmError
+
+    out = []
+    for x in items:
+        x = x.strip().lower()
+        try:
+            out.append(int(float(x[:-1]) * 1024) if x.endswith("k") else int(x))
+        except ValueError:
+            raise MatvlmError(f"expected lengths like 1k,4k,16k or 1024, got {x!r}") from None
+    return out
+
+
+def bench(model: str, vs: str | None = None, context: list[str] = ("1k", "4k", "16k"), batch: list[int] = (1, 8),
+          gen: list[int] = (256,), out: Path = Path("bench-results"), hf: bool = True,
+          hf_static_context: list[str] | None = None, dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16",
+          device: str | None = None) -> None:
+    """Measure generation speed and memory of MODEL and (with --vs) its teacher in one run, under matvlm's
+    engine, and the teacher also through transformers generate (dynamic cache, and static+compiled):
+    prefill time, time to first token, ms per decode step, tokens/s, peak GPU memory, and the decode step's
+    HBM roofline. Writes bench.json, bench.md and two PNG plots (tokens/s and memory vs context).
+
+    MODEL and --vs are directories, or random:tinyllava-phi2[@RATIO] for random weights at TinyLLaVA-3.1B's
+    shapes (e.g. --vs random:tinyllava-phi2 with random:tinyllava-phi2@0.25).
+
+    Args:
+        model: the (hybrid) model directory or random spec.
+        vs: its teacher, measured in the same run.
+        context: prompt lengths, e.g. 1k,4k,16k.
+        batch: batch sizes, e.g. 1,8.
+        gen: generated lengths, e.g. 256.
+        out: output directory.
+        hf: also time the teacher through transformers generate.
+        hf_static_context: contexts for the static+compiled transformers run (compiling is slow; default all).
+        dtype: weights and activations dtype.
+        device: cuda (default when available) or cpu.
+    """
+    from .bench.speed import run
+
+    res = run(model, vs, _lengths(context), list(batch), list(gen), Path(out), hf=hf,
+              hf_static_contexts=_lengths(hf_static_context) if hf_static_context else None, dtype=dtype,
+              device=device)
+    from .bench.speed import table
+    print(table(res))
+    plots = [n for n in ("tokens_per_s.png", "memory.png") if (Path(out) / n).is_file()]
+    print(f"wrote {out}: bench.json, bench.md" + (", " + ", ".join(plots) if plots else
+                                                  " (install matplotlib for the plots: pip install 'matvlm[bench]')"))

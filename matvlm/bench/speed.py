@@ -1,0 +1,252 @@
+"""`matvlm bench`: decode and prefill speed and memory of a model and (with --vs) its teacher, in one run.
+
+For every (context, batch, generated length) cell and every system:
+  - matvlm engine (static cache, CUDA-graph decode) for the model and the teacher;
+  - the teacher through transformers `generate` as users run it: the default dynamic cache, and
+    `cache_implementation="static"` (transformers compiles that decode step);
+it measures prefill time, time to first token, decode time per step (median), tokens/s and peak GPU
+memory, and the step's HBM roofline: bytes the step must read (weights + KV of attention layers +
+Mamba states, read and written) over the copy bandwidth measured in the same run. An out-of-memory
+cell is recorded as such. Writes bench.json, a markdown table, and two plots in the style of the
+paper's Fig. 1b/1c (tokens/s and memory against context length).
+
+Models are directories, or `random:tinyllava-phi2` / `random:tinyllava-phi2@0.25` for random weights
+at TinyLLaVA-3.1B's shapes (teacher / 25 % hybrid) without any files.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import MatvlmError
+
+
+def resolve(spec: str, dtype: torch.dtype):
+    """A loaded model and its processor/tokenizer (None for random models) from a directory or random:NAME[@r]."""
+    import matvlm
+
+    if spec.startswith("random:"):
+        from ..convert.init import init_from_attention
+        from ..convert.layers import select_layers
+        from ..model.hybrid import attention_names, attention_shape, hybrid_config_for, make_hybrid
+        from .distill_step import tinyllava_config
+
+        name, _, ratio = spec[len("random:"):].partition("@")
+        if name != "tinyllava-phi2":
+            raise MatvlmError(f"unknown random model {name!r}; available: tinyllava-phi2")
+        from transformers import LlavaForConditionalGeneration
+        torch.manual_seed(0)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(tinyllava_config())
+        model.to(dtype).eval()
+        layers = select_layers(32, float(ratio)) if ratio else []
+        replaced = make_hybrid(model, hybrid_config_for(model, layers))
+        for i, attn in replaced.items():
+            init_from_attention(model.mamba_mixers[i], attn, attention_names(model.config),
+                                *attention_shape(model.config)[:2])
+        return model, None
+    return matvlm.load(spec, dtype=dtype), matvlm.load_processor(spec)
+
+
+def step_bytes(model, batch: int, context: int) -> int:
+    """Bytes one decode step must move: every weight once, the KV of the attention layers up to `context`,
+    and each Mamba layer's conv and SSM state read and written."""
+    from ..model.hybrid import text_config
+
+    weights = _lm_weight_bytes(model)
+    tc = text_config(model.config)
+    cfg = model.hybrid_config
+    heads = tc.num_attention_heads
+    kv = getattr(tc, "num_key_value_heads", None) or heads
+    hd = getattr(tc, "head_dim", None) or tc.hidden_size // heads
+    elem = next(model.parameters()).element_size()
+    kv_bytes = len(cfg.attn_layers) * 2 * batch * kv * hd * context * elem
+    state = len(cfg.mamba_layers) * batch * (cfg.nheads * cfg.headdim * cfg.d_state * 4 + cfg.conv_dim * (cfg.d_conv - 1) * elem)
+    return weights + kv_bytes + 2 * state
+
+
+def _lm_weight_bytes(model) -> int:
+    """Weights a decode step reads: everything but the vision tower and connector (the input embedding
+    row lookup is ignored; the LM head is read in full)."""
+    skip = ("vision_tower", "multi_modal_projector", "embed_tokens")
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not any(s in n for s in skip))
+
+
+@dataclass
+class Cell:
+    context: int
+    batch: int
+    gen: int
+
+
+def _random_prompts(batch: int, context: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, vocab - 10, (batch, context), generator=g).tolist()
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _peak_reset():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib() -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+def engine_cell(engine, cell: Cell, vocab: int) -> dict:
+    from ..engine.engine import Request
+    from ..engine.sampling import SamplingParams
+
+    prompts = _random_prompts(cell.batch, cell.context, vocab)
+    params = SamplingParams(max_new_tokens=cell.gen, ignore_eos=True)
+    _peak_reset()
+    try:
+        engine.generate([Request(p, [], params) for p in prompts])      # warm-up: allocates and captures the bucket
+        _peak_reset()
+        outs = engine.generate([Request(p, [], params) for p in prompts])
+    except torch.OutOfMemoryError:
+        engine._statics.clear()
+        return {"oom": True}
+    t = outs[0].timings
+    step = t["decode_s_per_step"]
+    return {"prefill_ms": 1e3 * t["prefill_s"], "ttft_ms": 1e3 * t["ttft_s"], "step_ms": 1e3 * step,
+            "tokens_per_s": cell.batch / step, "peak_GiB": _peak_gib(), "cache_GiB": t["cache_bytes"] / 2**30}
+
+
+def hf_cell(model, cell: Cell, vocab: int, static: bool) -> dict:
+    """transformers generate: per-step time from generating `gen` tokens and 1 token."""
+    ids = torch.tensor(_random_prompts(cell.batch, cell.context, vocab), device=model.device)
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    if static:
+        kw["cache_implementation"] = "static"
+    _peak_reset()
+    try:
+        def run(n):
+            _sync()
+            t0 = time.perf_counter()
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, **kw)
+            _sync()
+            return time.perf_counter() - t0
+
+        run(cell.gen if static else 2)                          # warm-up (static: compiles)
+        _peak_reset()
+        one, full = run(1), run(cell.gen)
+    except torch.OutOfMemoryError:
+        return {"oom": True}
+    step = (full - one) / (cell.gen - 1)
+    return {"prefill_ms": 1e3 * one, "step_ms": 1e3 * step, "tokens_per_s": cell.batch / step, "peak_GiB": _peak_gib()}
+
+
+def run(model: str, vs: str | None, contexts: list[int], batches: list[int], gens: list[int], out: Path,
+        hf: bool = True, hf_static_contexts: list[int] | None = None, dtype: str = "bfloat16",
+        device: str | None = None) -> dict:
+    """Measure every cell for the model and the teacher; `hf_static_contexts` limits the (slow to compile)
+    static+compiled transformers runs to those contexts (None: all)."""
+    from ..engine.engine import Engine
+    from .kernels import ceilings
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = getattr(torch, dtype)
+    copy_gbps = ceilings()["copy_GBps"] if device == "cuda" else None
+    cells = [Cell(c, b, g) for c in contexts for b in batches for g in gens]
+    systems = [("model", model)] + ([("teacher", vs)] if vs else [])
+    res = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d"),
+           "copy_GBps": copy_gbps,
+           "model": model, "teacher": vs, "rows": []}
+    for role, spec in systems:
+        m, proc = resolve(spec, torch_dtype)
+        vocab = m.get_output_embeddings().out_features
+        tok = getattr(proc, "tokenizer", proc) if proc is not None else _NullTokenizer()
+        engine = Engine(m, proc or tok, device=device, dtype=torch_dtype)
+        for cell in cells:
+            r = engine_cell(engine, cell, vocab)
+            if not r.get("oom") and copy_gbps:
+                roof = step_bytes(m, cell.batch, cell.context + cell.gen // 2) / (copy_gbps * 1e9) * 1e3
+                r.update(roofline_ms=roof, of_roofline=roof / r["step_ms"])
+            res["rows"].append({"system": f"{role} (matvlm engine)", **cell.__dict__, **r})
+            print(json.dumps(res["rows"][-1]), flush=True)
+        if role == "teacher" and hf:
+            for cell in cells:
+                for static in (False, True):
+                    if static and (device != "cuda" or cell.batch != 1 or (
+                            hf_static_contexts is not None and cell.context not in hf_static_contexts)):
+                        continue                    # compiling takes minutes per shape: batch 1 only
+                    r = hf_cell(m, cell, vocab, static)
+                    name = "teacher (transformers generate, " + ("static+compiled)" if static else "dynamic cache)")
+                    res["rows"].append({"system": name, **cell.__dict__, **r})
+                    print(json.dumps(res["rows"][-1]), flush=True)
+        del engine, m
+        _peak_reset()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(res, indent=2))
+    (out / "bench.md").write_text(table(res))
+    plot(res, out)
+    return res
+
+
+class _NullTokenizer:
+    """For random models: prompts are token ids, and outputs are not decoded into text."""
+
+    pad_token_id = 0
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return ""
+
+
+def table(res: dict) -> str:
+    lines = ["| system | context | batch | gen | prefill ms | step ms | tokens/s | peak GiB | roofline ms | % of roofline |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        if r.get("oom"):
+            lines.append(f"| {r['system']} | {r['context']} | {r['batch']} | {r['gen']} | OOM | | | | | |")
+            continue
+        f = lambda k, fmt: (fmt.format(r[k]) if r.get(k) is not None else "")
+        lines.append(f"| {r['system']} | {r['context']} | {r['batch']} | {r['gen']} | {f('prefill_ms', '{:.1f}')} | "
+                     f"{f('step_ms', '{:.2f}')} | {f('tokens_per_s', '{:.1f}')} | {f('peak_GiB', '{:.1f}')} | "
+                     f"{f('roofline_ms', '{:.2f}')} | {f('of_roofline', '{:.0%}')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, out: Path) -> None:
+    """tokens/s and peak memory against context length, one line per system and batch (paper Fig. 1b/1c)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    for key, name, label in (("tokens_per_s", "tokens_per_s.png", "generated tokens / s"),
+                             ("peak_GiB", "memory.png", "peak GPU memory (GiB)")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        series = {}
+        for r in res["rows"]:
+            if r.get(key) is None:
+                continue
+            series.setdefault((r["system"], r["batch"]), []).append((r["context"], r[key]))
+        for (system, batch), pts in sorted(series.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{system}, batch {batch}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=130)
+        plt.close(fig)
