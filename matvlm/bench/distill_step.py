@@ -31,7 +31,7 @@ def tinyllava_config():
 
     text = AutoConfig.for_model("phi", vocab_size=51200, hidden_size=2560, num_hidden_layers=32,
                                 num_attention_heads=32, num_key_value_heads=32, intermediate_size=10240,
-                                partial_rotary_factor=0.4, max_position_embeddings=4096, resid_pdrop=0.0,
+                                partial_rotary_factor=0.4, max_position_embeddings=32768, resid_pdrop=0.0,
                                 embd_pdrop=0.0, attention_dropout=0.0, tie_word_embeddings=False)
     vision = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
                                 num_attention_heads=16, image_size=384, patch_size=14)
