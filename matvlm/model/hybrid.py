@@ -107,7 +107,8 @@ class HybridModelMixin:
         return HybridCache(self.hybrid_config)
 
     def generate(self, *args, **kwargs):
-        if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True) is not False:
+        if (kwargs.get("past_key_values") is None and kwargs.get("use_cache", True) is not False
+                and kwargs.get("cache_implementation") is None):
             kwargs["past_key_values"] = self.new_cache()
         return super().generate(*args, **kwargs)
 
