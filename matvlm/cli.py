@@ -22,12 +22,15 @@ from pathlib import Path
 
 # name -> (module:function, one-line summary). Groups map to nested tables.
 COMMANDS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
+    "demo": ("matvlm.commands:demo", "convert -> distill -> evaluate -> answer, on the shipped toy teacher (CPU)"),
     "convert": ("matvlm.commands:convert", "turn a transformer teacher into a hybrid with Mamba-2 layers"),
     "distill": ("matvlm.commands:distill", "distil a hybrid from its teacher (layer + KL + CE losses)"),
     "bench": ("matvlm.commands:bench", "speed and memory vs the teacher: engine, transformers generate, roofline"),
+    "eval": ("matvlm.commands:evaluate", "benchmarks (MME, POPE, SQA, TextVQA, GQA, VQAv2, MMBench, MMMU, MM-Vet, shapes)"),
     "info": ("matvlm.commands:info", "describe a model directory (format, layers, parameters)"),
     "toy": {
         "tiny-teacher": ("matvlm.commands:tiny_teacher", "write a tiny random-weight teacher (for trying things)"),
+        "data": ("matvlm.commands:toy_data", "write the Shapes-VQA benchmark (LLaVA JSON + PNG)"),
         "train-teacher": ("matvlm.commands:train_teacher", "train the toy teacher on Shapes-VQA (the shipped recipe)"),
     },
 }
@@ -53,16 +56,21 @@ def _doc_parts(fn) -> tuple[str, dict[str, str]]:
     return desc.strip(), helps
 
 
-def _parse_list(item_type):
-    def parse(text: str):
-        try:
-            return [item_type(x) for x in text.split(",") if x.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {item_type.__name__}, got {text!r}")
-    return parse
+def _list_action(item_type):
+    """Lists take values separated by commas, spaces or both: `--batch 1,8` or `--compare a.json b.json`."""
+
+    class ListAction(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            items = [x for v in values for x in v.split(",") if x.strip()]
+            try:
+                setattr(namespace, self.dest, [item_type(x) for x in items])
+            except ValueError:
+                parser.error(f"{option_string}: expected {item_type.__name__} values, got {' '.join(values)!r}")
+    return ListAction
 
 
-def _add_param(parser: argparse.ArgumentParser, name: str, param: inspect.Parameter, hint, help_text: str):
+def _add_param(parser: argparse.ArgumentParser, name: str, param: inspect.Parameter, hint, help_text: str,
+               positional: tuple[str, ...] = ()):
     flag = "--" + name.replace("_", "-")
     origin = typing.get_origin(hint)
     args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -79,14 +87,17 @@ def _add_param(parser: argparse.ArgumentParser, name: str, param: inspect.Parame
         kw["choices"] = list(args)
         kw["type"] = type(args[0])
     elif origin is list:
-        kw["type"] = _parse_list(args[0] if args else str)
-        kw["metavar"] = "A,B,..."
+        kw["action"] = _list_action(args[0] if args else str)
+        kw["nargs"] = "+"
+        kw["metavar"] = "A,B"
     elif hint in (int, float, str, Path):
         kw["type"] = hint
     else:
         kw["type"] = str
     if param.default is inspect.Parameter.empty:
         parser.add_argument(name, **kw)
+    elif name in positional:                       # an optional positional (e.g. eval's MODEL)
+        parser.add_argument(name, nargs="?", default=param.default, **kw)
     else:
         kw["default"] = param.default
         if param.default is not None and "default" not in help_text:
@@ -100,7 +111,8 @@ def build_parser(fn, prog: str) -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     hints = typing.get_type_hints(fn)
     for name, param in inspect.signature(fn).parameters.items():
-        _add_param(parser, name, param, hints.get(name, str), helps.get(name, ""))
+        _add_param(parser, name, param, hints.get(name, str), helps.get(name, ""),
+                   getattr(fn, "cli_positional", ()))
     return parser
 
 

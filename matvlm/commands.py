@@ -244,3 +244,119 @@ def bench(model: str, vs: str | None = None, context: list[str] = ("1k", "4k", "
     plots = [n for n in ("tokens_per_s.png", "memory.png") if (Path(out) / n).is_file()]
     print(f"wrote {out}: bench.json, bench.md" + (", " + ", ".join(plots) if plots else
                                                   " (install matplotlib for the plots: pip install 'matvlm[bench]')"))
+
+
+def demo(out: Path | None = None, budget: Literal["default", "tiny"] = "default", teacher: Path | None = None,
+         seed: int = 0) -> None:
+    """The whole method on the embedded default, on a CPU in a few minutes: convert the shipped toy
+    teacher (a tiny LLaVA trained on Shapes-VQA) at 25 % Mamba, distil it, evaluate teacher and student
+    on held-out questions side by side (accuracy per question type, tokens/s, cache memory), and answer
+    a question about a freshly drawn image.
+
+    Args:
+        out: keep everything here (OUT/data, OUT/student-init, OUT/student); default: a temporary directory.
+        budget: default (about 4 minutes on 2 CPU cores) or tiny (seconds; a smoke test).
+        teacher: another teacher directory instead of the shipped one.
+        seed: seed of data, conversion and distillation (0: the fresh image is drawn at random).
+    """
+    from .toy.demo import run
+
+    run(out, budget=budget, teacher=teacher, seed=seed)
+
+
+def toy_data(out: Path, n: int = 20000, n_test: int = 1000, seed: int = 1, questions_per_image: int = 3,
+             image_size: int = 64) -> None:
+    """Write the Shapes-VQA benchmark: OUT/train.json and OUT/test.json (LLaVA JSON) and OUT/images/*.png.
+    Deterministic by seed; the two splits share no scene.
+
+    Args:
+        out: output directory.
+        n: training images.
+        n_test: held-out images.
+        seed: generator seed.
+        questions_per_image: questions asked about each image (each of a different type, at most 6).
+        image_size: image side in pixels (at least 48 for the 3x3 grid).
+    """
+    from .toy import shapes
+
+    paths = shapes.make_splits(out, n_train=n, n_test=n_test, seed=seed, questions_per_image=questions_per_image,
+                               image_size=image_size)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def evaluate(model: str | None = None, benchmark: list[str] | None = None, data: Path | None = None,
+             data_root: Path | None = None, limit: int | None = None, batch: int = 16, output: Path | None = None,
+             predictions: Path | None = None, template: Literal["phi", "vicuna", "chatml", "plain"] | None = None,
+             device: str | None = None, dtype: str | None = None, compare: list[str] | None = None) -> None:
+    """Score a model (teacher or student, the same way) on benchmarks from their published files, offline;
+    or score saved answers (no MODEL, --predictions FILE); or print two results files side by side.
+
+    Examples:
+      matvlm eval MODEL --benchmark pope --data ~/data/pope --limit 500 --output pope.json
+      matvlm eval MODEL --benchmark mme,pope,sqa-img,textvqa,gqa,vqav2,mmbench,mmmu --data-root ~/data --output all.json
+      matvlm eval --benchmark mme --data DIR --predictions answers.jsonl       (score saved answers)
+      matvlm eval --compare teacher.json student.json                          (paper-style table)
+    Benchmarks: mme, pope, sqa-img, textvqa, gqa, vqav2, mmbench, mmmu, mmvet, shapes. Answers are written
+    to an answer file as they come (LLaVA's {"question_id", "text"} lines); a rerun skips answered ids.
+
+    Args:
+        model: model directory (omit it to score an existing answer file).
+        benchmark: comma-separated benchmark names.
+        data: the benchmark's data directory (one benchmark).
+        data_root: directory with one sub-directory per benchmark name (several benchmarks).
+        limit: at most this many questions per benchmark.
+        batch: questions per generation batch.
+        output: results JSON (one record per benchmark: benchmark, n, metrics).
+        predictions: answer file (one benchmark; default: next to --output).
+        template: force a matvlm chat template instead of the model's own.
+        device: cuda or cpu (default: cuda when available).
+        dtype: e.g. bfloat16 (default: bfloat16 on CUDA, float32 on CPU).
+        compare: two results JSON files to print side by side (teacher first).
+    """
+    from .errors import MatvlmError
+    from .eval.benchmarks import compare_table, headline
+    from .eval.run import default_predictions_path, evaluate as run_eval, read_results, write_results
+
+    if compare:
+        if len(compare) != 2:
+            raise MatvlmError(f"--compare takes two results files, got {len(compare)}")
+        print(compare_table(read_results(Path(compare[0])), read_results(Path(compare[1])),
+                            names=(Path(compare[0]).stem, Path(compare[1]).stem)))
+        return
+    if not benchmark:
+        raise MatvlmError("give --benchmark NAME[,NAME...] (or --compare A.json B.json)")
+    if len(benchmark) > 1 and (data is not None or predictions is not None):
+        raise MatvlmError("several benchmarks take --data-root (one sub-directory each), not --data/--predictions")
+    if data is None and data_root is None:
+        raise MatvlmError("give --data DIR (one benchmark) or --data-root DIR")
+    engine = None
+    if model is not None:
+        import torch
+
+        from .convert.formats import load, load_processor
+        from .engine.engine import Engine
+
+        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dt = getattr(torch, dtype) if dtype else None
+        engine = Engine(load(model), load_processor(model), device=dev, dtype=dt)
+    records = []
+    for name in benchmark:
+        d = data if data is not None else Path(data_root) / name
+        answers = predictions or default_predictions_path(output, name)
+        rec = run_eval(name, d, predictions=answers, limit=limit, batch_size=batch, template=template, engine=engine,
+                       progress=lambda i, n, name=name: print(f"\r{name}: {i}/{n} answered", end="", flush=True))
+        print()
+        records.append(rec)
+        print(f"{name}: n={rec['n']} {headline_text(rec)}  (answers: {answers})")
+    if output is not None:
+        write_results(Path(output), records)
+        print(f"wrote {output}")
+
+
+def headline_text(rec: dict) -> str:
+    m = rec["metrics"]
+    keys = [k for k in ("accuracy", "perception", "cognition", "f1") if k in m] or list(m)[:3]
+    return ", ".join(f"{k} {m[k]:.2f}" if isinstance(m[k], (int, float)) else f"{k} {m[k]}" for k in keys)
+
+
+evaluate.cli_positional = ("model",)

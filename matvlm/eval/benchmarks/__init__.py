@@ -26,12 +26,14 @@ from .mmvet import MMVet, containment_judge
 from .pope import POPE
 from .results import (PAPER_COLUMNS, compare_table, headline, paper_average, read_predictions,
                       results_json, write_predictions)
+from .shapes import Shapes
 from .sqa import ScienceQAImg
 from .textvqa import TextVQA
 from .vqav2 import VQAv2
 
 BENCHMARKS: dict[str, Benchmark] = {
-    b.name: b for b in (MME(), POPE(), ScienceQAImg(), TextVQA(), GQA(), VQAv2(), MMBench(), MMMU(), MMVet())
+    b.name: b for b in (MME(), POPE(), ScienceQAImg(), TextVQA(), GQA(), VQAv2(), MMBench(), MMMU(), MMVet(),
+                        Shapes())
 }
 
 
@@ -51,7 +53,7 @@ def get_benchmark(name: str, **options) -> Benchmark:
 
 __all__ = [
     "BENCHMARKS", "Benchmark", "GQA", "ImageBytes", "ImageFile", "MMBench", "MME", "MMMU", "MMVet",
-    "PAPER_COLUMNS", "POPE", "Sample", "ScienceQAImg", "TextVQA", "VQAv2", "compare_table",
+    "PAPER_COLUMNS", "POPE", "Sample", "ScienceQAImg", "Shapes", "TextVQA", "VQAv2", "compare_table",
     "containment_judge", "get_benchmark", "headline", "load_images", "paper_average",
     "read_predictions", "results_json", "write_predictions",
 ]

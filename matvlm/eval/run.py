@@ -1,0 +1,119 @@
+"""Evaluation: the same path for teacher and student — benchmark reader -> prompts -> engine -> official scorer.
+
+Answers go to a LLaVA-convention answer file as they are produced, so an interrupted run resumes
+where it stopped (answered ids are skipped); scoring reads that file, so saved answers can be scored
+without a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..errors import MatvlmError
+from .benchmarks import get_benchmark, load_images, read_predictions, results_json, write_predictions
+
+
+def prompt_text(processor, model_config, question: str, n_images: int, template: str | None = None) -> str:
+    """The model's prompt for one question: an explicit matvlm template, else the processor's own chat
+    template, else the template of the decoder family (TinyLLaVA's phi for Phi, ...)."""
+    from ..distill.templates import get_template, template_for
+
+    tok = getattr(processor, "tokenizer", processor)
+    if template is None and (getattr(processor, "chat_template", None) or getattr(tok, "chat_template", None)):
+        content = [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
+        messages = [{"role": "user", "content": content if n_images else question}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    t = get_template(template, eos_token=tok.eos_token) if template else template_for(model_config)
+    return t.prompt([(question, None)], has_image=n_images > 0)
+
+
+def default_predictions_path(output: Path | None, benchmark: str) -> Path:
+    if output is not None:
+        return output.with_name(f"{output.stem}.{benchmark}.answers.jsonl")
+    return Path(f"{benchmark}.answers.jsonl")
+
+
+def evaluate(benchmark: str, data: Path, model=None, processor=None, predictions: Path | None = None,
+             limit: int | None = None, batch_size: int = 16, template: str | None = None, engine=None,
+             progress=None) -> dict:
+    """Answer (if a model or engine is given) and score one benchmark; returns its results record.
+
+    Args:
+        benchmark: registry name (mme, pope, sqa-img, textvqa, gqa, vqav2, mmbench, mmmu, mmvet, shapes).
+        data: the benchmark's data directory.
+        model, processor: a loaded model and its processor; or `engine`, an Engine built on them.
+        predictions: answer file (read to resume, appended to); required when scoring without a model.
+        limit: at most this many questions.
+        batch_size: questions per engine batch.
+        template: force a matvlm chat template instead of the model's own.
+        progress: callable(done, total) for progress reporting.
+    """
+    from ..engine.engine import Engine, Request
+    from ..engine.sampling import SamplingParams
+
+    bench = get_benchmark(benchmark)
+    samples = bench.load(Path(data), limit)
+    if predictions is None:
+        raise MatvlmError("an answer file path is needed (--predictions)")
+    done = read_predictions(predictions, missing_ok=True)
+    todo = [s for s in samples if s.id not in done]
+    if todo and engine is None and model is None:
+        if not Path(predictions).is_file():
+            raise MatvlmError(f"no model given and no answer file {predictions}: nothing to score")
+    elif todo:
+        engine = engine or Engine(model, processor)
+        stops = _template_stops(template, engine)
+        for i in range(0, len(todo), batch_size):
+            chunk = todo[i:i + batch_size]
+            reqs = []
+            for s in chunk:
+                images = load_images(s) if engine.vlm else []
+                images = images if _multi_image(engine) else images[:1]
+                text = prompt_text(engine.processor, engine.model.config, s.prompt, len(images), template)
+                reqs.append(Request(text, images, SamplingParams(max_new_tokens=s.max_new_tokens, stop=stops)))
+            outs = engine.generate(reqs)
+            write_predictions(predictions, {s.id: o.text.strip() for s, o in zip(chunk, outs)})
+            if progress:
+                progress(min(i + batch_size, len(todo)), len(todo))
+    answers = read_predictions(predictions, missing_ok=True)
+    return results_json(bench.name, len(samples), bench.score(samples, answers))
+
+
+def _template_stops(template: str | None, engine) -> list[str]:
+    from ..distill.templates import get_template, template_for
+
+    if template:
+        return list(get_template(template, eos_token=engine.tokenizer.eos_token).stop_strings)
+    if getattr(engine.processor, "chat_template", None) or getattr(engine.tokenizer, "chat_template", None):
+        return []
+    return list(template_for(engine.model.config).stop_strings)
+
+
+def _multi_image(engine) -> bool:
+    """Whether prompts may carry several images (the processor's chat template renders them); matvlm's
+    templates place one image, so others use the first (as MMMU's LLaVA runner does)."""
+    return bool(getattr(engine.processor, "chat_template", None))
+
+
+def write_results(path: Path, records: list[dict]) -> None:
+    """Results JSON: one record, or a list for several benchmarks (written atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(records[0] if len(records) == 1 else records, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def read_results(path: Path) -> list[dict]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise MatvlmError(f"results file {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise MatvlmError(f"results file {path} is not valid JSON: {e}") from None
+    records = data if isinstance(data, list) else [data]
+    if not all(isinstance(r, dict) and "benchmark" in r and "metrics" in r for r in records):
+        raise MatvlmError(f"{path} is not a matvlm results file (expected {{benchmark, n, metrics}} records)")
+    return records
