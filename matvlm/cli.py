@@ -27,6 +27,9 @@ COMMANDS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
     "distill": ("matvlm.commands:distill", "distil a hybrid from its teacher (layer + KL + CE losses)"),
     "bench": ("matvlm.commands:bench", "speed and memory vs the teacher: engine, transformers generate, roofline"),
     "eval": ("matvlm.commands:evaluate", "benchmarks (MME, POPE, SQA, TextVQA, GQA, VQAv2, MMBench, MMMU, MM-Vet, shapes)"),
+    "chat": ("matvlm.commands:chat", "streaming terminal chat (images with /image PATH)"),
+    "ui": ("matvlm.commands:ui", "Gradio web chat with image upload and sampling controls"),
+    "serve": ("matvlm.commands:serve", "OpenAI-compatible HTTP server (batched, streaming)"),
     "info": ("matvlm.commands:info", "describe a model directory (format, layers, parameters)"),
     "toy": {
         "tiny-teacher": ("matvlm.commands:tiny_teacher", "write a tiny random-weight teacher (for trying things)"),

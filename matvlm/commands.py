@@ -360,3 +360,106 @@ def headline_text(rec: dict) -> str:
 
 
 evaluate.cli_positional = ("model",)
+
+
+def _engine(model: str, device: str | None, dtype: str | None, image_aspect: str = "square"):
+    import torch
+
+    from .convert.formats import load, load_processor
+    from .engine.engine import Engine
+
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    m = load(model)
+    aspect = getattr(m.config, "image_aspect_ratio", None)
+    return Engine(m, load_processor(model), device=dev, dtype=getattr(torch, dtype) if dtype else None,
+                  image_aspect=aspect if aspect in ("pad", "square") else image_aspect)
+
+
+def chat(model: str, image: Path | None = None, temperature: float = 0.0, top_p: float = 1.0,
+         max_new_tokens: int = 512, seed: int | None = None,
+         template: Literal["phi", "vicuna", "chatml", "plain"] | None = None, device: str | None = None,
+         dtype: str | None = None) -> None:
+    """Chat with a model in the terminal, streaming its answers (multi-turn; images with /image PATH).
+
+    Args:
+        model: model directory (hybrid or teacher).
+        image: an image to ask about from the start.
+        temperature: 0 is greedy.
+        top_p: nucleus sampling mass.
+        max_new_tokens: answer length limit.
+        seed: sampling seed.
+        template: force a matvlm chat template instead of the model's own.
+        device: cuda or cpu (default: cuda when available).
+        dtype: e.g. bfloat16 (default: bfloat16 on CUDA, float32 on CPU).
+    """
+    from .engine.sampling import SamplingParams
+    from .serve.chat import chat_loop
+
+    chat_loop(_engine(model, device, dtype), SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                                                            top_p=top_p, seed=seed), image=image, template=template)
+
+
+def ui(model: str, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
+       template: Literal["phi", "vicuna", "chatml", "plain"] | None = None, device: str | None = None,
+       dtype: str | None = None) -> None:
+    """A Gradio web chat with the model: image upload, streaming answers, temperature / top-p / length / seed.
+
+    Args:
+        model: model directory.
+        host: interface to bind (127.0.0.1 keeps it local).
+        port: port.
+        share: create a public Gradio link.
+        template: force a matvlm chat template instead of the model's own.
+        device: cuda or cpu (default: cuda when available).
+        dtype: e.g. bfloat16.
+    """
+    from .errors import MatvlmError
+    from .serve.service import BatchingService
+    try:
+        from .serve.ui import build_app
+        import gradio  # noqa: F401
+    except ImportError as e:
+        raise MatvlmError("matvlm ui needs gradio: pip install 'matvlm[serve]'") from e
+    app = build_app(BatchingService(_engine(model, device, dtype)), title=f"matvlm: {Path(model).name}",
+                    template=template)
+    app.queue().launch(server_name=host, server_port=port, share=share)
+
+
+def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          name: str | None = None, allow_local_images: bool = False, max_batch: int = 16,
+          max_image_pixels: int = 4096 * 4096, template: Literal["phi", "vicuna", "chatml", "plain"] | None = None,
+          device: str | None = None, dtype: str | None = None) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API: /v1/chat/completions (stream: true for SSE;
+    images as data: URLs), /v1/models, /health. Concurrent requests are batched together.
+
+    Example: matvlm serve hybrid/ --port 8000 --api-key secret
+             (then: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="secret"))
+
+    Args:
+        model: model directory.
+        host: interface to bind (127.0.0.1 keeps it local; 0.0.0.0 exposes it).
+        port: port.
+        api_key: require `Authorization: Bearer KEY`.
+        name: model name clients use (default: the directory name).
+        allow_local_images: accept image_url values that are paths on this machine.
+        max_batch: most requests decoded together.
+        max_image_pixels: larger images are refused (413).
+        template: force a matvlm chat template instead of the model's own.
+        device: cuda or cpu (default: cuda when available).
+        dtype: e.g. bfloat16.
+    """
+    from .errors import MatvlmError
+    try:
+        import uvicorn
+
+        from .serve.openai_api import Limits, create_app
+    except ImportError as e:
+        raise MatvlmError("matvlm serve needs fastapi and uvicorn: pip install 'matvlm[serve]'") from e
+    from .serve.service import BatchingService
+
+    service = BatchingService(_engine(model, device, dtype), max_batch=max_batch)
+    app = create_app(service, name or Path(model).name, api_key=api_key,
+                     limits=Limits(max_image_pixels=max_image_pixels), allow_local_images=allow_local_images,
+                     template=template)
+    print(f"serving {model} as {name or Path(model).name} on http://{host}:{port}/v1")
+    uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -15,20 +15,6 @@ from ..errors import MatvlmError
 from .benchmarks import get_benchmark, load_images, read_predictions, results_json, write_predictions
 
 
-def prompt_text(processor, model_config, question: str, n_images: int, template: str | None = None) -> str:
-    """The model's prompt for one question: an explicit matvlm template, else the processor's own chat
-    template, else the template of the decoder family (TinyLLaVA's phi for Phi, ...)."""
-    from ..distill.templates import get_template, template_for
-
-    tok = getattr(processor, "tokenizer", processor)
-    if template is None and (getattr(processor, "chat_template", None) or getattr(tok, "chat_template", None)):
-        content = [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
-        messages = [{"role": "user", "content": content if n_images else question}]
-        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    t = get_template(template, eos_token=tok.eos_token) if template else template_for(model_config)
-    return t.prompt([(question, None)], has_image=n_images > 0)
-
-
 def default_predictions_path(output: Path | None, benchmark: str) -> Path:
     if output is not None:
         return output.with_name(f"{output.stem}.{benchmark}.answers.jsonl")
@@ -51,6 +37,7 @@ def evaluate(benchmark: str, data: Path, model=None, processor=None, predictions
         progress: callable(done, total) for progress reporting.
     """
     from ..engine.engine import Engine, Request
+    from ..engine.prompts import render, stop_strings
     from ..engine.sampling import SamplingParams
 
     bench = get_benchmark(benchmark)
@@ -64,14 +51,15 @@ def evaluate(benchmark: str, data: Path, model=None, processor=None, predictions
             raise MatvlmError(f"no model given and no answer file {predictions}: nothing to score")
     elif todo:
         engine = engine or Engine(model, processor)
-        stops = _template_stops(template, engine)
+        stops = stop_strings(engine.processor, engine.model.config, template)
         for i in range(0, len(todo), batch_size):
             chunk = todo[i:i + batch_size]
             reqs = []
             for s in chunk:
                 images = load_images(s) if engine.vlm else []
                 images = images if _multi_image(engine) else images[:1]
-                text = prompt_text(engine.processor, engine.model.config, s.prompt, len(images), template)
+                text = render(engine.processor, engine.model.config, [{"role": "user", "content": s.prompt}],
+                              len(images), template)
                 reqs.append(Request(text, images, SamplingParams(max_new_tokens=s.max_new_tokens, stop=stops)))
             outs = engine.generate(reqs)
             write_predictions(predictions, {s.id: o.text.strip() for s, o in zip(chunk, outs)})
@@ -81,20 +69,12 @@ def evaluate(benchmark: str, data: Path, model=None, processor=None, predictions
     return results_json(bench.name, len(samples), bench.score(samples, answers))
 
 
-def _template_stops(template: str | None, engine) -> list[str]:
-    from ..distill.templates import get_template, template_for
-
-    if template:
-        return list(get_template(template, eos_token=engine.tokenizer.eos_token).stop_strings)
-    if getattr(engine.processor, "chat_template", None) or getattr(engine.tokenizer, "chat_template", None):
-        return []
-    return list(template_for(engine.model.config).stop_strings)
-
-
 def _multi_image(engine) -> bool:
     """Whether prompts may carry several images (the processor's chat template renders them); matvlm's
     templates place one image, so others use the first (as MMMU's LLaVA runner does)."""
-    return bool(getattr(engine.processor, "chat_template", None))
+    from ..engine.prompts import has_chat_template
+
+    return has_chat_template(engine.processor)
 
 
 def write_results(path: Path, records: list[dict]) -> None:

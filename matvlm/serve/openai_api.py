@@ -1,0 +1,227 @@
+"""`matvlm serve`: an OpenAI-compatible HTTP server over the batching engine.
+
+Endpoints: POST /v1/chat/completions (OpenAI message format; images as `image_url` parts with
+`data:` URLs, or local paths when --allow-local-images; `stream: true` gives server-sent events),
+GET /v1/models, GET /health (this module needs the `serve` extra: fastapi, uvicorn). Binds 127.0.0.1 unless told otherwise; an optional API key is checked
+as `Authorization: Bearer KEY`. Bad requests get OpenAI-style JSON errors with a 4xx status and the
+server keeps serving; requests and images are size-limited.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+from PIL import Image, UnidentifiedImageError
+
+from ..engine.engine import Request
+from ..engine.prompts import render, stop_strings
+from ..engine.sampling import SamplingParams
+from ..errors import MatvlmError
+from .service import BatchingService
+
+
+@dataclass
+class Limits:
+    max_body_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096
+    max_images: int = 4
+    max_new_tokens: int = 2048
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def error_body(message: str, code: str, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": code, "param": param, "code": code}}
+
+
+def decode_image(url: str, limits: Limits, allow_local: bool) -> Image.Image:
+    """An image from a data: URL (or a local path when allowed), checked against the pixel limit."""
+    if url.startswith("data:"):
+        header, _, payload = url.partition(",")
+        if ";base64" not in header:
+            raise RequestError(400, "image data URLs must be base64 (data:image/...;base64,...)", "messages")
+        try:
+            raw = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(400, "image_url is not valid base64", "messages") from None
+        source = io.BytesIO(raw)
+    elif allow_local and not url.startswith(("http://", "https://")):
+        path = Path(url.removeprefix("file://"))
+        if not path.is_file():
+            raise RequestError(400, f"local image {path} does not exist", "messages")
+        source = path
+    else:
+        raise RequestError(400, "image_url must be a data: URL" + (" or a local path" if allow_local else
+                                                                    " (remote URLs are not fetched)"), "messages")
+    try:
+        with Image.open(source) as im:
+            if im.width * im.height > limits.max_image_pixels:
+                raise RequestError(413, f"image of {im.width}x{im.height} pixels exceeds the limit of "
+                                        f"{limits.max_image_pixels} pixels", "messages", "image_too_large")
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        raise RequestError(400, "image_url does not hold a readable image", "messages") from None
+
+
+def parse_messages(body: dict, limits: Limits, allow_local: bool) -> tuple[list[dict], list[Image.Image]]:
+    """OpenAI messages -> ([{"role", "content": str}], images of the conversation, in order)."""
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise RequestError(400, "'messages' must be a non-empty list", "messages")
+    out, images = [], []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise RequestError(400, f"messages[{i}] needs a role of system, user or assistant", "messages")
+        content = m.get("content")
+        if isinstance(content, str):
+            text = content
+        elif isinstance(content, list):
+            parts = []
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text":
+                    parts.append(str(part.get("text", "")))
+                elif kind == "image_url":
+                    url = part.get("image_url", {})
+                    url = url.get("url") if isinstance(url, dict) else url
+                    if not isinstance(url, str):
+                        raise RequestError(400, f"messages[{i}]: image_url needs a url", "messages")
+                    images.append(decode_image(url, limits, allow_local))
+                else:
+                    raise RequestError(400, f"messages[{i}]: unsupported content part {kind!r}", "messages")
+            text = "\n".join(parts)
+        else:
+            raise RequestError(400, f"messages[{i}].content must be a string or a list of parts", "messages")
+        out.append({"role": m["role"], "content": text})
+    if out[-1]["role"] != "user":
+        raise RequestError(400, "the last message must be from the user", "messages")
+    if len(images) > limits.max_images:
+        raise RequestError(400, f"at most {limits.max_images} images per request, got {len(images)}", "messages")
+    return out, images
+
+
+def sampling_from(body: dict, limits: Limits, stops: list[str]) -> SamplingParams:
+    def num(name, default, kind=float):
+        v = body.get(name, default)
+        if v is None:
+            return default
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            raise RequestError(400, f"'{name}' must be a number", name)
+        return kind(v)
+
+    max_tokens = num("max_completion_tokens", None, int) or num("max_tokens", 256, int)
+    if not 1 <= max_tokens <= limits.max_new_tokens:
+        raise RequestError(400, f"'max_tokens' must be in 1..{limits.max_new_tokens}", "max_tokens")
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise RequestError(400, "'stop' must be a string or a list of strings", "stop")
+    seed = body.get("seed")
+    try:
+        return SamplingParams(max_new_tokens=max_tokens, temperature=num("temperature", 1.0),
+                              top_p=num("top_p", 1.0), top_k=num("top_k", 0, int),
+                              repetition_penalty=num("repetition_penalty", 1.0),
+                              seed=int(seed) if isinstance(seed, int) else None, stop=list(stop) + stops)
+    except MatvlmError as e:
+        raise RequestError(400, str(e)) from None
+
+
+def create_app(service: BatchingService, model_name: str, api_key: str | None = None, limits: Limits = Limits(),
+               allow_local_images: bool = False, template: str | None = None):
+    app = FastAPI(title="matvlm", docs_url=None, redoc_url=None)
+    engine = service.engine
+    context = getattr(engine.model.config.get_text_config(), "max_position_embeddings", None)
+    stops = stop_strings(engine.processor, engine.model.config, template)
+
+    def fail(e: RequestError):
+        return JSONResponse(error_body(e.message, e.code, e.param), status_code=e.status)
+
+    def authorised(req: HTTPRequest) -> bool:
+        return api_key is None or req.headers.get("authorization", "") == f"Bearer {api_key}"
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "model": model_name}
+
+    @app.get("/v1/models")
+    def models(req: HTTPRequest):
+        if not authorised(req):
+            return fail(RequestError(401, "invalid or missing API key", code="invalid_api_key"))
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "matvlm"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: HTTPRequest):
+        try:
+            if not authorised(req):
+                raise RequestError(401, "invalid or missing API key", code="invalid_api_key")
+            raw = await req.body()
+            if len(raw) > limits.max_body_bytes:
+                raise RequestError(413, f"request body over {limits.max_body_bytes} bytes", code="request_too_large")
+            try:
+                body = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise RequestError(400, "request body is not valid JSON") from None
+            if not isinstance(body, dict):
+                raise RequestError(400, "request body must be a JSON object")
+            if body.get("model", model_name) != model_name:
+                raise RequestError(404, f"model {body.get('model')!r} does not exist; this server serves "
+                                        f"{model_name!r}", "model", "model_not_found")
+            messages, images = parse_messages(body, limits, allow_local_images)
+            if images and not engine.vlm:
+                raise RequestError(400, "this model takes no images", "messages")
+            params = sampling_from(body, limits, stops)
+            prompt = render(engine.processor, engine.model.config, messages, len(images), template)
+            request = Request(prompt, images, params)
+            n_prompt = len(engine.encode(request)[0])
+            if context and n_prompt + params.max_new_tokens > context:
+                raise RequestError(400, f"prompt of {n_prompt} tokens + max_tokens {params.max_new_tokens} exceeds "
+                                        f"the model's context of {context} tokens", "messages",
+                                   "context_length_exceeded")
+        except RequestError as e:
+            return fail(e)
+        handle = service.submit(request)
+        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if body.get("stream"):
+            def events():
+                base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name}
+                yield _sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]})
+                try:
+                    for piece in handle.stream():
+                        yield _sse({**base, "choices": [{"index": 0, "delta": {"content": piece},
+                                                         "finish_reason": None}]})
+                    finish = handle.output.finish_reason if handle.output else "stop"
+                    yield _sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
+                except Exception as e:             # noqa: BLE001 - the stream reports it and ends
+                    yield _sse(error_body(str(e), "server_error"))
+                yield "data: [DONE]\n\n"
+            return StreamingResponse(events(), media_type="text/event-stream")
+        try:
+            out = await run_in_threadpool(handle.result)   # never block the event loop: others keep arriving
+        except Exception as e:                     # noqa: BLE001
+            return JSONResponse(error_body(str(e), "server_error"), status_code=500)
+        return {"id": cid, "object": "chat.completion", "created": created, "model": model_name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
+                             "finish_reason": out.finish_reason}],
+                "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": len(out.token_ids),
+                          "total_tokens": out.prompt_tokens + len(out.token_ids)}}
+
+    return app
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
