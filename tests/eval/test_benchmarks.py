@@ -416,7 +416,8 @@ def test_mmvet_entry_without_answer(tmp_path):
 
 
 def test_registry_names_and_unknown_name():
-    assert list(BENCHMARKS) == ["mme", "pope", "sqa-img", "textvqa", "gqa", "vqav2", "mmbench", "mmmu", "mmvet"]
+    assert list(BENCHMARKS) == ["mme", "pope", "sqa-img", "textvqa", "gqa", "vqav2", "mmbench", "mmmu", "mmvet",
+                               "shapes"]
     with pytest.raises(MatvlmError, match="unknown benchmark 'mmstar'; valid names: mme, pope, sqa-img"):
         get_benchmark("mmstar")
     with pytest.raises(MatvlmError, match="has no option ocr"):

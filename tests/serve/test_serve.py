@@ -7,11 +7,9 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
-
-pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not installed")
-
 import httpx
+import openai
+import pytest
 
 import matvlm
 from matvlm.engine.engine import Engine
@@ -70,7 +68,6 @@ def image_message(png, text="What color is the circle?"):
 
 
 def test_openai_client_plain_and_streaming_with_an_image(server, scene_png):
-    openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=server + "/v1", api_key="secret")
     assert [m.id for m in client.models.list()] == ["toy"]
     r = client.chat.completions.create(model="toy", messages=image_message(scene_png), temperature=0, max_tokens=8)
@@ -144,8 +141,8 @@ def test_sixteen_concurrent_clients_all_get_answers(server, scene_png, service):
 
 
 def test_gradio_app_streams_and_its_controls_take_effect(service, scene_png, tmp_path):
-    pytest.importorskip("gradio")
-    gradio_client = pytest.importorskip("gradio_client")
+    import gradio_client
+
     from matvlm.serve.ui import build_app
 
     port = free_port()
