@@ -39,9 +39,9 @@ class Budget:
 # The default was tuned on a 2-core CPU (docs/results.md): small batches and many steps learn fastest
 # in a fixed wall time, and the per-token layer distance (tens) needs a small weight beside the KL (~1).
 BUDGETS = {
-    "default": Budget(steps=180, global_batch=16, micro_batch=16, lr=3e-3, alpha=0.05, train_images=1000,
+    "default": Budget(steps=450, global_batch=8, micro_batch=8, lr=3e-3, alpha=0.02, train_images=1000,
                       eval_images=60),
-    "tiny": Budget(steps=2, global_batch=4, micro_batch=4, lr=3e-3, alpha=0.05, train_images=8, eval_images=2),
+    "tiny": Budget(steps=2, global_batch=4, micro_batch=4, lr=3e-3, alpha=0.02, train_images=8, eval_images=2),
 }
 
 
