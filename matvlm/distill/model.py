@@ -149,11 +149,8 @@ def build(teacher_dir: str | Path | nn.Module, student_dir: str | Path | None = 
         teacher.add(parent, name, frozen)
     for m in mods:
         m.float().requires_grad_(True)
-    for m in model.modules():                     # teacher and student see one deterministic network
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
-    for _, _, t in teacher.swaps:
-        for m in t.modules():
+    for tree in (model, *(t for _, _, t in teacher.swaps)):   # teacher and student: one deterministic network
+        for m in tree.modules():
             if isinstance(m, nn.Dropout):
                 m.p = 0.0
     return model, teacher, sorted(trainable_names)
