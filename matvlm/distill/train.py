@@ -268,8 +268,10 @@ def run(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Path
     batches = iter(loader)
     keys = ("input_ids", "attention_mask", "labels", "pixel_values")
 
+    import sys
+
     bar = tqdm(total=total, initial=start, disable=not (main and progress), desc="distill", unit="step",
-               dynamic_ncols=True)
+               dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30)   # logs: a line per 30 s
     t0, tokens_done = time.time(), 0
     try:
         for step in range(start, total):
