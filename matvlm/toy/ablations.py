@@ -19,6 +19,7 @@ import torch
 
 from . import shapes
 from .demo import ASSET
+from .teacher import evaluate
 
 # name -> (mamba ratio, placement, alpha, beta, gamma); the paper's defaults are even placement,
 # L_prob + L_layer; alpha is scaled (0.02) as in the demo because per-token layer distances are ~30x the KL.
@@ -45,14 +46,12 @@ def run(out: Path, steps: int = 450, eval_images: int = 200, configs: list[str] 
 
     out.mkdir(parents=True, exist_ok=True)
     splits = shapes.make_splits(out / "data", n_train=1000, n_test=eval_images, seed=1000, questions_per_image=6)
-    records = shapes.load_samples(splits["test"])
-    root = Path(splits["test"]).parent
     proc = matvlm.load_processor(ASSET)
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
     def score(path):
         model = matvlm.load(path, dtype="float32").to(device)
-        return _evaluate_on(model, proc, records, root, device)
+        return evaluate(model, proc, splits["test"], device=device, batch_size=256)
 
     results = {"teacher": score(ASSET), "runs": {}, "steps": steps, "device": device,
                "date": time.strftime("%Y-%m-%d")}
@@ -78,19 +77,6 @@ def run(out: Path, steps: int = 450, eval_images: int = 200, configs: list[str] 
     (out / "ablations.md").write_text(table(results))
     plot(results, out / "curves.png")
     return results
-
-
-def _evaluate_on(model, processor, records, root, device) -> dict:
-    from .teacher import TEMPLATE, question_of
-    from ..engine.simple import answer_batch
-
-    preds = {}
-    for i in range(0, len(records), 256):
-        chunk = records[i:i + 256]
-        answers = answer_batch(model, processor, [question_of(r) for r in chunk], [root / r["image"] for r in chunk],
-                               template=TEMPLATE, max_new_tokens=48, device=device)
-        preds.update({r["id"]: a for r, a in zip(chunk, answers)})
-    return shapes.accuracy(preds, records)
 
 
 def table(results: dict) -> str:
