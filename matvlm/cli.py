@@ -1,7 +1,8 @@
 """`matvlm` command line: a table of subcommands over typed library functions.
 
 Each subcommand is a function whose signature gives the flags (parameters without a
-default are positional; `a_b` becomes `--a-b`; bool defaults give `--x/--no-x`;
+default are positional unless listed in the function's `cli_required`, which makes them required
+flags; names in `cli_positional` are optional positionals; `a_b` becomes `--a-b`; bool defaults give `--x/--no-x`;
 `list[int]` takes `0,4,8`) and whose docstring gives the help (`Args:` entries).
 Functions are imported only when their subcommand runs, so `matvlm --help` is instant.
 
@@ -73,7 +74,7 @@ def _list_action(item_type):
 
 
 def _add_param(parser: argparse.ArgumentParser, name: str, param: inspect.Parameter, hint, help_text: str,
-               positional: tuple[str, ...] = ()):
+               positional: tuple[str, ...] = (), required: tuple[str, ...] = ()):
     flag = "--" + name.replace("_", "-")
     origin = typing.get_origin(hint)
     args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -97,7 +98,9 @@ def _add_param(parser: argparse.ArgumentParser, name: str, param: inspect.Parame
         kw["type"] = hint
     else:
         kw["type"] = str
-    if param.default is inspect.Parameter.empty:
+    if param.default is inspect.Parameter.empty and name in required:
+        parser.add_argument(flag, required=True, **kw)
+    elif param.default is inspect.Parameter.empty:
         parser.add_argument(name, **kw)
     elif name in positional:                       # an optional positional (e.g. eval's MODEL)
         parser.add_argument(name, nargs="?", default=param.default, **kw)
@@ -115,7 +118,7 @@ def build_parser(fn, prog: str) -> argparse.ArgumentParser:
     hints = typing.get_type_hints(fn)
     for name, param in inspect.signature(fn).parameters.items():
         _add_param(parser, name, param, hints.get(name, str), helps.get(name, ""),
-                   getattr(fn, "cli_positional", ()))
+                   getattr(fn, "cli_positional", ()), getattr(fn, "cli_required", ()))
     return parser
 
 

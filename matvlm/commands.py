@@ -360,6 +360,8 @@ def headline_text(rec: dict) -> str:
 
 
 evaluate.cli_positional = ("model",)
+toy_data.cli_required = ("out",)
+train_teacher.cli_required = ("out",)
 
 
 def _engine(model: str, device: str | None, dtype: str | None, image_aspect: str = "square"):

@@ -84,3 +84,11 @@ def test_console_script_exit_status(tmp_path):
     r = subprocess.run([sys.executable, "-m", "matvlm", "convert", str(tmp_path / "none"), str(tmp_path / "o")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().endswith("no such file or directory")
+
+
+def test_toy_commands_take_out_as_a_required_flag(capsys, tmp_path):
+    assert main(["toy", "data", "--out", str(tmp_path / "d"), "--n", "3", "--n-test", "2"]) == 0
+    assert (tmp_path / "d" / "train.json").is_file() and (tmp_path / "d" / "test.json").is_file()
+    with pytest.raises(SystemExit) as e:
+        main(["toy", "data", "--n", "3"])
+    assert e.value.code == 2 and "--out" in capsys.readouterr().err
