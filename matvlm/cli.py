@@ -31,6 +31,9 @@ COMMANDS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
     "chat": ("matvlm.commands:chat", "streaming terminal chat (images with /image PATH)"),
     "ui": ("matvlm.commands:ui", "Gradio web chat with image upload and sampling controls"),
     "serve": ("matvlm.commands:serve", "OpenAI-compatible HTTP server (batched, streaming)"),
+    "import-gguf": ("matvlm.commands:import_gguf", "write a GGUF model (or the packaged SmolLM2) as a transformers directory"),
+    "self-generate": ("matvlm.commands:self_generate", "distillation data from a teacher's own answers to prompts"),
+    "eval-lm": ("matvlm.commands:eval_lm", "text models: perplexity, KL and greedy agreement of student vs teacher"),
     "info": ("matvlm.commands:info", "describe a model directory (format, layers, parameters)"),
     "toy": {
         "tiny-teacher": ("matvlm.commands:tiny_teacher", "write a tiny random-weight teacher (for trying things)"),

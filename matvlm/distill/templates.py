@@ -197,3 +197,63 @@ def template_for(config) -> ChatTemplate:
         raise MatvlmError(f"no default chat template for decoder family {family!r} (known: "
                           f"{', '.join(FAMILY_TEMPLATES)}); name one of {', '.join(TEMPLATES)} explicitly")
     return TEMPLATES[FAMILY_TEMPLATES[family]]
+
+
+class TokenizerTemplate:
+    """A tokenizer's own (Jinja) chat template as training segments, for text models.
+
+    Inference renders prompts with the tokenizer's template (`matvlm.engine.prompts.render`), so
+    training on chats must write them the same way. The template is only a function from
+    messages to text; the answer pieces are found by rendering prefixes: for turn i,
+    `P_i = render(messages up to question i, generation prompt)` and
+    `F_i = render(messages up to answer i)`; the answer piece is `F_i[len(P_i):]` (the answer and
+    the template's end of turn) and the context piece `P_i[len(F_{i-1}):]`. A template for which
+    these are not prefixes of each other (one that rewrites earlier turns) is refused.
+    """
+
+    name = "tokenizer"
+
+    def __init__(self, tokenizer):
+        if not getattr(tokenizer, "chat_template", None):
+            raise MatvlmError("the tokenizer has no chat template; name a matvlm template (--template)")
+        self.tokenizer = tokenizer
+        self.stop_strings = ()
+
+    def _render(self, messages: list[dict], generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def segments(self, turns: list[tuple[str, str]], has_image: bool,
+                 system: str | None = None) -> list[tuple[str, bool]]:
+        """As `ChatTemplate.segments` (text only: `has_image` must be False)."""
+        if has_image:
+            raise MatvlmError("the tokenizer's chat template is used for text-only samples; images need a "
+                              "matvlm template (--template)")
+        if not turns or any(a is None for _, a in turns):
+            raise MatvlmError("training conversations need at least one turn and an answer in every turn")
+        messages = [{"role": "system", "content": system}] if system else []
+        pieces, done = [], ""
+        for i, (question, answer) in enumerate(turns):
+            messages.append({"role": "user", "content": question})
+            prompt = self._render(messages, True)
+            messages.append({"role": "assistant", "content": answer})
+            full = self._render(messages, False)
+            if not prompt.startswith(done) or not full.startswith(prompt) or len(full) == len(prompt):
+                raise MatvlmError(f"turn {i}: the tokenizer's chat template does not extend earlier turns' text "
+                                  "(it rewrites the conversation); name a matvlm template (--template)")
+            pieces += [(prompt[len(done):], False), (full[len(prompt):], True)]
+            done = full
+        return _merge(p for p in pieces if p[0])
+
+
+def text_template(processor_or_tokenizer, model_config, name: str | None = None):
+    """The template of a text model's chats: the one named, else the tokenizer's own chat template
+    (what inference renders with), else the decoder family's, else None (plain text only)."""
+    tok = getattr(processor_or_tokenizer, "tokenizer", processor_or_tokenizer)
+    if name:
+        return get_template(name, eos_token=tok.eos_token)
+    if getattr(tok, "chat_template", None):
+        return TokenizerTemplate(tok)
+    try:
+        return template_for(model_config)
+    except MatvlmError:
+        return None

@@ -29,6 +29,7 @@ from .model import DistillStep, build, is_vlm
 log = logging.getLogger("matvlm.distill")
 CONFIG_NAME = "distill_config.json"
 LOG_NAME = "log.jsonl"
+SELF_GENERATED = "self-generated.jsonl"  # --self-generate writes the training data here
 
 
 @dataclass
@@ -109,15 +110,15 @@ def enable_checkpointing(model) -> None:
 
 def make_dataset(cfg: DistillConfig, processor, model_config):
     from .data import LlavaJsonDataset, TextJsonlDataset
-    from .templates import get_template, template_for
+    from .templates import get_template, template_for, text_template
 
-    template = get_template(cfg.template) if cfg.template else template_for(model_config)
     if hasattr(model_config, "vision_config"):
+        template = get_template(cfg.template) if cfg.template else template_for(model_config)
         aspect = cfg.image_aspect or getattr(model_config, "image_aspect_ratio", None) or "square"
         aspect = aspect if aspect in ("pad", "square") else "square"
         return LlavaJsonDataset(cfg.data, cfg.image_root or Path(cfg.data).parent, processor, template,
                                 cfg.max_length, image_aspect=aspect, strict=cfg.strict)
-    return TextJsonlDataset(cfg.data, processor, template, cfg.max_length)
+    return TextJsonlDataset(cfg.data, processor, text_template(processor, model_config, cfg.template), cfg.max_length)
 
 
 def _check_out_dir(out: Path, resume: bool) -> None:
@@ -125,7 +126,7 @@ def _check_out_dir(out: Path, resume: bool) -> None:
         if not (out / CONFIG_NAME).is_file():
             raise MatvlmError(f"--resume {out}: no {CONFIG_NAME} there; it is not a distillation output directory")
         return
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(p.name not in (SELF_GENERATED, SELF_GENERATED + ".partial") for p in out.iterdir()):
         raise MatvlmError(f"output directory {out} is not empty; pass --resume {out} to continue that run, "
                           "or choose another --out")
 
