@@ -66,7 +66,8 @@ def set_rng_state(tensors: dict[str, torch.Tensor], rest: dict) -> None:
 
 def save_checkpoint(ckpt_root: Path, step: int, trainable: dict[str, torch.Tensor], optimizer, scheduler,
                     extra: dict, keep_last: int | None = None) -> Path:
-    opt_tensors, opt_rest = optimizer_to_flat(optimizer.state_dict())
+    # optimizer None: its state is sharded elsewhere (DeepSpeed ZeRO); the checkpoint then holds none
+    opt_tensors, opt_rest = optimizer_to_flat(optimizer.state_dict()) if optimizer is not None else ({}, None)
     rng_tensors, rng_rest = rng_state()
     out = ckpt_root / f"step-{step}"
     with atomic_dir(out, overwrite=True) as tmp:

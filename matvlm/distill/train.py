@@ -214,6 +214,7 @@ def run(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Path
     main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
     _check_out_dir(out, resume)
+    accelerator.wait_for_everyone()  # every process checks before the main one writes there
     if main:
         out.mkdir(parents=True, exist_ok=True)
         if not resume:
@@ -221,6 +222,10 @@ def run(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Path
     accelerator.wait_for_everyone()
 
     frozen_dtype = torch.bfloat16 if mp == "bf16" else (torch.float16 if mp == "fp16" else torch.float32)
+    if getattr(accelerator.state, "fsdp_plugin", None) is not None:
+        # FSDP flattens frozen and trainable parameters together, which needs one dtype: keep all in
+        # float32 and let its mixed-precision policy compute in bf16 (more memory, the sharding pays it)
+        frozen_dtype = torch.float32
     model, teacher, trainable_names = build(cfg.teacher, cfg.student, cfg.mamba_ratio, cfg.placement, cfg.train,
                                             dtype=frozen_dtype, seed=cfg.seed)
     if cfg.gradient_checkpointing:
@@ -241,6 +246,10 @@ def run(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Path
         if not found:
             raise MatvlmError(f"--resume {out}: no checkpoints/step-N there yet; start the run again without --resume")
         weights, opt_t, rng_t, st = ckpt.load_checkpoint(found[-1])
+        if st["optimizer"] is None:
+            raise MatvlmError(f"checkpoint {found[-1]} was written under DeepSpeed ZeRO, which shards the optimizer "
+                              "state; matvlm cannot resume it exactly (resume works for single-process, DDP and "
+                              "FSDP runs)")
         params = dict(model.named_parameters())
         missing = set(trainable_names) - set(weights)
         if missing:
@@ -261,7 +270,15 @@ def run(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Path
     need_logits = cfg.beta > 0 or cfg.gamma > 0
     step_module = DistillStep(model, teacher, cfg.temperature, need_ce=need_logits, need_layer=cfg.alpha > 0,
                               need_prob=cfg.beta > 0)
+    deepspeed = getattr(accelerator.state, "deepspeed_plugin", None) is not None
+    if deepspeed:
+        # matvlm's accumulation, micro-batch and clipping, told to DeepSpeed's engine (which steps the
+        # optimizer itself at its accumulation boundary and scales each backward by 1/accumulation)
+        dsc = accelerator.state.deepspeed_plugin.deepspeed_config
+        dsc.update(train_micro_batch_size_per_gpu=cfg.micro_batch_size, gradient_accumulation_steps=plan.accumulation,
+                   train_batch_size=cfg.global_batch_size, gradient_clipping=cfg.max_grad_norm)
     step_module, optimizer = accelerator.prepare(step_module, optimizer)
+    loss_scale = world * (plan.accumulation if deepspeed else 1)   # gradients are averaged over processes
     params = [p for n, p in accelerator.unwrap_model(step_module).model.named_parameters() if n in set(trainable_names)]
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=list(plan.micro_batches(rank, start, total)),
@@ -290,20 +307,21 @@ def run(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Path
                     o = step_module(**b)
                     if cfg.loss_reduction == "mean":
                         loss = _mean_mode_loss(o, cfg, n_tok, n_ans)
-                        accelerator.backward(loss * world)        # DDP averages over processes
+                        accelerator.backward(loss * loss_scale)
                         sums += torch.stack([loss.detach(), o["layer_sum"].detach() / n_tok,
                                              o["prob_sum"].detach() / n_tok, o["ce_sum"].detach() / n_ans.clamp_min(1)])
                     else:
                         loss = _sum_mode_loss(o, cfg, b["input_ids"].shape[0])
-                        accelerator.backward(loss)
+                        accelerator.backward(loss * (plan.accumulation if deepspeed else 1))
                         n_mb = len(micro) * world
                         sums += torch.stack([loss.detach(), o["layer_sq"].detach().clamp_min(0).sqrt().sum(),
                                              o["prob_sum"].detach() / b["input_ids"].shape[0],
                                              o["ce_sum"].detach() / o["n_answer"].clamp_min(1)]) / n_mb
             sums = accelerator.reduce(sums, "sum")
-            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)  # DeepSpeed: the norm it clipped
+            grad_norm = float("nan") if grad_norm is None else grad_norm
             loss_value = float(sums[0])
-            if not math.isfinite(loss_value) or not math.isfinite(float(grad_norm)):
+            if not math.isfinite(loss_value) or (not math.isfinite(float(grad_norm)) and not deepspeed):
                 last = ckpt.list_checkpoints(out / "checkpoints")
                 raise MatvlmError(f"non-finite loss ({loss_value}) or gradient norm ({float(grad_norm)}) at step "
                                   f"{step + 1}; stopped. Last good checkpoint: {last[-1] if last else 'none'}")
@@ -325,9 +343,9 @@ def run(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Path
                 if main:
                     trained = {n: p for n, p in accelerator.unwrap_model(step_module).model.named_parameters()
                                if n in set(trainable_names)}
-                    ckpt.save_checkpoint(out / "checkpoints", step + 1, trained, optimizer.optimizer
-                                         if hasattr(optimizer, "optimizer") else optimizer, scheduler,
-                                         {"total_steps": total, "config": cfg.to_dict()}, cfg.keep_last)
+                    ckpt.save_checkpoint(out / "checkpoints", step + 1, trained, None if deepspeed else (
+                        optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer), scheduler,
+                        {"total_steps": total, "config": cfg.to_dict()}, cfg.keep_last)
                 accelerator.wait_for_everyone()
     finally:
         bar.close()

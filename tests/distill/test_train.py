@@ -222,3 +222,16 @@ def test_gradient_checkpointing_gives_the_same_losses(teacher_dirs, data, tmp_pa
     ckpt = run(cfg(teacher_dirs, data, tmp_path / "ckpt", max_steps=2, gradient_checkpointing=True), progress=False)
     for a, b in zip(read_log(plain), read_log(ckpt)):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]) and abs(a["grad_norm"] - b["grad_norm"]) < 1e-4
+
+
+def test_resume_refuses_a_checkpoint_without_optimizer_state(teacher_dirs, data, tmp_path):
+    """Checkpoints written under DeepSpeed ZeRO carry no optimizer state (it is sharded); resuming
+    one would silently restart Adam's moments, so it is refused."""
+    out = tmp_path / "run"
+    run(cfg(teacher_dirs, data, out, max_steps=2, save_every=1), progress=False)
+    last = sorted((out / "checkpoints").iterdir())[-1]
+    state = json.loads((last / "trainer_state.json").read_text())
+    state["optimizer"] = None                      # what save_checkpoint(optimizer=None) writes
+    (last / "trainer_state.json").write_text(json.dumps(state))
+    with pytest.raises(MatvlmError, match="DeepSpeed ZeRO"):
+        run(cfg(teacher_dirs, data, out, max_steps=4, save_every=1), resume=True, progress=False)
