@@ -1,6 +1,7 @@
 """One distillation step at TinyLLaVA-3.1B size (random weights) on a CUDA GPU.
 
     python -m matvlm.bench.distill_step --out DIR [--micro 4] [--seq 1300]
+    torchrun --nproc-per-node N -m matvlm.bench.distill_step --ddp [--accum 4] --out DIR   (DDP scaling)
 
 Model: Phi-2 shapes (32 layers, d 2560, 32 heads, MLP 10240, vocab 51200) + SigLIP-so400m-384
 tower (27 layers, d 1152, patch 14) + 2-layer GELU connector; 25 % Mamba layers (0, 4, ..., 28).
@@ -184,13 +185,75 @@ def measure(name, build_fn, cfg, micro, seq, peak_tflops, **kw):
     return res                      # the models die with this frame
 
 
+def ddp_scaling(cfg, micro: int, seq: int, accum: int, peak_tflops: float) -> dict | None:
+    """One optimizer step of `accum` micro-batches per process under DistributedDataParallel (NCCL),
+    gradients all-reduced once per step as matvlm's loop does (no_sync on the other micro-batches).
+    Launched by torchrun; every rank measures, rank 0 returns the record (others None)."""
+    import contextlib
+    import os
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    torch.cuda.set_device(local)
+    dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+    step, params = one_copy(cfg, micro, seq)
+    ddp = DDP(step, device_ids=[local])
+    opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.01)
+    batch = make_batch(micro, seq, cfg.image_token_id)
+
+    def one():
+        for i in range(accum):
+            sync = contextlib.nullcontext() if i == accum - 1 else ddp.no_sync()
+            with sync, torch.autocast("cuda", dtype=torch.bfloat16):
+                o = ddp(**batch)
+                loss = (o["layer_sum"] + o["prob_sum"]) / o["n_tokens"] / accum
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    torch.cuda.reset_peak_memory_stats()
+    ms = timed(one, warmup=1, rep=3)
+    times = [None] * world
+    dist.all_gather_object(times, ms)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    grad_bytes = sum(p.numel() for p in params) * 4
+    dist.destroy_process_group()
+    if rank != 0:
+        return None
+    step_ms = max(times)
+    tokens = world * accum * micro * seq
+    flops = model_flops(cfg, 8, micro, seq) * accum * world
+    return {"name": f"DDP x{world}", "world": world, "micro": micro, "accum": accum, "seq": seq,
+            "step_ms": step_ms, "rank_ms": times, "tokens_per_s": tokens / (step_ms / 1e3),
+            "tokens_per_s_per_gpu": tokens / world / (step_ms / 1e3),
+            "mfu": flops / (step_ms / 1e3) / (world * peak_tflops * 1e12), "peak_mem_GiB": peak,
+            "allreduce_GB_per_step": grad_bytes / 1e9}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("."))
     ap.add_argument("--micro", type=int, default=4)
     ap.add_argument("--seq", type=int, default=1300)
+    ap.add_argument("--ddp", action="store_true",
+                    help="under torchrun: time one optimizer step of --accum micro-batches per process with DDP")
+    ap.add_argument("--accum", type=int, default=4)
     args = ap.parse_args(argv)
     cfg = tinyllava_config()
+    if args.ddp:
+        import os
+
+        ceil = ceilings() if int(os.environ.get("LOCAL_RANK", 0)) == 0 else {"bf16_matmul_TFLOPs": 1.0}
+        r = ddp_scaling(cfg, args.micro, args.seq, args.accum, ceil["bf16_matmul_TFLOPs"])
+        if r is not None:
+            r.update(device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"), ceilings=ceil)
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / f"distill_step_ddp{r['world']}.json").write_text(json.dumps(r, indent=2))
+            print(json.dumps(r), flush=True)
+        return
     res = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "ceilings": ceilings()}
     peak = res["ceilings"]["bf16_matmul_TFLOPs"]
     res["runs"] = [
