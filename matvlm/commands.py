@@ -453,14 +453,8 @@ def evaluate(model: str | None = None, benchmark: list[str] | None = None, data:
         raise MatvlmError("give --data DIR (one benchmark) or --data-root DIR")
     engine = None
     if model is not None:
-        import torch
-
-        from .convert.formats import load, load_processor
-        from .engine.engine import Engine
-
-        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dt = getattr(torch, dtype) if dtype else None
-        engine = Engine(load(model), load_processor(model), device=dev, dtype=dt)
+        # images prepared as the checkpoint says (TinyLLaVA / MaTVLM: pad to square, as their eval does)
+        engine = _engine(model, device, dtype)
     records = []
     for name in benchmark:
         d = data if data is not None else Path(data_root) / name

@@ -58,3 +58,28 @@ def test_eval_errors_are_one_line(tmp_path, capsys):
     assert "unknown benchmark 'nope'" in capsys.readouterr().err
     assert main(["eval", "--benchmark", "shapes", "--data", str(tmp_path), "--predictions", str(tmp_path / "x")]) == 2
     assert "test.json" in capsys.readouterr().err
+
+
+def test_eval_prepares_images_as_the_checkpoint_says(fixture, tmp_path, monkeypatch):
+    """A checkpoint trained with padded images (TinyLLaVA, MaTVLM: image_aspect_ratio "pad") is
+    evaluated with padded images, as their own evaluation does."""
+    import shutil
+
+    from matvlm.engine import engine as engine_mod
+
+    model = tmp_path / "padded"
+    shutil.copytree(ASSET, model)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["image_aspect_ratio"] = "pad"
+    (model / "config.json").write_text(json.dumps(cfg))
+    seen = []
+    real_init = engine_mod.Engine.__init__
+
+    def record(self, *a, **kw):
+        seen.append(kw.get("image_aspect"))
+        real_init(self, *a, **kw)
+
+    monkeypatch.setattr(engine_mod.Engine, "__init__", record)
+    assert main(["eval", str(model), "--benchmark", "shapes", "--data", str(fixture), "--limit", "2",
+                 "--output", str(tmp_path / "r.json"), "--device", "cpu"]) == 0
+    assert seen == ["pad"]

@@ -44,5 +44,6 @@ class Shapes:
 
     def score(self, samples: list[Sample], predictions: dict[str, str]) -> dict:
         acc = shapes.accuracy(predictions, [s.meta["record"] for s in samples])
-        return {"accuracy": 100 * acc["overall"], "describe_f1": 100 * acc["describe_f1"],
+        f1 = acc["describe_f1"]                       # None when no "describe" question was asked (--limit)
+        return {"accuracy": 100 * acc["overall"], "describe_f1": None if f1 is None else 100 * f1,
                 **{f"{q}_accuracy": 100 * v for q, v in acc["per_qtype"].items()}, "missing": acc["missing"]}
