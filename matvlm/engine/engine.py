@@ -172,10 +172,13 @@ class Engine:
         dtype: default bfloat16 on CUDA, float32 on CPU.
         cuda_graphs: capture decode steps (default: on for CUDA).
         max_batch_size: largest batch one decode runs.
+        prefill_tokens: tokens (batch x positions) one prefill forward may hold; longer prompts are
+            prefilled in chunks (memory bounded; the result is the same).
     """
 
     def __init__(self, model: nn.Module, processor, device: str | torch.device | None = None, dtype=None,
-                 cuda_graphs: bool | None = None, max_batch_size: int = 64, image_aspect: str = "square"):
+                 cuda_graphs: bool | None = None, max_batch_size: int = 64, image_aspect: str = "square",
+                 prefill_tokens: int = 16384):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.model = model.to(self.device, self.dtype).eval()
@@ -187,8 +190,15 @@ class Engine:
         self.cuda_graphs = (self.device.type == "cuda") if cuda_graphs is None else cuda_graphs
         self.max_batch_size = max_batch_size
         self.image_aspect = image_aspect
+        self.prefill_tokens = prefill_tokens
         self._statics: dict[tuple[int, int], _Static] = {}
         self.eos_ids = self._eos_ids()
+
+    def prefill_chunk(self, batch: int) -> int:
+        """Prompt tokens per prefill forward: the prompt is prefilled in chunks of this many positions
+        so that one forward holds at most `prefill_tokens` (batch x chunk) tokens; the attention layers
+        read the cache written by earlier chunks and the Mamba-2 layers carry their state across."""
+        return max(1, self.prefill_tokens // batch)
 
     def _eos_ids(self) -> set[int]:
         ids = set()
@@ -324,11 +334,16 @@ class Engine:
         embeds = embed(self.model, ids, feats)
 
         position = (valid.long().cumsum(-1) - 1).clamp_min(0)
-        causal = torch.ones(prompt_len, prompt_len, dtype=torch.bool, device=dev).tril()
-        mask4d = torch.zeros(b, 1, prompt_len, length, dtype=torch.bool, device=dev)
-        mask4d[:, 0, :, :prompt_len] = causal & valid[:, None, :]
-        mask4d[:, 0, :, :prompt_len] |= torch.eye(prompt_len, dtype=torch.bool, device=dev)   # pad rows: no NaN
-        logits = self._forward(embeds, position, mask4d, valid.long(), st.cache)
+        chunk = self.prefill_chunk(b)
+        for c0 in range(0, prompt_len, chunk):         # bounded memory: at most `chunk` rows of the mask
+            c1 = min(prompt_len, c0 + chunk)
+            rows = torch.arange(c0, c1, device=dev)
+            cols = torch.arange(c1, device=dev)
+            causal = cols[None, :] <= rows[:, None]                                          # (c, c1)
+            mask4d = torch.zeros(b, 1, c1 - c0, length, dtype=torch.bool, device=dev)
+            mask4d[:, 0, :, :c1] = (causal & valid[:, None, :c1]) | (cols[None, :] == rows[:, None])  # pads: self
+            st.cache.slot.fill_(c0)
+            logits = self._forward(embeds[:, c0:c1], position[:, c0:c1], mask4d, valid[:, c0:c1].long(), st.cache)
         st.cache.slot.fill_(prompt_len)
         st.mask.zero_()
         st.mask[:, 0, 0, :prompt_len] = valid

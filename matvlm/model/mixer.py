@@ -120,10 +120,10 @@ class Mamba2Mixer(nn.Module):
 
         b, t, _ = hidden_states.shape
         state = mamba_state_for(past_key_values, self.layer_idx) if past_key_values is not None else None
-        if state is not None and state.initialized and t == 1:      # decode: the new token is real
-            return self._step(hidden_states, state), None
         pad = self._padding_mask(kwargs.get("mamba_padding_mask", attention_mask), b, t)  # (B, T) or None
-        return self._full(hidden_states, pad, state), None
+        if state is not None and state.initialized and t == 1 and pad is None:   # decode step of real tokens
+            return self._step(hidden_states, state), None
+        return self._full(hidden_states, pad, state), None   # prefill, or a chunk of one with padding in it
 
     @staticmethod
     def _padding_mask(mask: Tensor | None, b: int, t: int) -> Tensor | None:

@@ -112,3 +112,18 @@ def test_too_long_prompt_and_images_for_text_model_are_refused(models, image):
         eng.generate([Request("x", [], SamplingParams(max_new_tokens=10 ** 6))])
     with pytest.raises(MatvlmError, match="takes no images"):
         eng.generate([Request("x", [image], SamplingParams(max_new_tokens=2))])
+
+
+@pytest.mark.parametrize("name", ["hybrid", "text-hybrid", "teacher"])
+def test_chunked_prefill_equals_one_prefill(models, image, name):
+    """Prefill in chunks (attention reads the cache of earlier chunks, Mamba-2 carries its state,
+    left padding and image tokens straddle chunk borders) gives what one prefill gives."""
+    eng, _ = engine_for(models[name])
+    vlm = name != "text-hybrid"
+    prompts = PROMPTS if vlm else ["the quick brown fox jumps over the lazy dog", "a"]
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    whole = [o.token_ids for o in eng.generate([Request(p, [image] if vlm else [], params) for p in prompts])]
+    for tokens in (2 * 7, 2 * 5, 2 * 1):          # chunks of 7, 5 and 1 positions for a batch of 2
+        eng.prefill_tokens = tokens
+        chunked = [o.token_ids for o in eng.generate([Request(p, [image] if vlm else [], params) for p in prompts])]
+        assert chunked == whole, tokens
