@@ -134,9 +134,15 @@ def _answer_chars(segments: list[tuple[str, bool]]) -> list[tuple[int, int]]:
     return spans
 
 
+def has_own_bos(tok, text: str) -> bool:
+    """A text that already starts with the BOS token (a chat template that writes `{{ bos_token }}`):
+    the tokenizer must not add another."""
+    return bool(getattr(tok, "bos_token", None)) and text.startswith(tok.bos_token)
+
+
 def _encode_with_offsets(tok, segments) -> tuple[list[int], list[bool]]:
     text = "".join(t for t, _ in segments)
-    enc = tok(text, return_offsets_mapping=True)
+    enc = tok(text, return_offsets_mapping=True, add_special_tokens=not has_own_bos(tok, text))
     in_answer = [False] * (len(text) + 1)
     for a, b in _answer_chars(segments):
         in_answer[a:b] = [True] * (b - a)
@@ -150,7 +156,8 @@ def _encode_by_segment(tok, segments) -> tuple[list[int], list[bool]]:
         piece = tok.encode(text, add_special_tokens=False)
         ids += piece
         mask += [is_answer] * len(piece)
-    if hasattr(tok, "build_inputs_with_special_tokens"):  # BOS/EOS the tokenizer adds around a text
+    if hasattr(tok, "build_inputs_with_special_tokens") and not has_own_bos(tok, "".join(t for t, _ in segments)):
+        # BOS/EOS the tokenizer adds around a text
         marked = tok.build_inputs_with_special_tokens([-1])
         k = marked.index(-1)
         ids = marked[:k] + ids + marked[k + 1:]

@@ -220,7 +220,13 @@ class TokenizerTemplate:
         self.stop_strings = ()
 
     def _render(self, messages: list[dict], generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        from jinja2 import TemplateError
+
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=generation_prompt)
+        except TemplateError as e:       # e.g. a template that takes no system message
+            raise MatvlmError(f"the tokenizer's chat template refused the conversation: {e}") from None
 
     def segments(self, turns: list[tuple[str, str]], has_image: bool,
                  system: str | None = None) -> list[tuple[str, bool]]:
@@ -237,9 +243,15 @@ class TokenizerTemplate:
             prompt = self._render(messages, True)
             messages.append({"role": "assistant", "content": answer})
             full = self._render(messages, False)
-            if not prompt.startswith(done) or not full.startswith(prompt) or len(full) == len(prompt):
-                raise MatvlmError(f"turn {i}: the tokenizer's chat template does not extend earlier turns' text "
-                                  "(it rewrites the conversation); name a matvlm template (--template)")
+            if not full.startswith(prompt) or len(full) == len(prompt):
+                raise MatvlmError(f"turn {i}: with the tokenizer's chat template the prompt ending in the "
+                                  "generation cue is not the start of the answered conversation (the template "
+                                  "writes answers differently, e.g. drops reasoning), so answer tokens cannot be "
+                                  "located; name a matvlm template (--template) or pass plain text")
+            if not prompt.startswith(done):
+                raise MatvlmError(f"turn {i}: the tokenizer's chat template rewrites earlier turns when the "
+                                  "conversation grows, so answer tokens cannot be located; name a matvlm template "
+                                  "(--template) or pass plain text")
             pieces += [(prompt[len(done):], False), (full[len(prompt):], True)]
             done = full
         return _merge(p for p in pieces if p[0])

@@ -126,7 +126,8 @@ def _check_out_dir(out: Path, resume: bool) -> None:
         if not (out / CONFIG_NAME).is_file():
             raise MatvlmError(f"--resume {out}: no {CONFIG_NAME} there; it is not a distillation output directory")
         return
-    if out.exists() and any(p.name not in (SELF_GENERATED, SELF_GENERATED + ".partial") for p in out.iterdir()):
+    own = {SELF_GENERATED + suffix for suffix in ("", ".partial", ".meta.json")} | {f".{SELF_GENERATED}.tmp"}
+    if out.exists() and any(p.name not in own for p in out.iterdir()):
         raise MatvlmError(f"output directory {out} is not empty; pass --resume {out} to continue that run, "
                           "or choose another --out")
 
@@ -215,14 +216,10 @@ def run(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Path
     world, rank = accelerator.num_processes, accelerator.process_index
     _check_out_dir(out, resume)
     accelerator.wait_for_everyone()  # every process checks before the main one writes there
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            (out / CONFIG_NAME).write_text(json.dumps(cfg.to_dict(), indent=1))
-    accelerator.wait_for_everyone()
 
     frozen_dtype = torch.bfloat16 if mp == "bf16" else (torch.float16 if mp == "fp16" else torch.float32)
-    if getattr(accelerator.state, "fsdp_plugin", None) is not None:
+    fsdp = getattr(accelerator.state, "fsdp_plugin", None) is not None
+    if fsdp:
         # FSDP flattens frozen and trainable parameters together, which needs one dtype: keep all in
         # float32 and let its mixed-precision policy compute in bf16 (more memory, the sharding pays it)
         frozen_dtype = torch.float32
@@ -235,6 +232,11 @@ def run(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Path
     tokenizer = getattr(processor, "tokenizer", processor)
     plan = BatchPlan(len(dataset), cfg.global_batch_size, world, cfg.micro_batch_size, cfg.seed)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * plan.steps_per_epoch))
+    if main:                       # written once the model and the data are known to load
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            (out / CONFIG_NAME).write_text(json.dumps(cfg.to_dict(), indent=1))
+    accelerator.wait_for_everyone()
 
     optimizer = torch.optim.AdamW(param_groups(model, trainable_names, cfg.weight_decay), lr=cfg.lr,
                                   betas=tuple(cfg.adam_betas))
@@ -247,9 +249,9 @@ def run(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Path
             raise MatvlmError(f"--resume {out}: no checkpoints/step-N there yet; start the run again without --resume")
         weights, opt_t, rng_t, st = ckpt.load_checkpoint(found[-1])
         if st["optimizer"] is None:
-            raise MatvlmError(f"checkpoint {found[-1]} was written under DeepSpeed ZeRO, which shards the optimizer "
-                              "state; matvlm cannot resume it exactly (resume works for single-process, DDP and "
-                              "FSDP runs)")
+            raise MatvlmError(f"checkpoint {found[-1]} was written under DeepSpeed ZeRO or FSDP, which shard the "
+                              "optimizer state; matvlm cannot resume it exactly (resume works for single-process "
+                              "and DDP runs)")
         params = dict(model.named_parameters())
         missing = set(trainable_names) - set(weights)
         if missing:
@@ -279,6 +281,27 @@ def run(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Path
                    train_batch_size=cfg.global_batch_size, gradient_clipping=cfg.max_grad_norm)
     step_module, optimizer = accelerator.prepare(step_module, optimizer)
     loss_scale = world * (plan.accumulation if deepspeed else 1)   # gradients are averaged over processes
+
+    def full_params():
+        """Outside forward/backward FSDP holds each rank's shard only; saving needs the whole tensors
+        (every process must enter)."""
+        if not fsdp:
+            return nullcontext()
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel.summon_full_params(step_module, writeback=False)
+
+    def backward(loss, last: bool) -> None:
+        if not deepspeed:
+            accelerator.backward(loss)
+            return
+        # DeepSpeed's engine: mark the accumulation boundary ourselves (accelerate would mark every
+        # micro-batch as one, stepping the optimizer on partial gradients) and step only there
+        engine = accelerator.deepspeed_engine_wrapped.engine
+        engine.set_gradient_accumulation_boundary(is_boundary=last)
+        engine.backward(loss)
+        if last:
+            engine.step()
     params = [p for n, p in accelerator.unwrap_model(step_module).model.named_parameters() if n in set(trainable_names)]
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=list(plan.micro_batches(rank, start, total)),
@@ -307,12 +330,12 @@ def run(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Path
                     o = step_module(**b)
                     if cfg.loss_reduction == "mean":
                         loss = _mean_mode_loss(o, cfg, n_tok, n_ans)
-                        accelerator.backward(loss * loss_scale)
+                        backward(loss * loss_scale, j == len(micro) - 1)
                         sums += torch.stack([loss.detach(), o["layer_sum"].detach() / n_tok,
                                              o["prob_sum"].detach() / n_tok, o["ce_sum"].detach() / n_ans.clamp_min(1)])
                     else:
                         loss = _sum_mode_loss(o, cfg, b["input_ids"].shape[0])
-                        accelerator.backward(loss * (plan.accumulation if deepspeed else 1))
+                        backward(loss * (plan.accumulation if deepspeed else 1), j == len(micro) - 1)
                         n_mb = len(micro) * world
                         sums += torch.stack([loss.detach(), o["layer_sq"].detach().clamp_min(0).sqrt().sum(),
                                              o["prob_sum"].detach() / b["input_ids"].shape[0],
@@ -340,20 +363,22 @@ def run(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Path
             bar.set_postfix({k: f"{rec[k]:.4g}" for k in ("loss", "loss_layer", "loss_prob", "lr", "tokens_per_s")
                              if rec[k] is not None})
             if (step + 1) % cfg.save_every == 0 or step + 1 == total:
-                if main:
-                    trained = {n: p for n, p in accelerator.unwrap_model(step_module).model.named_parameters()
-                               if n in set(trainable_names)}
-                    ckpt.save_checkpoint(out / "checkpoints", step + 1, trained, None if deepspeed else (
-                        optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer), scheduler,
-                        {"total_steps": total, "config": cfg.to_dict()}, cfg.keep_last)
+                with full_params():
+                    if main:
+                        trained = {n: p for n, p in accelerator.unwrap_model(step_module).model.named_parameters()
+                                   if n in set(trainable_names)}
+                        ckpt.save_checkpoint(out / "checkpoints", step + 1, trained, None if deepspeed or fsdp else (
+                            optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer), scheduler,
+                            {"total_steps": total, "config": cfg.to_dict()}, cfg.keep_last)
                 accelerator.wait_for_everyone()
     finally:
         bar.close()
         loggers.close()
 
-    if main:
-        student = accelerator.unwrap_model(step_module).model
-        save_final(student, out, processor, frozen_dtype, cfg)
+    with full_params():
+        if main:
+            student = accelerator.unwrap_model(step_module).model
+            save_final(student, out, processor, frozen_dtype, cfg)
     accelerator.wait_for_everyone()
     return out
 

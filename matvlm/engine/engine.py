@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..errors import MatvlmError
+from ..distill.data import has_own_bos
 from ..model.cache import MambaLayerState
 from ..model.hybrid import decoder_stack, text_config
 from ..model.vlm import embed, is_vlm, vision_features
@@ -275,7 +276,8 @@ class Engine:
                 images = [expand2square(im, mean) for im in images]
             enc = self.processor(text=[request.prompt], images=images, return_tensors="pt")
             return enc["input_ids"][0].tolist(), enc["pixel_values"]
-        return self.tokenizer(request.prompt, add_special_tokens=True)["input_ids"], None
+        own_bos = has_own_bos(self.tokenizer, request.prompt)      # a chat template that wrote it already
+        return self.tokenizer(request.prompt, add_special_tokens=not own_bos)["input_ids"], None
 
     # --- generation -----------------------------------------------------------------------------
 

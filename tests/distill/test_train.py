@@ -233,5 +233,5 @@ def test_resume_refuses_a_checkpoint_without_optimizer_state(teacher_dirs, data,
     state = json.loads((last / "trainer_state.json").read_text())
     state["optimizer"] = None                      # what save_checkpoint(optimizer=None) writes
     (last / "trainer_state.json").write_text(json.dumps(state))
-    with pytest.raises(MatvlmError, match="DeepSpeed ZeRO"):
+    with pytest.raises(MatvlmError, match="DeepSpeed ZeRO or FSDP"):
         run(cfg(teacher_dirs, data, out, max_steps=4, save_every=1), resume=True, progress=False)
