@@ -106,8 +106,8 @@ def self_generate(teacher: Path, prompts: str, out: Path, max_new_tokens: int = 
     r = run(_engine(str(teacher), device, dtype), prompts, out, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size)
     rate = f", {r['tokens'] / r['seconds']:.0f} tokens/s" if r["seconds"] else ""
-    print(f"wrote {r['path']}: {r['n']} conversations ({r['generated']} generated now, {r['tokens']} tokens, "
-          f"{r['truncated']} cut at --max-new-tokens{rate})")
+    print(f"wrote {r['path']}: {r['n']} conversations ({r['generated']} prompts answered now, {r['tokens']} tokens, "
+          f"{r['truncated']} answers cut at --max-new-tokens, {r['empty']} empty answers left out{rate})")
 
 
 def eval_lm(model: Path, data: Path, teacher: Path | None = None, max_length: int = 1024, batch_size: int = 4,
@@ -269,7 +269,7 @@ def _self_generated_data(prompts: str, teacher: Path | None, data: Path | None, 
     import os
 
     from .distill.config import read_recipe
-    from .distill.train import SELF_GENERATED
+    from .distill.train import SELF_GENERATED, _check_out_dir
     from .errors import MatvlmError
     from .lm.selfgen import self_generate as generate
 
@@ -283,10 +283,11 @@ def _self_generated_data(prompts: str, teacher: Path | None, data: Path | None, 
     out = out or base.get("out")
     if teacher is None or out is None:
         raise MatvlmError("--self-generate needs --teacher and --out")
+    _check_out_dir(Path(out), resume=False)        # before generating, not after
     target = Path(out) / SELF_GENERATED
     r = generate(_engine(str(teacher), None, None), prompts, target, max_new_tokens=max_new_tokens)
-    print(f"{target}: {r['n']} conversations from the teacher ({r['generated']} generated now, "
-          f"{r['truncated']} cut at {max_new_tokens} tokens)")
+    print(f"{target}: {r['n']} conversations from the teacher ({r['generated']} prompts answered now, "
+          f"{r['truncated']} answers cut at {max_new_tokens} tokens, {r['empty']} empty answers left out)")
     return str(target)
 
 

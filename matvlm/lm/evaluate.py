@@ -132,6 +132,11 @@ def eval_lm(student: str | Path, data: str | Path, teacher: str | Path | None = 
             raise MatvlmError(f"eval-lm scores text models; {paths[name]} is a vision-language model "
                               "(use `matvlm eval`)")
     processor = load_processor(student)
+    if teacher is not None:
+        t_tok, s_tok = (getattr(x, "tokenizer", x) for x in (load_processor(teacher), processor))
+        if t_tok.get_vocab() != s_tok.get_vocab():
+            raise MatvlmError(f"{teacher} and {student} have different tokenizers; KL and agreement compare "
+                              "the same tokens, so both must share one (a student converted from this teacher does)")
     dataset = TextJsonlDataset(data, processor, text_template(processor, models["student"].config, template),
                                max_length)
     if limit is not None:

@@ -111,17 +111,20 @@ def read_prompts(spec: str | Path) -> list[dict]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise MatvlmError(f"{path} line {i}: not JSON ({e.msg})") from None
-            out.append({"id": str(obj.get("id", len(out))) if isinstance(obj, dict) else "",
-                        "messages": _messages(obj, f"{path} line {i}")})
+            has_id = isinstance(obj, dict) and obj.get("id") is not None
+            out.append({"id": str(obj["id"]) if has_id else f"line-{i}", "messages": _messages(obj, f"{path} line {i}")})
     else:
         for line in lines:
             if line.strip() and not line.lstrip().startswith("#"):
                 out.append({"id": str(len(out)), "messages": [{"role": "user", "content": line.strip()}]})
     if not out:
         raise MatvlmError(f"prompt file {path} holds no prompts")
-    ids = [p["id"] for p in out]
-    if len(set(ids)) != len(ids):
-        raise MatvlmError(f"prompt file {path}: ids must be unique")
+    seen: dict[str, int] = {}
+    for n, p in enumerate(out):
+        if p["id"] in seen:
+            raise MatvlmError(f"prompt file {path}: id {p['id']!r} is used twice (prompts {seen[p['id']] + 1} "
+                              f"and {n + 1}); ids must be unique")
+        seen[p["id"]] = n
     return out
 
 

@@ -7,11 +7,15 @@ sequence-level knowledge distillation).
 
 Output lines: `{"id", "messages": [..., {"role": "assistant", "content": answer}], "finish_reason"}`.
 Writing is resumable and atomic: answers are appended to `OUT.partial` as batches finish, a
-rerun skips the ids already there, and the file is renamed to OUT when every prompt is answered.
+rerun skips the ids already there, and OUT is written when every prompt is answered, with
+`OUT.meta.json` (a fingerprint of the prompts, counts, the ids whose answer came out empty, which
+are left out since there is nothing to learn from them). An existing OUT is reused only for the
+same prompts.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -22,16 +26,23 @@ from ..errors import MatvlmError
 from .prompts import read_prompts
 
 
-def _done_ids(partial: Path) -> set[str]:
-    ids = set()
+def _kept_rows(partial: Path) -> list[dict]:
+    """The complete lines of an interrupted run (a line cut by the interruption is dropped)."""
+    rows = []
     if partial.exists():
-        with partial.open(encoding="utf-8") as f:
-            for line in f:
-                try:
-                    ids.add(json.loads(line)["id"])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    break  # a line cut by an interruption ends what counts as done
-    return ids
+        for line in partial.read_text(encoding="utf-8").splitlines(keepends=True):
+            if not line.endswith("\n"):
+                break
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return rows
+
+
+def fingerprint(items: list[dict]) -> str:
+    """A hash of the prompts (ids and messages): an existing output is reused only for the same prompts."""
+    return hashlib.sha256(json.dumps(items, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 def self_generate(engine, prompts: str | Path, out: str | Path, max_new_tokens: int = 256,
@@ -40,8 +51,9 @@ def self_generate(engine, prompts: str | Path, out: str | Path, max_new_tokens: 
     """Answer every prompt with `engine` (the teacher's) and write the chat JSONL `out`.
 
     Returns:
-        `{"path", "n", "generated", "tokens", "seconds", "truncated"}` (`generated`: answered in this call;
-        `truncated`: answers cut by `max_new_tokens`).
+        `{"path", "n", "generated", "tokens", "seconds", "truncated", "empty"}` (`n`: conversations written;
+        `generated`: prompts answered in this call; `truncated`: answers cut by `max_new_tokens`;
+        `empty`: prompts left out because the answer was empty).
     """
     from tqdm.auto import tqdm
 
@@ -51,21 +63,26 @@ def self_generate(engine, prompts: str | Path, out: str | Path, max_new_tokens: 
 
     out = Path(out)
     items = read_prompts(prompts)
+    fp = fingerprint(items)
+    meta_path = out.with_name(out.name + ".meta.json")
     if out.exists():
-        n = sum(1 for line in out.read_text(encoding="utf-8").splitlines() if line.strip())
-        if n != len(items):
-            raise MatvlmError(f"{out} exists with {n} answers but there are {len(items)} prompts; "
-                              "remove it or choose another output")
-        return {"path": str(out), "n": n, "generated": 0, "tokens": 0, "seconds": 0.0, "truncated": 0}
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        if meta.get("fingerprint") != fp:
+            raise MatvlmError(f"{out} exists but was not written from these prompts ({prompts}); remove it or "
+                              "choose another output")
+        return {"path": str(out), "n": meta["answers"], "generated": 0, "tokens": 0, "seconds": 0.0,
+                "truncated": meta["truncated"], "empty": len(meta["empty_ids"])}
     if batch_size < 1:
         raise MatvlmError(f"--batch-size must be >= 1, got {batch_size}")
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
-    done = _done_ids(partial)
-    if partial.exists():  # drop a cut last line before appending
-        keep = [line for line in partial.read_text(encoding="utf-8").splitlines(keepends=True)
-                if line.endswith("\n") and _parses(line)]
-        partial.write_text("".join(keep), encoding="utf-8")
+    kept = _kept_rows(partial)
+    known = {p["id"]: p for p in items}
+    for row in kept:
+        if row.get("id") not in known or row.get("fp") != fp:
+            raise MatvlmError(f"{partial} holds answers to other prompts than {prompts}; remove it to start over")
+    partial.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
+    done = {r["id"] for r in kept}
     todo = [p for p in items if p["id"] not in done]
     tokens = truncated = 0
     start = time.perf_counter()
@@ -81,21 +98,25 @@ def self_generate(engine, prompts: str | Path, out: str | Path, max_new_tokens: 
             for p, o in zip(chunk, engine.generate(requests)):
                 answer = o.text.strip()
                 tokens += len(o.token_ids)
-                truncated += o.finish_reason == "length"
                 row = {"id": p["id"], "messages": p["messages"] + [{"role": "assistant", "content": answer}],
-                       "finish_reason": o.finish_reason}
+                       "finish_reason": o.finish_reason, "fp": fp}
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
             bar.update(len(chunk))
     bar.close()
-    os.replace(partial, out)
-    return {"path": str(out), "n": len(items), "generated": len(todo), "tokens": tokens,
-            "seconds": round(time.perf_counter() - start, 2), "truncated": truncated}
+    rows = _kept_rows(partial)
+    empty = [r["id"] for r in rows if not r["messages"][-1]["content"]]   # nothing to learn from
+    final = [{k: v for k, v in r.items() if k != "fp"} for r in rows if r["messages"][-1]["content"]]
+    truncated = sum(r["finish_reason"] == "length" for r in final)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in final), encoding="utf-8")
+    meta = {"prompts": str(prompts), "fingerprint": fp, "prompts_n": len(items), "answers": len(final),
+            "empty_ids": empty, "truncated": truncated, "max_new_tokens": max_new_tokens,
+            "temperature": temperature}
+    meta_path.write_text(json.dumps(meta, indent=1) + "\n")
+    os.replace(tmp, out)
+    partial.unlink()
+    return {"path": str(out), "n": len(final), "generated": len(todo), "tokens": tokens,
+            "seconds": round(time.perf_counter() - start, 2), "truncated": truncated, "empty": len(empty)}
 
 
-def _parses(line: str) -> bool:
-    try:
-        json.loads(line)
-        return True
-    except json.JSONDecodeError:
-        return False

@@ -41,8 +41,10 @@ def test_tokenizer_template_segments_match_the_rendered_chat(tok):
 
 
 def test_tokenizer_template_that_rewrites_history_is_refused(tok):
-    tok.chat_template = "{% for m in messages[-1:] %}{{ m['content'] }}{% endfor %}"
-    with pytest.raises(MatvlmError, match="does not extend"):
+    # a header counting the questions: the text of turn 0 changes when turn 1 is added
+    tok.chat_template = ("{{ messages|selectattr('role', 'equalto', 'user')|list|length }}|"
+                         "{% for m in messages %}{{ m['content'] }};{% endfor %}")
+    with pytest.raises(MatvlmError, match="rewrites earlier turns"):
         TokenizerTemplate(tok).segments([("a", "b"), ("c", "d")], False)
 
 
@@ -83,33 +85,60 @@ def test_synthetic_prompts_are_distinct_and_heldout_topics_disjoint():
 
 
 def test_self_generate_writes_the_engine_answers_and_resumes(teacher_dirs, tmp_path):
+    from matvlm.engine.engine import Request
+    from matvlm.engine.prompts import render
+    from matvlm.engine.sampling import SamplingParams
+    from matvlm.lm.selfgen import fingerprint
+
     d = teacher_dirs["causal-llama"]
     engine = Engine(load(d), load_processor(d), device="cpu")
     prompts = tmp_path / "p.txt"
     prompts.write_text("one\ntwo\nthree\n")
     out = tmp_path / "data.jsonl"
-    # an interrupted earlier run: one answer written, and a cut line
+    fp = fingerprint(read_prompts(prompts))
+    # an interrupted earlier run: one answer written, one line cut just before its newline, one cut mid-way
     partial = tmp_path / "data.jsonl.partial"
-    fake = {"id": "1", "messages": [{"role": "user", "content": "two"}, {"role": "assistant", "content": "kept"}],
-            "finish_reason": "stop"}
-    partial.write_text(json.dumps(fake) + "\n" + '{"id": "2", "mess')
+    kept = {"id": "1", "messages": [{"role": "user", "content": "two"}, {"role": "assistant", "content": "kept"}],
+            "finish_reason": "stop", "fp": fp}
+    cut = dict(kept, id="2", messages=[{"role": "user", "content": "three"}, {"role": "assistant", "content": "x"}])
+    partial.write_text(json.dumps(kept) + "\n" + json.dumps(cut))
     r = self_generate(engine, prompts, out, max_new_tokens=6, batch_size=2, progress=False)
-    assert r["generated"] == 2 and r["n"] == 3 and not partial.exists()
+    assert r["generated"] == 2 and not partial.exists()
     rows = {x["id"]: x for x in map(json.loads, out.read_text().splitlines())}
     assert rows["1"]["messages"][-1]["content"] == "kept"
-    from matvlm.engine.engine import Request
-    from matvlm.engine.prompts import render
-    from matvlm.engine.sampling import SamplingParams
-
     msgs = [{"role": "user", "content": "three"}]
     ref = engine.generate([Request(prompt=render(engine.processor, engine.model.config, msgs),
                                    params=SamplingParams(max_new_tokens=6))])[0].text.strip()
-    assert rows["2"]["messages"] == msgs + [{"role": "assistant", "content": ref}]
-    # complete output: reused; a different prompt count is refused
+    if ref:
+        assert rows["2"]["messages"] == msgs + [{"role": "assistant", "content": ref}]
+    meta = json.loads((tmp_path / "data.jsonl.meta.json").read_text())
+    assert meta["fingerprint"] == fp and meta["answers"] + len(meta["empty_ids"]) == 3
+    # a finished output is reused for the same prompts and refused for others
     assert self_generate(engine, prompts, out, progress=False)["generated"] == 0
-    prompts.write_text("one\n")
-    with pytest.raises(MatvlmError, match="exists with 3 answers but there are 1 prompts"):
+    prompts.write_text("one\ntwo\nfour\n")
+    with pytest.raises(MatvlmError, match="was not written from these prompts"):
         self_generate(engine, prompts, out, progress=False)
+
+
+def test_self_generate_leaves_out_empty_answers(teacher_dirs, tmp_path, monkeypatch):
+    from matvlm.engine import engine as engine_mod
+
+    d = teacher_dirs["causal-llama"]
+    engine = Engine(load(d), load_processor(d), device="cpu")
+    real = engine_mod.Engine.generate
+
+    def some_empty(self, requests):
+        outs = real(self, requests)
+        outs[0].text = "  "                        # an answer that is only whitespace (or eos at once)
+        return outs
+
+    monkeypatch.setattr(engine_mod.Engine, "generate", some_empty)
+    (tmp_path / "p.txt").write_text("a\nb\nc\n")
+    r = self_generate(engine, tmp_path / "p.txt", tmp_path / "d.jsonl", max_new_tokens=3, batch_size=2,
+                      progress=False)
+    ids = [json.loads(x)["id"] for x in (tmp_path / "d.jsonl").read_text().splitlines()]
+    assert r["empty"] == 2 and ids == ["1"]           # first of each batch of 2 came out empty
+    assert json.loads((tmp_path / "d.jsonl.meta.json").read_text())["empty_ids"] == ["0", "2"]
 
 
 def _chat_jsonl(path, n=6):
@@ -216,3 +245,82 @@ def test_import_gguf_needs_the_gguf_package(tmp_path, monkeypatch, capsys):
     f.write_bytes(b"GGUF")
     assert main(["import-gguf", "--gguf", str(f), "--out", str(tmp_path / "o")]) == 2
     assert "needs the 'gguf' package" in capsys.readouterr().err
+
+
+def test_eval_lm_refuses_a_teacher_with_another_tokenizer(teacher_dirs, tmp_path):
+    from matvlm.toy.tiny import save_teacher, tiny_causal_lm
+
+    model, tok = tiny_causal_lm("llama", n_layer=2, kv_heads=2, seed=3)
+    tok.add_tokens(["<extra>"])
+    model.resize_token_embeddings(len(tok))
+    other = save_teacher(model, tok, tmp_path / "other")
+    with pytest.raises(MatvlmError, match="different tokenizers"):
+        eval_lm(teacher_dirs["causal-llama"], _chat_jsonl(tmp_path / "d.jsonl"), teacher=other, device="cpu",
+                progress=False)
+
+
+def test_tokenizer_template_errors_are_one_clear_line(tok):
+    tok.chat_template = "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}" \
+                        "{% endif %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(MatvlmError, match="refused the conversation: no system"):
+        TokenizerTemplate(tok).segments([("q", "a")], False, system="s")
+    # a template that writes answers differently from what the generation cue starts (R1-style reasoning)
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}" \
+                        "{% if add_generation_prompt %}assistant: <think>\n{% endif %}"
+    with pytest.raises(MatvlmError, match="not the start of the answered conversation"):
+        TokenizerTemplate(tok).segments([("q", "a")], False)
+
+
+def test_jsonl_prompt_ids_do_not_collide_with_line_numbers(tmp_path):
+    jl = tmp_path / "p.jsonl"
+    jl.write_text(json.dumps({"id": "1", "prompt": "x"}) + "\n" + json.dumps({"prompt": "y"}) + "\n")
+    assert [p["id"] for p in read_prompts(jl)] == ["1", "line-2"]
+    jl.write_text(json.dumps({"id": "a", "prompt": "x"}) + "\n" + json.dumps({"id": "a", "prompt": "y"}) + "\n")
+    with pytest.raises(MatvlmError, match="id 'a' is used twice \\(prompts 1 and 2\\)"):
+        read_prompts(jl)
+
+
+def test_a_template_that_writes_bos_gets_no_second_one(teacher_dirs, tmp_path):
+    """Training ids and engine prompt ids start with exactly one BOS when the chat template writes it."""
+    from matvlm.distill.data import TextJsonlDataset
+
+    tok = load_processor(teacher_dirs["causal-llama"])
+    if tok.bos_token is None:
+        tok.add_special_tokens({"bos_token": "<s>"})
+    tok.chat_template = "{{ bos_token }}" + CHATML
+    ids = tok("hi")["input_ids"]
+    adds_bos = ids[:1] == [tok.bos_token_id]
+    ds = TextJsonlDataset(_chat_jsonl(tmp_path / "d.jsonl", n=1), tok, TokenizerTemplate(tok), 256)
+    first = ds[0]["input_ids"].tolist()
+    assert first[0] == tok.bos_token_id and first[1] != tok.bos_token_id, (adds_bos, first[:3])
+    engine = Engine(load(teacher_dirs["causal-llama"]), tok, device="cpu")
+    from matvlm.engine.engine import Request
+
+    prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    got, _ = engine.encode(Request(prompt))
+    assert got[0] == tok.bos_token_id and got[1] != tok.bos_token_id
+
+
+def test_distill_with_bad_data_leaves_the_output_reusable(teacher_dirs, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]})
+                   + "\n")
+    out = tmp_path / "run"
+    args = ["distill", "--teacher", str(teacher_dirs["causal-llama"]), "--mamba-ratio", "0.5", "--out", str(out),
+            "--max-steps", "1", "--global-batch-size", "1", "--micro-batch-size", "1", "--save-every", "10"]
+    assert main(args + ["--data", str(bad)]) == 2
+    assert "empty" in capsys.readouterr().err
+    assert not (out / "distill_config.json").exists()     # nothing written: a fixed rerun may use the same --out
+    assert main(args + ["--data", str(_chat_jsonl(tmp_path / "good.jsonl"))]) == 0
+
+
+def test_distill_self_generate_checks_the_output_before_generating(teacher_dirs, tmp_path, capsys, monkeypatch):
+    import matvlm.lm.selfgen as sg
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "something").write_text("x")
+    monkeypatch.setattr(sg, "self_generate", lambda *a, **k: pytest.fail("generated before checking --out"))
+    assert main(["distill", "--teacher", str(teacher_dirs["causal-llama"]), "--mamba-ratio", "0.5",
+                 "--self-generate", "synthetic:4", "--out", str(out)]) == 2
+    assert "is not empty" in capsys.readouterr().err
