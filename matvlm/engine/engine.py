@@ -199,7 +199,7 @@ class Engine:
         """Prompt tokens per prefill forward: the prompt is prefilled in chunks of this many positions
         so that one forward holds at most `prefill_tokens` (batch x chunk) tokens; the attention layers
         read the cache written by earlier chunks and the Mamba-2 layers carry their state across."""
-        return max(1, self.prefill_tokens // batch)
+        return max(2, self.prefill_tokens // batch)   # a one-token call is a Mamba decode step (no padding)
 
     def _eos_ids(self) -> set[int]:
         ids = set()

@@ -120,10 +120,12 @@ class Mamba2Mixer(nn.Module):
 
         b, t, _ = hidden_states.shape
         state = mamba_state_for(past_key_values, self.layer_idx) if past_key_values is not None else None
-        pad = self._padding_mask(kwargs.get("mamba_padding_mask", attention_mask), b, t)  # (B, T) or None
-        if state is not None and state.initialized and t == 1 and pad is None:   # decode step of real tokens
+        if state is not None and state.initialized and t == 1:      # decode: the new token is real
+            # (no padding check here: it would cost a device sync per layer and step; callers that
+            # continue a prefill in chunks keep chunks holding padding longer than one token)
             return self._step(hidden_states, state), None
-        return self._full(hidden_states, pad, state), None   # prefill, or a chunk of one with padding in it
+        pad = self._padding_mask(kwargs.get("mamba_padding_mask", attention_mask), b, t)  # (B, T) or None
+        return self._full(hidden_states, pad, state), None
 
     @staticmethod
     def _padding_mask(mask: Tensor | None, b: int, t: int) -> Tensor | None:

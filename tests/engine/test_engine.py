@@ -123,7 +123,7 @@ def test_chunked_prefill_equals_one_prefill(models, image, name):
     prompts = PROMPTS if vlm else ["the quick brown fox jumps over the lazy dog", "a"]
     params = SamplingParams(max_new_tokens=8, ignore_eos=True)
     whole = [o.token_ids for o in eng.generate([Request(p, [image] if vlm else [], params) for p in prompts])]
-    for tokens in (2 * 7, 2 * 5, 2 * 1):          # chunks of 7, 5 and 1 positions for a batch of 2
+    for tokens in (2 * 7, 2 * 5, 2 * 1):          # chunks of 7, 5 and 2 (the floor) positions, batch of 2
         eng.prefill_tokens = tokens
         chunked = [o.token_ids for o in eng.generate([Request(p, [image] if vlm else [], params) for p in prompts])]
         assert chunked == whole, tokens
