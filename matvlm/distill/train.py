@@ -280,7 +280,6 @@ def run(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Path
         dsc.update(train_micro_batch_size_per_gpu=cfg.micro_batch_size, gradient_accumulation_steps=plan.accumulation,
                    train_batch_size=cfg.global_batch_size, gradient_clipping=cfg.max_grad_norm)
     step_module, optimizer = accelerator.prepare(step_module, optimizer)
-    loss_scale = world * (plan.accumulation if deepspeed else 1)   # gradients are averaged over processes
 
     def full_params():
         """Outside forward/backward FSDP holds each rank's shard only; saving needs the whole tensors
@@ -296,10 +295,11 @@ def run(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Path
             accelerator.backward(loss)
             return
         # DeepSpeed's engine: mark the accumulation boundary ourselves (accelerate would mark every
-        # micro-batch as one, stepping the optimizer on partial gradients) and step only there
+        # micro-batch as one, stepping the optimizer on partial gradients) and step only there; its
+        # backward scales by 1/accumulation, which matvlm's normalisation already did
         engine = accelerator.deepspeed_engine_wrapped.engine
         engine.set_gradient_accumulation_boundary(is_boundary=last)
-        engine.backward(loss)
+        engine.backward(loss * plan.accumulation)
         if last:
             engine.step()
     params = [p for n, p in accelerator.unwrap_model(step_module).model.named_parameters() if n in set(trainable_names)]
@@ -330,12 +330,12 @@ def run(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Path
                     o = step_module(**b)
                     if cfg.loss_reduction == "mean":
                         loss = _mean_mode_loss(o, cfg, n_tok, n_ans)
-                        backward(loss * loss_scale, j == len(micro) - 1)
+                        backward(loss * world, j == len(micro) - 1)       # DDP averages over processes
                         sums += torch.stack([loss.detach(), o["layer_sum"].detach() / n_tok,
                                              o["prob_sum"].detach() / n_tok, o["ce_sum"].detach() / n_ans.clamp_min(1)])
                     else:
                         loss = _sum_mode_loss(o, cfg, b["input_ids"].shape[0])
-                        backward(loss * (plan.accumulation if deepspeed else 1), j == len(micro) - 1)
+                        backward(loss, j == len(micro) - 1)
                         n_mb = len(micro) * world
                         sums += torch.stack([loss.detach(), o["layer_sq"].detach().clamp_min(0).sqrt().sum(),
                                              o["prob_sum"].detach() / b["input_ids"].shape[0],

@@ -131,9 +131,10 @@ def eval_lm(student: str | Path, data: str | Path, teacher: str | Path | None = 
         if hasattr(m.config, "vision_config"):
             raise MatvlmError(f"eval-lm scores text models; {paths[name]} is a vision-language model "
                               "(use `matvlm eval`)")
-    processor = load_processor(student)
+    processors = {name: load_processor(path) for name, path in paths.items()}
+    processor = processors["student"]
     if teacher is not None:
-        t_tok, s_tok = (getattr(x, "tokenizer", x) for x in (load_processor(teacher), processor))
+        t_tok, s_tok = (getattr(x, "tokenizer", x) for x in (processors["teacher"], processor))
         if t_tok.get_vocab() != s_tok.get_vocab():
             raise MatvlmError(f"{teacher} and {student} have different tokenizers; KL and agreement compare "
                               "the same tokens, so both must share one (a student converted from this teacher does)")
@@ -143,7 +144,7 @@ def eval_lm(student: str | Path, data: str | Path, teacher: str | Path | None = 
         dataset.samples = dataset.samples[:limit]
     scores = score_text(models, dataset, batch_size=batch_size, device=dev, progress=progress)
     # answers in the scoring dtype too: greedy choices between near-tied tokens flip with bf16 rounding
-    engines = {name: Engine(m, load_processor(paths[name]), device=dev, dtype=score_dtype)
+    engines = {name: Engine(m, processors[name], device=dev, dtype=score_dtype)
                for name, m in models.items()}
     asked = read_prompts(prompts) if prompts else [{"id": str(i), "messages": [{"role": "user", "content": p}]}
                                                     for i, p in enumerate(FIXED_PROMPTS)]

@@ -84,7 +84,7 @@ def self_generate(engine, prompts: str | Path, out: str | Path, max_new_tokens: 
     partial.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
     done = {r["id"] for r in kept}
     todo = [p for p in items if p["id"] not in done]
-    tokens = truncated = 0
+    tokens = 0
     start = time.perf_counter()
     bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="self-generate", unit="prompt",
                disable=not progress, file=sys.stderr, mininterval=1 if sys.stderr.isatty() else 30)
