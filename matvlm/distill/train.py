@@ -302,6 +302,13 @@ def run(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Path
         engine.backward(loss * plan.accumulation)
         if last:
             engine.step()
+    def autocast():
+        """accelerate's autocast, which it turns off under DeepSpeed (DeepSpeed casts the module to bf16
+        instead); matvlm autocasts there too, so that norms, softmax and the SSM's element-wise work
+        run in float32 as in single-process and DDP runs."""
+        if deepspeed and cuda and mp in ("bf16", "fp16"):
+            return torch.autocast("cuda", dtype=torch.bfloat16 if mp == "bf16" else torch.float16)
+        return accelerator.autocast()
     params = [p for n, p in accelerator.unwrap_model(step_module).model.named_parameters() if n in set(trainable_names)]
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=list(plan.micro_batches(rank, start, total)),
@@ -326,7 +333,7 @@ def run(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Path
             for j, b in enumerate(micro):
                 b = {k: b[k].to(accelerator.device) for k in keys if b.get(k) is not None}
                 sync = accelerator.no_sync(step_module) if j < len(micro) - 1 else nullcontext()
-                with sync, accelerator.autocast():
+                with sync, autocast():
                     o = step_module(**b)
                     if cfg.loss_reduction == "mean":
                         loss = _mean_mode_loss(o, cfg, n_tok, n_ans)
