@@ -18,12 +18,14 @@ what makes its decode slow and uncapturable).
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention.bias import causal_lower_right
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..errors import MatvlmError
@@ -32,6 +34,8 @@ from ..model.cache import MambaLayerState
 from ..model.hybrid import decoder_stack, text_config
 from ..model.vlm import embed, is_vlm, vision_features
 from .sampling import SamplingParams, sample_row
+
+log = logging.getLogger("matvlm.engine")
 
 FINAL_NORM = ("final_layernorm", "norm")        # Phi, then Llama / Mistral / Qwen2
 
@@ -49,6 +53,7 @@ class StaticKVLayer(CacheLayerMixin):
         self.keys = torch.zeros(batch, kv_heads, length, head_dim, dtype=dtype, device=device)
         self.values = torch.zeros_like(self.keys)
         self.slot = slot
+        self.visible: int | None = None     # prefill: return only the first `visible` positions
         self.is_initialized = True
 
     def lazy_initialization(self, key_states, value_states) -> None:  # allocated up front
@@ -58,6 +63,8 @@ class StaticKVLayer(CacheLayerMixin):
         idx = self.slot + torch.arange(key_states.shape[-2], device=self.keys.device)        # (T,)
         self.keys.index_copy_(2, idx, key_states.to(self.keys.dtype))
         self.values.index_copy_(2, idx, value_states.to(self.values.dtype))
+        if self.visible is not None:
+            return self.keys[:, :, :self.visible], self.values[:, :, :self.visible]
         return self.keys, self.values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -74,6 +81,14 @@ class StaticKVLayer(CacheLayerMixin):
         self.values.zero_()
 
 
+class StaticMambaState(MambaLayerState):
+    """A Mamba layer's state in the static cache: the cache's `slot` tensor counts positions, so decode
+    steps keep no Python counter (which a compiled step would have to re-check on every call)."""
+
+    def advance(self, tokens: int) -> None:
+        return None
+
+
 class StaticHybridCache(Cache):
     """Pre-allocated cache for `batch` sequences of up to `length` tokens; `slot` is the next write index."""
 
@@ -87,7 +102,7 @@ class StaticHybridCache(Cache):
         layers = []
         for i in range(cfg.n_layer):
             if i in cfg.mamba_layers:
-                state = MambaLayerState()
+                state = StaticMambaState()
                 state.allocate(batch, cfg.conv_dim, cfg.d_conv - 1, cfg.nheads, cfg.headdim, cfg.d_state, dtype, device)
                 layers.append(state)
             else:
@@ -103,6 +118,19 @@ class StaticHybridCache(Cache):
             else:
                 out += [layer.conv, layer.ssm]
         return out
+
+    def step_state(self) -> list[Tensor]:
+        """What a decode step changes besides the KV entries at and after `slot` (which no later step
+        reads before writing them): the slot and the Mamba layers' states."""
+        return [self.slot] + [t for layer in self.layers if isinstance(layer, MambaLayerState)
+                              for t in (layer.conv, layer.ssm)]
+
+    def set_visible(self, n: int | None) -> None:
+        """Prefill: attention layers see only the first `n` cache positions (None: the whole buffer, as
+        decode steps, whose shapes must not change, do)."""
+        for layer in self.layers:
+            if isinstance(layer, StaticKVLayer):
+                layer.visible = n
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
@@ -129,6 +157,8 @@ class _Static:
     position: Tensor     # (B, 1) int64: its position id
     mask: Tensor         # (B, 1, 1, L) bool: slots a query may attend to
     logits: Tensor       # (B, V) float32: output of the step
+    greedy: Tensor       # (B, 1) int64: argmax of `logits`, computed inside the step
+    feed: Tensor         # (B, 1) bool: the step feeds `greedy` back as the next `token` (greedy runs)
     graph: torch.cuda.CUDAGraph | None = None
 
 
@@ -152,7 +182,7 @@ class Output:
     timings: dict
 
 
-def _bucket(n: int, sizes=(1, 2, 4, 8, 16, 32, 64, 128)) -> int:
+def _bucket(n: int, sizes=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)) -> int:
     for s in sizes:
         if n <= s:
             return s
@@ -175,11 +205,15 @@ class Engine:
         max_batch_size: largest batch one decode runs.
         prefill_tokens: tokens (batch x positions) one prefill forward may hold; longer prompts are
             prefilled in chunks (memory bounded; the result is the same).
+        compile: compile the decode step with `torch.compile` (inductor fuses the norms, rotary
+            embedding, activation and cache writes between the matmuls) before capturing it. The first
+            request of each batch bucket then waits for the compilation (tens of seconds; cached on
+            disk by inductor afterwards). Default off.
     """
 
     def __init__(self, model: nn.Module, processor, device: str | torch.device | None = None, dtype=None,
                  cuda_graphs: bool | None = None, max_batch_size: int = 64, image_aspect: str = "square",
-                 prefill_tokens: int = 16384):
+                 prefill_tokens: int = 16384, compile: bool = False):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.model = model.to(self.device, self.dtype).eval()
@@ -194,6 +228,10 @@ class Engine:
         self.prefill_tokens = prefill_tokens
         self._statics: dict[tuple[int, int], _Static] = {}
         self.eos_ids = self._eos_ids()
+        self.compiled = compile
+        self._compiled_ok = False          # the compiled step has run once (compiled or fell back)
+        # dynamic shapes: one compilation serves every cache length (and every batch size above 1)
+        self._decode_forward = torch.compile(self._forward, dynamic=True) if compile else self._forward
 
     def prefill_chunk(self, batch: int) -> int:
         """Prompt tokens per prefill forward: the prompt is prefilled in chunks of this many positions
@@ -222,8 +260,14 @@ class Engine:
         return self.model.get_output_embeddings()(self.norm(h[:, -1:]))[:, -1].float()
 
     def _decode_body(self, st: _Static) -> None:
+        """One decode step on the bucket's buffers. The greedy choice is made on the device and, where
+        `feed` is set, becomes the next step's input, so greedy steps can be queued back to back without
+        waiting for the host."""
         st.mask.index_fill_(-1, st.cache.slot.view(1), True)
-        st.logits.copy_(self._forward(self.model.get_input_embeddings()(st.token), st.position, st.mask, None, st.cache))
+        embeds = self.model.get_input_embeddings()(st.token)
+        st.logits.copy_(self._decode_forward(embeds, st.position, st.mask, None, st.cache))
+        st.greedy.copy_(st.logits.argmax(-1, keepdim=True))
+        st.token.copy_(torch.where(st.feed, st.greedy, st.token))
         st.cache.slot.add_(1)
         st.position.add_(1)
 
@@ -232,29 +276,67 @@ class Engine:
         if key not in self._statics:
             if len(self._statics) >= 2:                       # keep at most two buckets' buffers alive
                 self._statics.pop(next(iter(self._statics)))
-            vocab = self.model.get_output_embeddings().out_features
-            self._statics[key] = _Static(
+            try:
+                self._statics[key] = self._allocate(batch, length)
+            except torch.OutOfMemoryError:                    # make room: drop the other buckets, once
+                self._statics.clear()
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                self._statics[key] = self._allocate(batch, length)
+        return self._statics[key]
+
+    def _allocate(self, batch: int, length: int) -> _Static:
+        vocab = self.model.get_output_embeddings().out_features
+        return _Static(
                 cache=StaticHybridCache(self.model, batch, length, self.dtype, self.device),
                 token=torch.zeros(batch, 1, dtype=torch.long, device=self.device),
                 position=torch.zeros(batch, 1, dtype=torch.long, device=self.device),
                 mask=torch.zeros(batch, 1, 1, length, dtype=torch.bool, device=self.device),
-                logits=torch.zeros(batch, vocab, dtype=torch.float32, device=self.device))
-        return self._statics[key]
+                logits=torch.zeros(batch, vocab, dtype=torch.float32, device=self.device),
+                greedy=torch.zeros(batch, 1, dtype=torch.long, device=self.device),
+                feed=torch.zeros(batch, 1, dtype=torch.bool, device=self.device))
 
     def _capture(self, st: _Static) -> None:
-        """Record one decode step as a CUDA graph. Warm-up and capture run the step, so the buffers are
-        saved before and restored after."""
-        saved = [t.clone() for t in (*st.cache.tensors(), st.token, st.position, st.mask)]
+        """Record one decode step as a CUDA graph. Warm-up (where a compiled step compiles) and capture
+        run the step, so what a step changes is saved before and restored after (not the KV buffers: the
+        entries the extra steps write lie past the prompt and are rewritten before they are read). A step
+        that fails to compile falls back to the eager step, with a warning."""
+        saved = [t.clone() for t in self._step_tensors(st)]
+        self._or_uncompiled(lambda: self._warm_up(st), st, saved)
+        st.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(st.graph):
+            self._decode_body(st)
+        self._restore(st, saved)
+
+    def _or_uncompiled(self, run, st: _Static, saved: list[Tensor]) -> None:
+        """run(); if the compiled step fails to compile, warn, restore the buffers and run it eager."""
+        try:
+            run()
+        except Exception as e:                              # torch.compile problems are not the user's
+            if not self.compiled or isinstance(e, torch.OutOfMemoryError):
+                raise
+            log.warning("compiling the decode step failed (%s: %s); decoding without compilation",
+                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            self.compiled, self._decode_forward = False, self._forward
+            self._restore(st, saved)
+            run()
+        self._compiled_ok = self.compiled
+
+    @staticmethod
+    def _step_tensors(st: _Static) -> list[Tensor]:
+        return [*st.cache.step_state(), st.token, st.position, st.mask, st.feed]
+
+    def _warm_up(self, st: _Static) -> None:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
                 self._decode_body(st)
         torch.cuda.current_stream().wait_stream(stream)
-        st.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(st.graph):
-            self._decode_body(st)
-        for t, s in zip((*st.cache.tensors(), st.token, st.position, st.mask), saved):
+
+    @classmethod
+    def _restore(cls, st: _Static, saved: list[Tensor]) -> None:
+        for t, s in zip(cls._step_tensors(st), saved):
             t.copy_(s)
 
     # --- inputs ---------------------------------------------------------------------------------
@@ -313,7 +395,7 @@ class Engine:
         b = _bucket(n)
         prompt_len = max(len(ids) for ids, _ in encoded)
         max_new = max(r.params.max_new_tokens for r in requests)
-        length = _round_up(prompt_len + max_new)
+        length = _round_up(prompt_len + max(max_new, 3))   # capturing a step runs 3 past the prompt
         limit = getattr(text_config(self.model.config), "max_position_embeddings", None)
         if limit and prompt_len + max_new > limit:
             raise MatvlmError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new}) exceeds the model's "
@@ -337,15 +419,23 @@ class Engine:
 
         position = (valid.long().cumsum(-1) - 1).clamp_min(0)
         chunk = self.prefill_chunk(b)
-        for c0 in range(0, prompt_len, chunk):         # bounded memory: at most `chunk` rows of the mask
+        unpadded = bool(valid.all())
+        for c0 in range(0, prompt_len, chunk):
             c1 = min(prompt_len, c0 + chunk)
-            rows = torch.arange(c0, c1, device=dev)
-            cols = torch.arange(c1, device=dev)
-            causal = cols[None, :] <= rows[:, None]                                          # (c, c1)
-            mask4d = torch.zeros(b, 1, c1 - c0, length, dtype=torch.bool, device=dev)
-            mask4d[:, 0, :, :c1] = (causal & valid[:, None, :c1]) | (cols[None, :] == rows[:, None])  # pads: self
             st.cache.slot.fill_(c0)
-            logits = self._forward(embeds[:, c0:c1], position[:, c0:c1], mask4d, valid[:, c0:c1].long(), st.cache)
+            st.cache.set_visible(c1)                   # attention reads the c1 positions written so far
+            if unpadded:                               # causal, aligned to the chunk's end: no mask tensor,
+                mask4d = None if c0 == 0 else causal_lower_right(c1 - c0, c1)     # sdpa's flash path
+            else:                                      # bounded memory: (chunk x c1) booleans per row
+                rows = torch.arange(c0, c1, device=dev)
+                cols = torch.arange(c1, device=dev)
+                causal = cols[None, :] <= rows[:, None]                                      # (c, c1)
+                mask4d = ((causal & valid[:, None, :c1]) | (cols[None, :] == rows[:, None]))[:, None]  # pads: self
+            try:
+                logits = self._forward(embeds[:, c0:c1], position[:, c0:c1], mask4d, valid[:, c0:c1].long(),
+                                       st.cache)
+            finally:
+                st.cache.set_visible(None)
         st.cache.slot.fill_(prompt_len)
         st.mask.zero_()
         st.mask[:, 0, 0, :prompt_len] = valid
@@ -357,6 +447,7 @@ class Engine:
             self._capture(st)
 
         params = [r.params for r in requests]
+        greedy = all(p.temperature == 0 and p.repetition_penalty == 1.0 for p in params)
         gens = [torch.Generator(device=dev).manual_seed(p.seed) if p.seed is not None else None for p in params]
         need_seen = any(p.repetition_penalty != 1.0 for p in params)
         seen = torch.zeros(n, logits.shape[-1], dtype=torch.bool, device=dev) if need_seen else None
@@ -367,12 +458,8 @@ class Engine:
         done = [False] * n
         reason = ["length"] * n
         texts = [""] * n
-        t_first = None
-        steps = 0
-        while True:
-            tokens = self._sample(logits[:n], params, gens, seen)
-            if t_first is None:
-                t_first = time.perf_counter() - t0
+
+        def accept(tokens: list[int]) -> None:
             for row, tok in enumerate(tokens):
                 if done[row]:
                     continue
@@ -389,29 +476,85 @@ class Engine:
                     texts[row], done[row], reason[row] = texts[row][:cut], True, "stop"
                 elif len(out_ids[row]) >= p.max_new_tokens:
                     done[row] = True
+
+        # Greedy runs queue each step before reading the previous one's tokens (the step feeds its own
+        # argmax forward), so the device never waits for the host; sampled runs sample on the host
+        # between steps. Either way a step's tokens are read back once, after it ran.
+        st.feed.fill_(greedy)
+        reader = _TokenReader(st.greedy, n)
+        tokens = self._sample(logits[:n], params, gens, seen)
+        st.token.copy_(torch.tensor(tokens + [tokens[-1]] * (b - n), device=dev).view(b, 1))
+        t_first = time.perf_counter() - t0
+        launched = steps = 0
+        while True:
+            accept(tokens)
             yield [t for t in texts]
             if all(done):
                 break
-            st.token.copy_(torch.tensor(tokens + [tokens[-1]] * (b - n), device=dev).view(b, 1))
-            if st.graph is not None:
-                st.graph.replay()
+            if greedy:
+                while reader.pending < 2 and launched < max_new - 1:     # never past the cache's length
+                    self._launch(st)
+                    reader.push()
+                    launched += 1
+                tokens = reader.pop()
             else:
-                self._decode_body(st)
-            logits = st.logits
+                self._launch(st)
+                tokens = self._sample(st.logits[:n], params, gens, seen)
+                st.token.copy_(torch.tensor(tokens + [tokens[-1]] * (b - n), device=dev).view(b, 1))
             steps += 1
+        t_last = time.perf_counter() - t0
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         total = time.perf_counter() - t0
         timings = {"prefill_s": t_prefill, "ttft_s": t_first, "total_s": total, "decode_steps": steps,
-                   "decode_s_per_step": (total - t_first) / steps if steps else None, "batch_bucket": b,
+                   "decode_s_per_step": (t_last - t_first) / steps if steps else None, "batch_bucket": b,
                    "cache_length": length, "cache_bytes": st.cache.nbytes()}
         yield [Output(texts[i], out_ids[i], reason[i], len(encoded[i][0]), timings) for i in range(n)]
+
+    def _launch(self, st: _Static) -> None:
+        if st.graph is not None:
+            st.graph.replay()
+        elif self.compiled and not self._compiled_ok:        # first uncaptured compiled step (CPU)
+            self._or_uncompiled(lambda: self._decode_body(st), st, [t.clone() for t in self._step_tensors(st)])
+        else:
+            self._decode_body(st)
 
     def _sample(self, logits: Tensor, params: list[SamplingParams], gens, seen) -> list[int]:
         if all(p.temperature == 0 and p.repetition_penalty == 1.0 for p in params):
             return logits.argmax(-1).tolist()
         return [sample_row(logits[i], p, seen[i] if seen is not None else None, gens[i])
                 for i, p in enumerate(params)]
+
+
+class _TokenReader:
+    """Reads the greedy tokens of launched steps back to the host in launch order without stalling the
+    device: each launch is followed by an asynchronous copy into pinned memory and an event."""
+
+    def __init__(self, source: Tensor, n: int, slots: int = 3):
+        self.source, self.n = source, n
+        self.cuda = source.is_cuda
+        self.host = torch.empty((slots, *source.shape), dtype=source.dtype, pin_memory=self.cuda)
+        self.events = [torch.cuda.Event() if self.cuda else None for _ in range(slots)]
+        self.queue: list[int] = []
+        self.count = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self.queue)
+
+    def push(self) -> None:
+        i = self.count % len(self.host)
+        self.host[i].copy_(self.source, non_blocking=self.cuda)
+        if self.cuda:
+            self.events[i].record()
+        self.queue.append(i)
+        self.count += 1
+
+    def pop(self) -> list[int]:
+        i = self.queue.pop(0)
+        if self.cuda:
+            self.events[i].synchronize()
+        return self.host[i][:self.n, 0].tolist()
 
 
 def _first_stop(text: str, stops: list[str]) -> int | None:

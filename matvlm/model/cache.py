@@ -79,7 +79,11 @@ class MambaLayerState(LinearAttentionCacheLayerMixin):
             self.is_conv_states_initialized[0] = self.is_recurrent_states_initialized[0] = True
             self.device, self.dtype = new.device, new.dtype
         self.has_previous_state[0] = True
-        self.seen += raw_xbc.shape[1]
+        self.advance(raw_xbc.shape[1])
+
+    def advance(self, tokens: int) -> None:
+        """Count `tokens` more positions seen (what `get_seq_length` reports)."""
+        self.seen += tokens
 
     # --- the abstract API of LinearAttentionCacheLayerMixin (not used by matvlm's mixer) ---
 

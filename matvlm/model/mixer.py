@@ -178,6 +178,6 @@ class Mamba2Mixer(nn.Module):
         y = ops.ssd_step(state.ssm, x.reshape(b, self.nheads, self.headdim), dt, A,
                          B.reshape(b, self.ngroups, self.d_state), C.reshape(b, self.ngroups, self.d_state),
                          _upcast(self.D))                              # (B, H, P)
-        state.seen += 1
+        state.advance(1)
         y = self.norm(y.reshape(b, 1, self.d_inner), z[:, None])
         return self.out_proj(y)

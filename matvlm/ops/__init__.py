@@ -8,6 +8,10 @@ Each picks a backend per call:
 
 ``MATVLM_KERNELS=torch|triton|auto`` (default ``auto``) forces a choice; asking for
 ``triton`` where it cannot run is an error. The path taken is logged once.
+
+Code being traced by `torch.compile` (the engine's compiled decode step) always takes the
+PyTorch path: inductor fuses its element-wise work into its own kernels, which the opaque
+mamba_ssm launchers would prevent.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 
+import torch
 from torch import Tensor
 
 from . import ssd_ref, triton_ssd
@@ -28,6 +33,8 @@ TRITON_CHUNK = 256   # mamba_ssm's Mamba2 default chunk size
 
 def backend_for(x: Tensor) -> str:
     """The backend a call on `x` will use: 'triton' or 'torch'."""
+    if torch.compiler.is_compiling():
+        return "torch"
     want = os.environ.get("MATVLM_KERNELS", "auto").lower()
     if want not in ("auto", "torch", "triton"):
         raise ValueError(f"MATVLM_KERNELS must be auto, torch or triton, got {want!r}")

@@ -55,8 +55,8 @@ def test_ragged_batch_equals_each_prompt_alone(models, image):
     together = eng.generate([Request(p, [image], params) for p in PROMPTS])
     for i, p in enumerate(PROMPTS):
         assert eng.generate([Request(p, [image], params)])[0].token_ids == together[i].token_ids
-    three = eng.generate([Request(p, [image], params) for p in PROMPTS + PROMPTS[:1]])   # bucket of 4, padded
-    assert [o.token_ids for o in three[:2]] == [o.token_ids for o in together]
+    five = eng.generate([Request(p, [image], params) for p in PROMPTS * 2 + PROMPTS[:1]])   # bucket of 6, padded
+    assert [o.token_ids for o in five] == [o.token_ids for o in together * 2 + together[:1]]
 
 
 def test_seeded_sampling_is_reproducible_and_seeds_differ(models):
@@ -127,3 +127,150 @@ def test_chunked_prefill_equals_one_prefill(models, image, name):
         eng.prefill_tokens = tokens
         chunked = [o.token_ids for o in eng.generate([Request(p, [image] if vlm else [], params) for p in prompts])]
         assert chunked == whole, tokens
+
+
+# --- compiled decode step ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["hybrid", "text-hybrid"])
+def test_compiled_decode_equals_eager_and_does_not_recompile_for_a_new_length(models, image, name):
+    """compile=True (torch.compile, dynamic shapes) decodes the same greedy tokens as the eager step, and
+    one compilation serves every cache length bucket. float32: what inductor compiles in practice
+    (float64 compiles too, in about the same time)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    path = models[name]
+    engines = [Engine(matvlm.load(path, dtype="float32"), matvlm.load_processor(path), device="cpu",
+                      dtype=torch.float32, compile=c) for c in (False, True)]
+    eager, compiled = engines
+    vlm = name == "hybrid"
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+
+    def run(eng, prompts):
+        outs = eng.generate([Request(p, [image] if vlm else [], params) for p in prompts])
+        assert all(len(o.token_ids) == 6 for o in outs)
+        return [o.token_ids for o in outs], outs[0].timings["cache_length"]
+
+    prompts = PROMPTS if vlm else ["the quick brown fox", "a"]              # ragged: left padding
+    want, length = run(eager, prompts)
+    assert counters["stats"]["unique_graphs"] == 0                          # the eager engine compiles nothing
+    got, _ = run(compiled, prompts)
+    assert got == want
+    assert counters["stats"]["unique_graphs"] == 1 and compiled.compiled    # the step was compiled, once
+
+    longer = [prompts[0].replace("the ", "the " + "very " * 60), prompts[1]]  # > 256 tokens: the next bucket
+    want, longer_length = run(eager, longer)
+    got, _ = run(compiled, longer)
+    assert longer_length > length
+    assert got == want
+    assert counters["stats"]["unique_graphs"] == 1 and counters["frames"]["total"] == 1    # no recompilation
+
+
+# --- unpadded chunked prefill -----------------------------------------------------------------
+
+def record_prefill(eng):
+    """Wrap the engine's prefill forward (decode steps call the method bound at construction) to record
+    the attention mask each prefill chunk gets and the logits it returns."""
+    masks, logits, forward = [], [], eng._forward
+
+    def spy(embeds, position, mask4d, pad2d, cache):
+        masks.append(mask4d)
+        logits.append(forward(embeds, position, mask4d, pad2d, cache))
+        return logits[-1]
+
+    eng._forward = spy
+    return masks, logits
+
+
+@pytest.mark.parametrize("name", ["teacher", "text-hybrid"])
+def test_unpadded_chunked_prefill_equals_one_prefill(models, image, name):
+    """Without padding, the first chunk gets no mask (plain causal) and later ones a lower-right aligned
+    causal bias over the cache written so far: same tokens as one prefill, for one prompt and for two
+    prompts of the same length."""
+    from torch.nn.attention.bias import CausalBias
+
+    eng, _ = engine_for(models[name])
+    masks, logits = record_prefill(eng)
+    vlm = name == "teacher"
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    if vlm:     # byte tokenizer: "square" and "circle" take as many tokens
+        prompts = [PROMPTS[0], PROMPTS[0].replace("square", "circle")]
+        requests = [Request(p, [image], params) for p in prompts]
+    else:
+        g = torch.Generator().manual_seed(0)
+        requests = [Request(ids, [], params) for ids in torch.randint(3, 250, (2, 23), generator=g).tolist()]
+    assert len({len(eng.encode(r)[0]) for r in requests}) == 1
+    one = requests[:1]
+
+    whole = [o.token_ids for o in eng.generate(one)]
+    whole_logits = logits[-1]
+    whole2 = [o.token_ids for o in eng.generate(requests)]
+    whole2_logits = logits[-1]
+    assert masks == [None, None]                                          # one chunk each, no mask tensor
+    assert whole2[0] == whole[0]
+    for chunk in (7, 5, 2):
+        masks.clear()
+        eng.prefill_tokens = chunk                                        # batch 1: chunks of `chunk` positions
+        assert [o.token_ids for o in eng.generate(one)] == whole, chunk
+        # the tiny models' greedy tokens barely depend on attention: compare the prompt's last logits too
+        torch.testing.assert_close(logits[-1], whole_logits, rtol=0, atol=1e-6)
+        assert len(masks) > 2 and masks[0] is None
+        assert all(isinstance(m, CausalBias) for m in masks[1:])
+        eng.prefill_tokens = 2 * chunk                                    # batch 2: the same chunks
+        assert [o.token_ids for o in eng.generate(requests)] == whole2, chunk
+        torch.testing.assert_close(logits[-1], whole2_logits, rtol=0, atol=1e-6)
+
+
+# --- pipelined greedy decode, mixed batches, short generations ---------------------------------
+
+def test_greedy_batch_and_mixed_greedy_sampled_batch(models):
+    """Greedy batches feed their own argmax forward on the device; once any request samples, the whole
+    batch samples on the host, and its greedy rows must stay greedy."""
+    eng, _ = engine_for(models["text-hybrid"])
+    greedy = SamplingParams(max_new_tokens=9, ignore_eos=True)
+    sampled = SamplingParams(max_new_tokens=9, temperature=2.0, seed=3, ignore_eos=True)
+    a, b = "the quick brown fox", "a cat"
+    alone = {p: eng.generate([Request(p, [], greedy)])[0].token_ids for p in (a, b)}
+    sampled_b = eng.generate([Request(b, [], sampled)])[0].token_ids
+    assert sampled_b != alone[b]                                          # it does sample
+
+    both = eng.generate([Request(a, [], greedy), Request(b, [], greedy)])
+    assert [o.token_ids for o in both] == [alone[a], alone[b]]
+    mixed = eng.generate([Request(a, [], greedy), Request(b, [], sampled)])
+    assert mixed[0].token_ids == alone[a]
+    assert mixed[1].token_ids == sampled_b                                # its own seed, whatever the batch
+    assert all(len(o.token_ids) == 9 for o in mixed)
+
+
+@pytest.mark.parametrize("new", [1, 2])
+def test_one_and_two_new_tokens(models, new):
+    """max_new_tokens 1 (no decode step) and 2 give exactly that many tokens, the start of a longer run;
+    the cache holds at least prompt + 3 positions (a captured step runs three past the prompt)."""
+    eng, _ = engine_for(models["text-hybrid"])
+    longer = eng.generate([Request("the cat", [], SamplingParams(max_new_tokens=5, ignore_eos=True))])[0].token_ids
+    ids = [10 + i % 240 for i in range(254)]                              # 254 + 2 <= 256 < 254 + 3
+    for prompt in ("the cat", ids):
+        outs = eng.generate([Request(prompt, [], SamplingParams(max_new_tokens=new, ignore_eos=True))] * 2)
+        assert [len(o.token_ids) for o in outs] == [new, new]
+        assert all(o.finish_reason == "length" for o in outs)
+        t = outs[0].timings
+        assert t["decode_steps"] == new - 1
+        assert t["cache_length"] >= outs[0].prompt_tokens + 3 and t["cache_length"] % 256 == 0
+        if prompt == "the cat":
+            assert outs[0].token_ids == longer[:new] and outs[1].token_ids == longer[:new]
+
+
+def test_a_decode_step_that_fails_to_compile_falls_back_to_eager(models, caplog):
+    eng, _ = engine_for(models["text-hybrid"])
+    params = SamplingParams(max_new_tokens=5, ignore_eos=True)
+    want = eng.generate([Request("the quick brown fox", [], params)])[0].token_ids
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("inductor failed")
+
+    eng.compiled, eng._decode_forward = True, broken           # as if torch.compile had failed
+    with caplog.at_level("WARNING", logger="matvlm.engine"):
+        got = eng.generate([Request("the quick brown fox", [], params)])[0].token_ids
+    assert got == want and eng.compiled is False
+    assert "compiling the decode step failed (RuntimeError: inductor failed)" in caplog.text
