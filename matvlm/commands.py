@@ -336,7 +336,8 @@ def _lengths(items: list[str]) -> list[int]:
 def bench(model: str, vs: str | None = None, context: list[str] = ("1k", "4k", "16k"), batch: list[int] = (1, 8),
           gen: list[int] = (256,), out: Path = Path("bench-results"), hf: bool = True,
           hf_static_context: list[str] | None = None, dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16",
-          device: str | None = None) -> None:
+          device: str | None = None, compile: Literal["off", "on", "both"] = "off",
+          max_batch_context: list[str] | None = None) -> None:
     """Measure generation speed and memory of MODEL and (with --vs) its teacher in one run, under matvlm's
     engine, and the teacher also through transformers generate (dynamic cache, and static+compiled):
     prefill time, time to first token, ms per decode step, tokens/s, peak GPU memory, and the decode step's
@@ -356,12 +357,15 @@ def bench(model: str, vs: str | None = None, context: list[str] = ("1k", "4k", "
         hf_static_context: contexts for the static+compiled transformers run (compiling is slow; default all).
         dtype: weights and activations dtype.
         device: cuda (default when available) or cpu.
+        compile: the engine's decode step with torch.compile: off, on, or both (each system twice, side by side).
+        max_batch_context: contexts (e.g. 16k,32k) at which to search the largest batch that fits, per system.
     """
     from .bench.speed import run
 
     res = run(model, vs, _lengths(context), list(batch), list(gen), Path(out), hf=hf,
               hf_static_contexts=_lengths(hf_static_context) if hf_static_context else None, dtype=dtype,
-              device=device)
+              device=device, compile={"off": [False], "on": [True], "both": [False, True]}[compile],
+              max_batch_contexts=_lengths(max_batch_context) if max_batch_context else [])
     from .bench.speed import table
     print(table(res))
     plots = [n for n in ("tokens_per_s.png", "memory.png") if (Path(out) / n).is_file()]
@@ -484,7 +488,7 @@ toy_data.cli_required = ("out",)
 train_teacher.cli_required = ("out",)
 
 
-def _engine(model: str, device: str | None, dtype: str | None, image_aspect: str = "square"):
+def _engine(model: str, device: str | None, dtype: str | None, image_aspect: str = "square", compile: bool = False):
     import torch
 
     from .convert.formats import load, load_processor
@@ -494,13 +498,13 @@ def _engine(model: str, device: str | None, dtype: str | None, image_aspect: str
     m = load(model)
     aspect = getattr(m.config, "image_aspect_ratio", None)
     return Engine(m, load_processor(model), device=dev, dtype=getattr(torch, dtype) if dtype else None,
-                  image_aspect=aspect if aspect in ("pad", "square") else image_aspect)
+                  image_aspect=aspect if aspect in ("pad", "square") else image_aspect, compile=compile)
 
 
 def chat(model: str, image: Path | None = None, temperature: float = 0.0, top_p: float = 1.0,
          max_new_tokens: int = 512, seed: int | None = None,
          template: Literal["phi", "vicuna", "chatml", "plain"] | None = None, device: str | None = None,
-         dtype: str | None = None) -> None:
+         dtype: str | None = None, compile: bool = False) -> None:
     """Chat with a model in the terminal, streaming its answers (multi-turn; images with /image PATH).
 
     Args:
@@ -513,17 +517,18 @@ def chat(model: str, image: Path | None = None, temperature: float = 0.0, top_p:
         template: force a matvlm chat template instead of the model's own.
         device: cuda or cpu (default: cuda when available).
         dtype: e.g. bfloat16 (default: bfloat16 on CUDA, float32 on CPU).
+        compile: compile the decode step (faster decoding; the first answer waits for the compilation).
     """
     from .engine.sampling import SamplingParams
     from .serve.chat import chat_loop
 
-    chat_loop(_engine(model, device, dtype), SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+    chat_loop(_engine(model, device, dtype, compile=compile), SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                                                             top_p=top_p, seed=seed), image=image, template=template)
 
 
 def ui(model: str, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
        template: Literal["phi", "vicuna", "chatml", "plain"] | None = None, device: str | None = None,
-       dtype: str | None = None) -> None:
+       dtype: str | None = None, compile: bool = False) -> None:
     """A Gradio web chat with the model: image upload, streaming answers, temperature / top-p / length / seed.
 
     Args:
@@ -534,6 +539,7 @@ def ui(model: str, host: str = "127.0.0.1", port: int = 7860, share: bool = Fals
         template: force a matvlm chat template instead of the model's own.
         device: cuda or cpu (default: cuda when available).
         dtype: e.g. bfloat16.
+        compile: compile the decode step (faster decoding; the first answer of each batch size waits for it).
     """
     from .errors import MatvlmError
     from .serve.service import BatchingService
@@ -542,7 +548,7 @@ def ui(model: str, host: str = "127.0.0.1", port: int = 7860, share: bool = Fals
         import gradio  # noqa: F401
     except ImportError as e:
         raise MatvlmError("matvlm ui needs gradio: pip install 'matvlm[serve]'") from e
-    app = build_app(BatchingService(_engine(model, device, dtype)), title=f"matvlm: {Path(model).name}",
+    app = build_app(BatchingService(_engine(model, device, dtype, compile=compile)), title=f"matvlm: {Path(model).name}",
                     template=template)
     app.queue().launch(server_name=host, server_port=port, share=share)
 
@@ -550,7 +556,7 @@ def ui(model: str, host: str = "127.0.0.1", port: int = 7860, share: bool = Fals
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           name: str | None = None, allow_local_images: bool = False, max_batch: int = 16,
           max_image_pixels: int = 4096 * 4096, template: Literal["phi", "vicuna", "chatml", "plain"] | None = None,
-          device: str | None = None, dtype: str | None = None) -> None:
+          device: str | None = None, dtype: str | None = None, compile: bool = False) -> None:
     """Serve the model over an OpenAI-compatible HTTP API: /v1/chat/completions (stream: true for SSE;
     images as data: URLs), /v1/models, /health. Concurrent requests are batched together.
 
@@ -569,6 +575,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         template: force a matvlm chat template instead of the model's own.
         device: cuda or cpu (default: cuda when available).
         dtype: e.g. bfloat16.
+        compile: compile the decode step (faster decoding; the first request of each batch size waits for it).
     """
     from .errors import MatvlmError
     try:
@@ -579,7 +586,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         raise MatvlmError("matvlm serve needs fastapi and uvicorn: pip install 'matvlm[serve]'") from e
     from .serve.service import BatchingService
 
-    service = BatchingService(_engine(model, device, dtype), max_batch=max_batch)
+    service = BatchingService(_engine(model, device, dtype, compile=compile), max_batch=max_batch)
     app = create_app(service, name or Path(model).name, api_key=api_key,
                      limits=Limits(max_image_pixels=max_image_pixels), allow_local_images=allow_local_images,
                      template=template)

@@ -114,6 +114,7 @@ def engine_cell(engine, cell: Cell, vocab: int) -> dict:
 
     prompts = _random_prompts(cell.batch, cell.context, vocab)
     params = SamplingParams(max_new_tokens=cell.gen, ignore_eos=True)
+    engine._statics.clear()                  # no other bucket's buffers in this cell's peak memory
     _peak_reset()
     try:
         engine.generate([Request(p, [], params) for p in prompts])      # warm-up: allocates and captures the bucket
@@ -122,10 +123,44 @@ def engine_cell(engine, cell: Cell, vocab: int) -> dict:
     except torch.OutOfMemoryError:
         engine._statics.clear()
         return {"oom": True}
+    except MatvlmError as e:                  # e.g. prompt + generated tokens beyond the model's context
+        return {"error": str(e)}
     t = outs[0].timings
     step = t["decode_s_per_step"]
     return {"prefill_ms": 1e3 * t["prefill_s"], "ttft_ms": 1e3 * t["ttft_s"], "step_ms": 1e3 * step,
-            "tokens_per_s": cell.batch / step, "peak_GiB": _peak_gib(), "cache_GiB": t["cache_bytes"] / 2**30}
+            "tokens_per_s": cell.batch / step, "peak_GiB": _peak_gib(), "cache_GiB": t["cache_bytes"] / 2**30,
+            "first_tokens": outs[0].token_ids[:16]}
+
+
+def max_batch(engine, context: int, vocab: int, gen: int = 4) -> dict:
+    """The largest number of `context`-token prompts the engine prefills and decodes `gen` tokens for in
+    one batch without running out of memory (doubling, then bisection; up to its max_batch_size)."""
+    from ..engine.engine import Request
+    from ..engine.sampling import SamplingParams
+
+    params = SamplingParams(max_new_tokens=gen, ignore_eos=True)
+    peaks = {}
+
+    def fits(b: int) -> bool:
+        _peak_reset()
+        try:
+            engine.generate([Request(p, [], params) for p in _random_prompts(b, context, vocab)])
+            peaks[b] = _peak_gib()
+            return True
+        except torch.OutOfMemoryError:
+            return False
+        finally:
+            engine._statics.clear()
+            _peak_reset()
+
+    ok, b, limit = 0, 1, engine.max_batch_size
+    while b <= limit and fits(b):
+        ok, b = b, b * 2
+    hi = min(b, limit + 1)
+    while hi - ok > 1:
+        mid = (ok + hi) // 2
+        ok, hi = (mid, hi) if fits(mid) else (ok, mid)
+    return {"max_batch": ok, "peak_GiB": peaks.get(ok), "capped": ok == limit}
 
 
 def hf_cell(model, cell: Cell, vocab: int, static: bool) -> dict:
@@ -154,12 +189,16 @@ def hf_cell(model, cell: Cell, vocab: int, static: bool) -> dict:
 
 def run(model: str, vs: str | None, contexts: list[int], batches: list[int], gens: list[int], out: Path,
         hf: bool = True, hf_static_contexts: list[int] | None = None, dtype: str = "bfloat16",
-        device: str | None = None) -> dict:
+        device: str | None = None, compile: list[bool] = (False,), max_batch_contexts: list[int] = ()) -> dict:
     """Measure every cell for the model and the teacher; `hf_static_contexts` limits the (slow to compile)
-    static+compiled transformers runs to those contexts (None: all)."""
+    static+compiled transformers runs to those contexts (None: all); `compile` lists the engine variants
+    (decode step eager-captured and/or compiled) each system is measured with; for each context in
+    `max_batch_contexts` the largest batch that fits is searched (engine, first variant)."""
     from ..engine.engine import Engine
     from .kernels import ceilings
 
+    if any(g < 2 for g in gens):
+        raise MatvlmError(f"generated lengths must be at least 2 (one decode step or more), got {list(gens)}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = getattr(torch, dtype)
     copy_gbps = ceilings()["copy_GBps"] if device == "cuda" else None
@@ -172,14 +211,22 @@ def run(model: str, vs: str | None, contexts: list[int], batches: list[int], gen
         m, proc = resolve(spec, torch_dtype)
         vocab = m.get_output_embeddings().out_features
         tok = getattr(proc, "tokenizer", proc) if proc is not None else _NullTokenizer()
-        engine = Engine(m, proc or tok, device=device, dtype=torch_dtype)
-        for cell in cells:
-            r = engine_cell(engine, cell, vocab)
-            if not r.get("oom") and copy_gbps:
-                roof = step_bytes(m, cell.batch, cell.context + cell.gen // 2) / (copy_gbps * 1e9) * 1e3
-                r.update(roofline_ms=roof, of_roofline=roof / r["step_ms"])
-            res["rows"].append({"system": f"{role} (matvlm engine)", **cell.__dict__, **r})
-            print(json.dumps(res["rows"][-1]), flush=True)
+        for comp in compile:
+            engine = Engine(m, proc or tok, device=device, dtype=torch_dtype, compile=comp)
+            for cell in cells:
+                r = engine_cell(engine, cell, vocab)
+                if "step_ms" in r and copy_gbps:
+                    roof = step_bytes(m, cell.batch, cell.context + cell.gen // 2) / (copy_gbps * 1e9) * 1e3
+                    r.update(roofline_ms=roof, of_roofline=roof / r["step_ms"])
+                res["rows"].append({"system": engine_name(role, engine), **cell.__dict__, **r})
+                print(json.dumps(res["rows"][-1]), flush=True)
+            if comp == compile[0]:
+                for context in max_batch_contexts:
+                    r = max_batch(engine, context, vocab)
+                    res["rows"].append({"system": engine_name(role, engine), "context": context, "kind": "max_batch", **r})
+                    print(json.dumps(res["rows"][-1]), flush=True)
+            del engine
+            _peak_reset()
         if role == "teacher" and hf:
             for cell in cells:
                 for static in (False, True):
@@ -190,13 +237,17 @@ def run(model: str, vs: str | None, contexts: list[int], batches: list[int], gen
                     name = "teacher (transformers generate, " + ("static+compiled)" if static else "dynamic cache)")
                     res["rows"].append({"system": name, **cell.__dict__, **r})
                     print(json.dumps(res["rows"][-1]), flush=True)
-        del engine, m
+        del m
         _peak_reset()
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(res, indent=2))
     (out / "bench.md").write_text(table(res))
     plot(res, out)
     return res
+
+
+def engine_name(role: str, engine) -> str:
+    return f"{role} (matvlm engine{', compiled' if engine.compiled else ''})"
 
 
 class _NullTokenizer:
@@ -212,14 +263,23 @@ class _NullTokenizer:
 def table(res: dict) -> str:
     lines = ["| system | context | batch | gen | prefill ms | step ms | tokens/s | peak GiB | roofline ms | % of roofline |",
              "|---|---|---|---|---|---|---|---|---|---|"]
+    fits = [r for r in res["rows"] if r.get("kind") == "max_batch"]
     for r in res["rows"]:
-        if r.get("oom"):
-            lines.append(f"| {r['system']} | {r['context']} | {r['batch']} | {r['gen']} | OOM | | | | | |")
+        if r.get("kind") == "max_batch":
+            continue
+        if r.get("oom") or r.get("error"):
+            what = "OOM" if r.get("oom") else r["error"]
+            lines.append(f"| {r['system']} | {r['context']} | {r['batch']} | {r['gen']} | {what} | | | | | |")
             continue
         f = lambda k, fmt: (fmt.format(r[k]) if r.get(k) is not None else "")
         lines.append(f"| {r['system']} | {r['context']} | {r['batch']} | {r['gen']} | {f('prefill_ms', '{:.1f}')} | "
                      f"{f('step_ms', '{:.2f}')} | {f('tokens_per_s', '{:.1f}')} | {f('peak_GiB', '{:.1f}')} | "
                      f"{f('roofline_ms', '{:.2f}')} | {f('of_roofline', '{:.0%}')} |")
+    if fits:
+        lines += ["", "| system | context | largest batch that fits | its peak GiB |", "|---|---|---|---|"]
+        for r in fits:
+            peak = f"{r['peak_GiB']:.1f}" if r.get("peak_GiB") is not None else ""
+            lines.append(f"| {r['system']} | {r['context']} | {r['max_batch']}{'+' if r['capped'] else ''} | {peak} |")
     return "\n".join(lines) + "\n"
 
 
@@ -236,7 +296,7 @@ def plot(res: dict, out: Path) -> None:
         fig, ax = plt.subplots(figsize=(6, 4))
         series = {}
         for r in res["rows"]:
-            if r.get(key) is None:
+            if r.get(key) is None or r.get("kind") == "max_batch":
                 continue
             series.setdefault((r["system"], r["batch"]), []).append((r["context"], r[key]))
         for (system, batch), pts in sorted(series.items()):
@@ -246,7 +306,8 @@ def plot(res: dict, out: Path) -> None:
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+        if series:
+            ax.legend(fontsize=6)
         fig.tight_layout()
         fig.savefig(out / name, dpi=130)
         plt.close(fig)

@@ -1,0 +1,103 @@
+"""`matvlm bench` helpers: the largest-batch search, cells beyond the model's context, the markdown table."""
+
+import pytest
+import torch
+
+import matvlm
+from matvlm.bench import speed
+from matvlm.bench.speed import Cell, engine_cell, max_batch, table
+from matvlm.engine.engine import Engine
+
+
+class FakeEngine:
+    """Runs out of memory above `fits` requests (None: never); records the batch sizes it was given."""
+
+    def __init__(self, fits: int | None, max_batch_size: int = 64):
+        self.fits, self.max_batch_size = fits, max_batch_size
+        self._statics = {}
+        self.calls = []
+
+    def generate(self, requests):
+        self.calls.append(len(requests))
+        assert all(len(r.prompt) == 16 and r.params.max_new_tokens == 3 and r.params.ignore_eos for r in requests)
+        self._statics[(len(requests), 256)] = object()         # what a real engine keeps allocated
+        if self.fits is not None and len(requests) > self.fits:
+            raise torch.OutOfMemoryError("fake: out of memory")
+        return []
+
+
+@pytest.mark.parametrize("fits, limit, want, capped", [
+    (5, 64, 5, False),          # doubling to 8, bisection down to 5
+    (None, 64, 64, True),       # never out of memory: the engine's max_batch_size, marked as capped
+    (None, 48, 48, True),       # a cap that is no power of two is still reached
+    (63, 64, 63, False),        # one below the cap is not capped
+    (0, 64, 0, False),          # not even one request fits
+    (1, 64, 1, False),
+])
+def test_max_batch_doubles_then_bisects(monkeypatch, fits, limit, want, capped):
+    monkeypatch.setattr(speed, "_peak_reset", lambda: None)     # gc.collect and CUDA counters: slow, not needed
+    eng = FakeEngine(fits, limit)
+    r = max_batch(eng, context=16, vocab=50, gen=3)
+    assert r["max_batch"] == want and r["capped"] is capped
+    assert r["peak_GiB"] is None                                  # no CUDA: no peak memory
+    assert len(eng.calls) <= 12                                   # logarithmic, not a linear scan
+    assert max(eng.calls) <= limit                                # never beyond the engine's batch limit
+    if want:
+        assert want in eng.calls                                  # the answer was tried and fit
+    if fits is not None and fits < limit:
+        assert fits + 1 in eng.calls                              # ... and the next size was tried and failed
+    assert eng._statics == {}                                     # every try frees its buffers
+
+
+@pytest.fixture(scope="module")
+def text_engine(teacher_dirs):
+    path = teacher_dirs["causal-llama"]
+    model = matvlm.load(path, dtype="float32")
+    return Engine(model, matvlm.load_processor(path), device="cpu", dtype=torch.float32), model
+
+
+def test_engine_cell_beyond_the_context_is_an_error_row(text_engine):
+    eng, model = text_engine
+    vocab = model.get_output_embeddings().out_features
+    limit = model.config.max_position_embeddings
+    assert limit == 4096
+    r = engine_cell(eng, Cell(limit - 4, 1, 8), vocab)           # 4092 + 8 > 4096
+    assert set(r) == {"error"} and "exceeds the model's context" in r["error"]
+    eng._statics[(8, 4096)] = object()                           # another cell's bucket: freed first
+    ok = engine_cell(eng, Cell(12, 1, 4), vocab)                 # within it: measured
+    assert list(eng._statics) == [(1, 256)]
+    assert "error" not in ok and "oom" not in ok
+    assert ok["step_ms"] > 0 and ok["tokens_per_s"] > 0 and ok["prefill_ms"] > 0
+    assert len(ok["first_tokens"]) == 4 and ok["peak_GiB"] is None
+
+
+def test_table_renders_errors_ooms_and_the_largest_batches():
+    res = {"rows": [
+        {"system": "model (matvlm engine)", "context": 1024, "batch": 1, "gen": 8, "prefill_ms": 12.34,
+         "step_ms": 1.5, "tokens_per_s": 666.7, "peak_GiB": 2.26, "roofline_ms": 0.75, "of_roofline": 0.5},
+        {"system": "model (matvlm engine)", "context": 8192, "batch": 1, "gen": 8,
+         "error": "prompt (8192 tokens) + max_new_tokens (8) exceeds the model's context of 4096 tokens"},
+        {"system": "model (matvlm engine)", "context": 2048, "batch": 64, "gen": 8, "oom": True},
+        {"system": "model (matvlm engine)", "context": 1024, "kind": "max_batch", "max_batch": 64, "peak_GiB": 30.0,
+         "capped": True},
+        {"system": "teacher (matvlm engine, compiled)", "context": 1024, "kind": "max_batch", "max_batch": 5,
+         "peak_GiB": None, "capped": False},
+    ]}
+    lines = table(res).splitlines()
+    assert "| model (matvlm engine) | 1024 | 1 | 8 | 12.3 | 1.50 | 666.7 | 2.3 | 0.75 | 50% |" in lines
+    assert ("| model (matvlm engine) | 8192 | 1 | 8 | prompt (8192 tokens) + max_new_tokens (8) exceeds the "
+            "model's context of 4096 tokens | | | | | |") in lines
+    assert "| model (matvlm engine) | 2048 | 64 | 8 | OOM | | | | | |" in lines
+    head = lines.index("| system | context | largest batch that fits | its peak GiB |")
+    assert lines[head + 2:] == ["| model (matvlm engine) | 1024 | 64+ | 30.0 |",
+                                "| teacher (matvlm engine, compiled) | 1024 | 5 |  |"]
+    assert sum("max_batch" in line or "| 64+ |" in line for line in lines[:head]) == 0   # not in the speed table
+    assert "largest batch" not in table({"rows": res["rows"][:3]})                      # no search, no section
+
+
+def test_bench_refuses_generated_lengths_without_a_decode_step(tmp_path):
+    from matvlm.bench.speed import run
+    from matvlm.errors import MatvlmError
+
+    with pytest.raises(MatvlmError, match="at least 2"):
+        run("random:tinyllava-phi2", None, [16], [1], [1], tmp_path, device="cpu")
