@@ -154,17 +154,26 @@ def max_batch(engine, context: int, vocab: int, gen: int = 4) -> dict:
             _peak_reset()
 
     ok, b, limit = 0, 1, engine.max_batch_size
-    while b <= limit and fits(b):
-        ok, b = b, b * 2
-    hi = min(b, limit + 1)
-    while hi - ok > 1:
-        mid = (ok + hi) // 2
-        ok, hi = (mid, hi) if fits(mid) else (ok, mid)
+    try:
+        while b <= limit and fits(b):
+            ok, b = b, b * 2
+        hi = min(b, limit + 1)
+        while hi - ok > 1:
+            mid = (ok + hi) // 2
+            ok, hi = (mid, hi) if fits(mid) else (ok, mid)
+    except MatvlmError as e:                  # e.g. the context is beyond the model's
+        return {"error": str(e)}
     return {"max_batch": ok, "peak_GiB": peaks.get(ok), "capped": ok == limit}
 
 
 def hf_cell(model, cell: Cell, vocab: int, static: bool) -> dict:
     """transformers generate: per-step time from generating `gen` tokens and 1 token."""
+    from ..model.hybrid import text_config
+
+    limit = getattr(text_config(model.config), "max_position_embeddings", None)
+    if limit and cell.context + cell.gen > limit:
+        return {"error": f"prompt ({cell.context} tokens) + max_new_tokens ({cell.gen}) exceeds the model's "
+                         f"context of {limit} tokens"}
     ids = torch.tensor(_random_prompts(cell.batch, cell.context, vocab), device=model.device)
     kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
     if static:
@@ -278,6 +287,9 @@ def table(res: dict) -> str:
     if fits:
         lines += ["", "| system | context | largest batch that fits | its peak GiB |", "|---|---|---|---|"]
         for r in fits:
+            if r.get("error"):
+                lines.append(f"| {r['system']} | {r['context']} | {r['error']} | |")
+                continue
             peak = f"{r['peak_GiB']:.1f}" if r.get("peak_GiB") is not None else ""
             lines.append(f"| {r['system']} | {r['context']} | {r['max_batch']}{'+' if r['capped'] else ''} | {peak} |")
     return "\n".join(lines) + "\n"

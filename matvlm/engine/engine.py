@@ -25,7 +25,7 @@ from typing import Iterator
 
 import torch
 from torch import Tensor, nn
-from torch.nn.attention.bias import causal_lower_right
+from torch.nn.attention.bias import CausalBias, CausalVariant
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..errors import MatvlmError
@@ -182,6 +182,24 @@ class Output:
     timings: dict
 
 
+def _out_of_memory(e: BaseException | None) -> bool:
+    """An out-of-memory error, also where torch.compile wrapped one (BackendCompilerFailed)."""
+    while e is not None:
+        if isinstance(e, torch.OutOfMemoryError):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _causal_lower_right(q: int, kv: int) -> CausalBias:
+    """torch's `causal_lower_right(q, kv)` without the uninitialised (2, q, kv) float32 host tensor its
+    constructor allocates (16 GiB of address space for a 16K chunk over 128K keys): sdpa reads only
+    the variant and the two lengths."""
+    bias = torch.Tensor._make_subclass(CausalBias, torch.empty(0))
+    bias.variant, bias.seq_len_q, bias.seq_len_kv = CausalVariant.LOWER_RIGHT, q, kv
+    return bias
+
+
 def _bucket(n: int, sizes=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)) -> int:
     for s in sizes:
         if n <= s:
@@ -302,18 +320,22 @@ class Engine:
         entries the extra steps write lie past the prompt and are rewritten before they are read). A step
         that fails to compile falls back to the eager step, with a warning."""
         saved = [t.clone() for t in self._step_tensors(st)]
-        self._or_uncompiled(lambda: self._warm_up(st), st, saved)
-        st.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(st.graph):
-            self._decode_body(st)
-        self._restore(st, saved)
+        try:
+            self._or_uncompiled(lambda: self._warm_up(st), st, saved)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._decode_body(st)
+            st.graph = graph                                  # only a graph that was captured whole
+        finally:
+            torch.cuda.synchronize()
+            self._restore(st, saved)
 
     def _or_uncompiled(self, run, st: _Static, saved: list[Tensor]) -> None:
         """run(); if the compiled step fails to compile, warn, restore the buffers and run it eager."""
         try:
             run()
         except Exception as e:                              # torch.compile problems are not the user's
-            if not self.compiled or isinstance(e, torch.OutOfMemoryError):
+            if not self.compiled or _out_of_memory(e):
                 raise
             log.warning("compiling the decode step failed (%s: %s); decoding without compilation",
                         type(e).__name__, str(e).splitlines()[0] if str(e) else "")
@@ -424,8 +446,10 @@ class Engine:
             c1 = min(prompt_len, c0 + chunk)
             st.cache.slot.fill_(c0)
             st.cache.set_visible(c1)                   # attention reads the c1 positions written so far
-            if unpadded:                               # causal, aligned to the chunk's end: no mask tensor,
-                mask4d = None if c0 == 0 else causal_lower_right(c1 - c0, c1)     # sdpa's flash path
+            if unpadded:            # causal, aligned to the chunk's end: no mask tensor, sdpa's flash path
+                # (one query over exactly the keys written so far needs no mask; transformers folds a
+                # lone GQA query's heads into the query length, which a lower-right bias would misalign)
+                mask4d = None if c0 == 0 or c1 - c0 == 1 else _causal_lower_right(c1 - c0, c1)
             else:                                      # bounded memory: (chunk x c1) booleans per row
                 rows = torch.arange(c0, c1, device=dev)
                 cols = torch.arange(c1, device=dev)

@@ -101,3 +101,33 @@ def test_bench_refuses_generated_lengths_without_a_decode_step(tmp_path):
 
     with pytest.raises(MatvlmError, match="at least 2"):
         run("random:tinyllava-phi2", None, [16], [1], [1], tmp_path, device="cpu")
+
+
+def test_max_batch_beyond_the_context_is_an_error_row(text_engine):
+    eng, model = text_engine
+    r = max_batch(eng, context=model.config.max_position_embeddings, vocab=model.get_output_embeddings().out_features)
+    assert set(r) == {"error"} and "exceeds the model's context" in r["error"]
+    assert "| exceeds" not in table({"rows": []})
+    rendered = table({"rows": [{"system": "s", "context": 4096, "kind": "max_batch", **r}]})
+    assert "| s | 4096 | prompt (4096 tokens)" in rendered
+
+
+def test_transformers_cell_beyond_the_context_is_an_error_row(text_engine):
+    from matvlm.bench.speed import hf_cell
+
+    _, model = text_engine
+    r = hf_cell(model, Cell(4092, 1, 8), model.get_output_embeddings().out_features, static=False)
+    assert set(r) == {"error"} and "exceeds the model's context of 4096" in r["error"]
+
+
+def test_out_of_memory_is_found_inside_wrapped_errors():
+    from matvlm.engine.engine import _out_of_memory
+
+    try:
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        except torch.OutOfMemoryError as inner:
+            raise RuntimeError("backend compiler failed") from inner
+    except RuntimeError as wrapped:
+        assert _out_of_memory(wrapped)
+    assert not _out_of_memory(RuntimeError("inductor failed"))

@@ -216,7 +216,9 @@ def test_unpadded_chunked_prefill_equals_one_prefill(models, image, name):
         # the tiny models' greedy tokens barely depend on attention: compare the prompt's last logits too
         torch.testing.assert_close(logits[-1], whole_logits, rtol=0, atol=1e-6)
         assert len(masks) > 2 and masks[0] is None
-        assert all(isinstance(m, CausalBias) for m in masks[1:])
+        # later chunks: a lower-right causal bias, or no mask for a lone last query (see the next test)
+        assert all(isinstance(m, CausalBias) or m is None for m in masks[1:])
+        assert any(isinstance(m, CausalBias) for m in masks[1:])
         eng.prefill_tokens = 2 * chunk                                    # batch 2: the same chunks
         assert [o.token_ids for o in eng.generate(requests)] == whole2, chunk
         torch.testing.assert_close(logits[-1], whole2_logits, rtol=0, atol=1e-6)
@@ -274,3 +276,25 @@ def test_a_decode_step_that_fails_to_compile_falls_back_to_eager(models, caplog)
         got = eng.generate([Request("the quick brown fox", [], params)])[0].token_ids
     assert got == want and eng.compiled is False
     assert "compiling the decode step failed (RuntimeError: inductor failed)" in caplog.text
+
+
+def test_unpadded_prefill_whose_last_chunk_is_one_token(models):
+    """A lone last query attends to every key written so far without a mask (a lower-right bias over a
+    GQA query whose heads transformers folds into the query length would misalign on CUDA)."""
+    eng, _ = engine_for(models["text-hybrid"])            # llama, 2 KV heads for 4 query heads: GQA
+    ids = list(range(30, 51))                              # 21 tokens: chunks of 5 leave one token last
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    masks = []
+    forward = eng._forward
+
+    def spy(embeds, position, mask4d, pad2d, cache):
+        masks.append(mask4d)
+        return forward(embeds, position, mask4d, pad2d, cache)
+
+    whole = eng.generate([Request(ids, [], params)])[0].token_ids
+    eng.prefill_tokens, eng._forward = 5, spy
+    chunked = eng.generate([Request(ids, [], params)])[0].token_ids
+    prefill = masks[:5]
+    assert chunked == whole
+    assert prefill[0] is None and prefill[-1] is None
+    assert all(m.seq_len_q == 5 and m.untyped_storage().nbytes() == 0 for m in prefill[1:-1])
