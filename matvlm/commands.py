@@ -522,8 +522,8 @@ def chat(model: str, image: Path | None = None, temperature: float = 0.0, top_p:
     from .engine.sampling import SamplingParams
     from .serve.chat import chat_loop
 
-    chat_loop(_engine(model, device, dtype, compile=compile), SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
-                                                            top_p=top_p, seed=seed), image=image, template=template)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    chat_loop(_engine(model, device, dtype, compile=compile), params, image=image, template=template)
 
 
 def ui(model: str, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
@@ -548,8 +548,8 @@ def ui(model: str, host: str = "127.0.0.1", port: int = 7860, share: bool = Fals
         import gradio  # noqa: F401
     except ImportError as e:
         raise MatvlmError("matvlm ui needs gradio: pip install 'matvlm[serve]'") from e
-    app = build_app(BatchingService(_engine(model, device, dtype, compile=compile)), title=f"matvlm: {Path(model).name}",
-                    template=template)
+    service = BatchingService(_engine(model, device, dtype, compile=compile))
+    app = build_app(service, title=f"matvlm: {Path(model).name}", template=template)
     app.queue().launch(server_name=host, server_port=port, share=share)
 
 

@@ -168,12 +168,12 @@ def max_batch(engine, context: int, vocab: int, gen: int = 4) -> dict:
 
 def hf_cell(model, cell: Cell, vocab: int, static: bool) -> dict:
     """transformers generate: per-step time from generating `gen` tokens and 1 token."""
-    from ..model.hybrid import text_config
+    from ..engine.engine import check_fits
 
-    limit = getattr(text_config(model.config), "max_position_embeddings", None)
-    if limit and cell.context + cell.gen > limit:
-        return {"error": f"prompt ({cell.context} tokens) + max_new_tokens ({cell.gen}) exceeds the model's "
-                         f"context of {limit} tokens"}
+    try:
+        check_fits(model, cell.context, cell.gen)
+    except MatvlmError as e:                  # as the engine's cell records it
+        return {"error": str(e)}
     ids = torch.tensor(_random_prompts(cell.batch, cell.context, vocab), device=model.device)
     kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
     if static:

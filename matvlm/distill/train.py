@@ -157,10 +157,10 @@ class _Loggers:
         """On resume: drop log lines of steps after the checkpoint (they will be redone)."""
         if not self.active or not self.path.is_file():
             return
+        from ..model.io import atomic_write_text
+
         keep = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(l + "\n" for l in keep))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(l + "\n" for l in keep))
 
     def write(self, rec: dict) -> None:
         if not self.active:
@@ -302,6 +302,7 @@ def run(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Path
         engine.backward(loss * plan.accumulation)
         if last:
             engine.step()
+
     def autocast():
         """accelerate's autocast, which it turns off under DeepSpeed (DeepSpeed casts the module to bf16
         instead); matvlm autocasts there too, so that norms, softmax and the SSM's element-wise work

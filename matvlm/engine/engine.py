@@ -182,6 +182,23 @@ class Output:
     timings: dict
 
 
+def context_limit(model: nn.Module) -> int | None:
+    """The model's context length (its text config's max_position_embeddings), or None if it states none."""
+    return getattr(text_config(model.config), "max_position_embeddings", None) or None
+
+
+def check_fits(model: nn.Module, prompt_len: int, max_new: int) -> None:
+    """Refuse a prompt whose answer cannot fit the model's context."""
+    limit = context_limit(model)
+    if limit and prompt_len + max_new > limit:
+        raise MatvlmError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new}) exceeds the model's "
+                          f"context of {limit} tokens")
+
+
+def _all_greedy(params: list[SamplingParams]) -> bool:
+    return all(p.temperature == 0 and p.repetition_penalty == 1.0 for p in params)
+
+
 def _out_of_memory(e: BaseException | None) -> bool:
     """An out-of-memory error, also where torch.compile wrapped one (BackendCompilerFailed)."""
     while e is not None:
@@ -306,13 +323,13 @@ class Engine:
     def _allocate(self, batch: int, length: int) -> _Static:
         vocab = self.model.get_output_embeddings().out_features
         return _Static(
-                cache=StaticHybridCache(self.model, batch, length, self.dtype, self.device),
-                token=torch.zeros(batch, 1, dtype=torch.long, device=self.device),
-                position=torch.zeros(batch, 1, dtype=torch.long, device=self.device),
-                mask=torch.zeros(batch, 1, 1, length, dtype=torch.bool, device=self.device),
-                logits=torch.zeros(batch, vocab, dtype=torch.float32, device=self.device),
-                greedy=torch.zeros(batch, 1, dtype=torch.long, device=self.device),
-                feed=torch.zeros(batch, 1, dtype=torch.bool, device=self.device))
+            cache=StaticHybridCache(self.model, batch, length, self.dtype, self.device),
+            token=torch.zeros(batch, 1, dtype=torch.long, device=self.device),
+            position=torch.zeros(batch, 1, dtype=torch.long, device=self.device),
+            mask=torch.zeros(batch, 1, 1, length, dtype=torch.bool, device=self.device),
+            logits=torch.zeros(batch, vocab, dtype=torch.float32, device=self.device),
+            greedy=torch.zeros(batch, 1, dtype=torch.long, device=self.device),
+            feed=torch.zeros(batch, 1, dtype=torch.bool, device=self.device))
 
     def _capture(self, st: _Static) -> None:
         """Record one decode step as a CUDA graph. Warm-up (where a compiled step compiles) and capture
@@ -418,10 +435,7 @@ class Engine:
         prompt_len = max(len(ids) for ids, _ in encoded)
         max_new = max(r.params.max_new_tokens for r in requests)
         length = _round_up(prompt_len + max(max_new, 3))   # capturing a step runs 3 past the prompt
-        limit = getattr(text_config(self.model.config), "max_position_embeddings", None)
-        if limit and prompt_len + max_new > limit:
-            raise MatvlmError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new}) exceeds the model's "
-                              f"context of {limit} tokens")
+        check_fits(self.model, prompt_len, max_new)
         st = self._static(b, length)
         st.cache.clear()
         dev = self.device
@@ -471,7 +485,7 @@ class Engine:
             self._capture(st)
 
         params = [r.params for r in requests]
-        greedy = all(p.temperature == 0 and p.repetition_penalty == 1.0 for p in params)
+        greedy = _all_greedy(params)
         gens = [torch.Generator(device=dev).manual_seed(p.seed) if p.seed is not None else None for p in params]
         need_seen = any(p.repetition_penalty != 1.0 for p in params)
         seen = torch.zeros(n, logits.shape[-1], dtype=torch.bool, device=dev) if need_seen else None
@@ -507,7 +521,7 @@ class Engine:
         st.feed.fill_(greedy)
         reader = _TokenReader(st.greedy, n)
         tokens = self._sample(logits[:n], params, gens, seen)
-        st.token.copy_(torch.tensor(tokens + [tokens[-1]] * (b - n), device=dev).view(b, 1))
+        _feed(st, tokens)
         t_first = time.perf_counter() - t0
         launched = steps = 0
         while True:
@@ -524,7 +538,7 @@ class Engine:
             else:
                 self._launch(st)
                 tokens = self._sample(st.logits[:n], params, gens, seen)
-                st.token.copy_(torch.tensor(tokens + [tokens[-1]] * (b - n), device=dev).view(b, 1))
+                _feed(st, tokens)
             steps += 1
         t_last = time.perf_counter() - t0
         if self.device.type == "cuda":
@@ -544,10 +558,16 @@ class Engine:
             self._decode_body(st)
 
     def _sample(self, logits: Tensor, params: list[SamplingParams], gens, seen) -> list[int]:
-        if all(p.temperature == 0 and p.repetition_penalty == 1.0 for p in params):
+        if _all_greedy(params):
             return logits.argmax(-1).tolist()
         return [sample_row(logits[i], p, seen[i] if seen is not None else None, gens[i])
                 for i, p in enumerate(params)]
+
+
+def _feed(st: _Static, tokens: list[int]) -> None:
+    """The next step's input tokens; the bucket's padding rows repeat the last request's."""
+    b = st.token.shape[0]
+    st.token.copy_(torch.tensor(tokens + [tokens[-1]] * (b - len(tokens)), device=st.token.device).view(b, 1))
 
 
 class _TokenReader:

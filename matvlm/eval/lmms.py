@@ -189,9 +189,9 @@ class MatvlmLMM(lmms):
 
     def _fit_context(self, request):
         """Shorten max_new_tokens so prompt + answer fit the model's context; None if the prompt alone does not."""
-        from ..model.hybrid import text_config
+        from ..engine.engine import context_limit
 
-        limit = getattr(text_config(self.engine.model.config), "max_position_embeddings", None)
+        limit = context_limit(self.engine.model)
         if not limit:
             return request
         n_prompt = len(self.engine.encode(request)[0])

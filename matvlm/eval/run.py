@@ -8,7 +8,6 @@ without a model.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from ..errors import MatvlmError
@@ -79,11 +78,9 @@ def _multi_image(engine) -> bool:
 
 def write_results(path: Path, records: list[dict]) -> None:
     """Results JSON: one record, or a list for several benchmarks (written atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(records[0] if len(records) == 1 else records, indent=1) + "\n")
-    os.replace(tmp, path)
+    from ..model.io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(records[0] if len(records) == 1 else records, indent=1) + "\n")
 
 
 def read_results(path: Path) -> list[dict]:

@@ -181,8 +181,6 @@ def format_record(rec: dict) -> str:
 
 def write_record(rec: dict, path: str | Path) -> None:
     """Write `rec` as JSON atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(rec, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    from ..model.io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(rec, indent=2, ensure_ascii=False) + "\n")

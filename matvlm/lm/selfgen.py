@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -60,6 +59,7 @@ def self_generate(engine, prompts: str | Path, out: str | Path, max_new_tokens: 
     from ..engine.engine import Request
     from ..engine.prompts import render
     from ..engine.sampling import SamplingParams
+    from ..model.io import atomic_write_text
 
     out = Path(out)
     items = read_prompts(prompts)
@@ -108,13 +108,11 @@ def self_generate(engine, prompts: str | Path, out: str | Path, max_new_tokens: 
     empty = [r["id"] for r in rows if not r["messages"][-1]["content"]]   # nothing to learn from
     final = [{k: v for k, v in r.items() if k != "fp"} for r in rows if r["messages"][-1]["content"]]
     truncated = sum(r["finish_reason"] == "length" for r in final)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in final), encoding="utf-8")
     meta = {"prompts": str(prompts), "fingerprint": fp, "prompts_n": len(items), "answers": len(final),
             "empty_ids": empty, "truncated": truncated, "max_new_tokens": max_new_tokens,
             "temperature": temperature}
     meta_path.write_text(json.dumps(meta, indent=1) + "\n")
-    os.replace(tmp, out)
+    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in final))
     partial.unlink()
     return {"path": str(out), "n": len(final), "generated": len(todo), "tokens": tokens,
             "seconds": round(time.perf_counter() - start, 2), "truncated": truncated, "empty": len(empty)}

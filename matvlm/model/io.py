@@ -96,6 +96,16 @@ def atomic_dir(out_dir: str | Path, overwrite: bool = False):
         raise
 
 
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write `text` to `path` through a hidden temporary sibling and a rename, so that no reader (or
+    interrupted run) ever finds half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def write_safetensors(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int = SHARD_BYTES) -> None:
     """One file, or shards plus a transformers-style index when larger than `max_shard_bytes`."""
     shards, cur, size = [], {}, 0

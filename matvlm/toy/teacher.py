@@ -270,12 +270,12 @@ def train(out: str | Path, recipe: ToyRecipe = ToyRecipe(), arch: ToyArch = ToyA
 
 def write_heldout(teacher_dir: str | Path, result: dict) -> None:
     """Record a held-out evaluation in the teacher's training.json (atomically)."""
+    from ..model.io import atomic_write_text
+
     path = Path(teacher_dir) / "training.json"
     info = json.loads(path.read_text()) if path.is_file() else {}
     info["heldout"] = result
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(info, indent=1))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(info, indent=1))
 
 
 @torch.no_grad()
