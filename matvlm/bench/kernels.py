@@ -118,6 +118,77 @@ def check_step_and_norm() -> dict:
     return {"step_y": rel(y_t, y_r), "step_state": rel(s_t, s_r), "gated_norm": rel(n_t, n_r)}
 
 
+def check_decode_kernels() -> dict:
+    """The decode step's Triton kernels (`ops.triton_decode`) against float64 on fresh random inputs:
+    the matrix-vector product for 1-16 rows (TinyLLaVA's fused shapes and ragged ones, with and without
+    bias and residual), and split-KV attention (MHA and GQA, ragged masks, unread keys past n_keys
+    filled with NaN, which must not leak into the output)."""
+    from matvlm.ops import triton_decode as td
+
+    g = torch.Generator(device="cuda").manual_seed(11)
+    out = {"gemv": [], "attention": []}
+    for m, n, k in [(1, 17920, 2560), (1, 2560, 12800), (1, 51200, 2560), (1, 1000, 300), (3, 20512, 2560),
+                    (8, 2560, 12800), (16, 777, 1030)]:
+        x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
+        w = (torch.randn(n, k, device="cuda", generator=g) / math.sqrt(k)).bfloat16()
+        b = torch.randn(n, device="cuda", generator=g).bfloat16()
+        r = torch.randn(m, n, device="cuda", generator=g).bfloat16()
+        plain = td.gemv(x, w)
+        full = td.gemv(x, w, b, r)
+        ref = x.double() @ w.double().T
+        out["gemv"].append({"shape": [m, n, k], "plain": rel(plain, ref), "bias_residual": rel(full, ref + b.double() + r.double())})
+    from matvlm import ops
+
+    for m, k1, n, act, kind in [(1, 2560, 2560, "gelu_tanh", "layer"), (5, 2560, 2560, "gelu_tanh", "layer"),
+                                (1, 0, 2560, "silu_mul", "rms"), (8, 0, 2560, "silu_mul", "rms"),
+                                (1, 2560, 7680, None, "rms"), (4, 2560, 7680, None, "layer")]:
+        kt = 0 if act is None else 10240
+        x = torch.randn(m, 2560, device="cuda", generator=g).bfloat16() * 3 + 1 if k1 else None
+        tail = (torch.randn(m, kt * (2 if act == "silu_mul" else 1), device="cuda", generator=g).bfloat16()
+                if act else None)
+        w = (torch.randn(n, k1 + kt, device="cuda", generator=g) / math.sqrt(k1 + kt)).bfloat16()
+        b = torch.randn(n, device="cuda", generator=g).bfloat16()
+        r = torch.randn(m, n, device="cuda", generator=g).bfloat16()
+        nw = torch.randn(2560, device="cuda", generator=g).bfloat16()
+        nb = torch.randn(2560, device="cuda", generator=g).bfloat16() if kind == "layer" else None
+        norm = (kind, nw, nb, 1e-5) if k1 else None
+        got = td.gemv(x, w, b, r, tail, nw, nb, 1e-5, td.NORMS[kind if k1 else None], td.ACTS[act])
+        d64 = (lambda t: t.double() if t is not None else None)
+        ref = ops.linear(d64(x), w.double(), b.double(), r.double(), tail=d64(tail), act=act,
+                         norm=(kind, nw.double(), d64(nb), 1e-5) if k1 else None)
+        out["gemv"].append({"shape": [m, n, k1, kt], "norm": kind if k1 else None, "act": act, "rel": rel(got, ref)})
+    for bsz, heads, kv, d, rdim in [(1, 32, 32, 80, 32), (3, 32, 8, 128, 128)]:
+        qkv = torch.randn(bsz, (heads + 2 * kv) * d, device="cuda", generator=g).bfloat16()
+        ang = torch.rand(bsz, rdim // 2, device="cuda", generator=g) * 6.3
+        cos, sin = torch.cat([ang.cos(), ang.cos()], -1).bfloat16(), torch.cat([ang.sin(), ang.sin()], -1).bfloat16()
+        caches = [torch.randn(bsz, kv, 64, d, device="cuda", generator=g).bfloat16() for _ in range(2)]
+        slot = torch.tensor(37, device="cuda")
+        refs = [c.double() for c in caches]
+        q = ops.rope_kv(qkv, cos, sin, caches[0], caches[1], slot, heads)
+        q_ref = ops.rope_kv(qkv.double(), cos.double(), sin.double(), refs[0], refs[1], slot, heads)
+        out["attention"].append({"rope_kv": [bsz, heads, kv, d, rdim], "q": rel(q, q_ref), "k": rel(caches[0], refs[0]),
+                                 "v": rel(caches[1], refs[1])})
+    for bsz, heads, kv, d, length, n_keys in [(1, 32, 32, 80, 1280, 1100), (3, 32, 8, 128, 4352, 4001),
+                                              (2, 8, 8, 64, 200, 13)]:
+        q = torch.randn(bsz, heads, d, device="cuda", generator=g).bfloat16()
+        keys = torch.randn(bsz, kv, length, d, device="cuda", generator=g).bfloat16()
+        values = torch.randn(bsz, kv, length, d, device="cuda", generator=g).bfloat16()
+        keys[:, :, n_keys:] = float("nan")
+        values[:, :, n_keys:] = float("nan")
+        mask = torch.rand(bsz, length, device="cuda", generator=g) < 0.8
+        mask[:, n_keys:] = False
+        mask[:, n_keys - 1] = True
+        scale = d ** -0.5
+        got = td.decode_attention(q, keys, values, mask, torch.tensor(n_keys, device="cuda"), scale)
+        kr = keys[:, :, :n_keys].double().repeat_interleave(heads // kv, 1)
+        vr = values[:, :, :n_keys].double().repeat_interleave(heads // kv, 1)
+        s = torch.einsum("bhd,bhld->bhl", q.double(), kr) * scale
+        s = s.masked_fill(~mask[:, None, :n_keys], float("-inf"))
+        ref = torch.einsum("bhl,bhld->bhd", s.softmax(-1), vr)
+        out["attention"].append({"shape": [bsz, heads, kv, d, length, n_keys], "rel": rel(got, ref)})
+    return out
+
+
 def phi2_mixer():
     from matvlm.config import HybridConfig
     from matvlm.model.mixer import Mamba2Mixer
@@ -220,15 +291,20 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("."))
     ap.add_argument("--lengths", default="1024,4096,16384")
+    ap.add_argument("--only-decode", action="store_true", help="only check the decode step's kernels")
     args = ap.parse_args(argv)
     lengths = [int(x) for x in args.lengths.split(",")]
+    decode = check_decode_kernels()
+    print(json.dumps(decode), flush=True)
+    if args.only_decode:
+        return
     from matvlm.ops import triton_ssd
 
     kernels, why = triton_ssd.load()
     if kernels is None:
         raise SystemExit(f"Triton path unavailable: {why}")
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "date": time.strftime("%Y-%m-%d"), "ceilings": ceilings()}
+           "date": time.strftime("%Y-%m-%d"), "ceilings": ceilings(), "decode_kernels": decode}
     print(json.dumps(res["ceilings"]), flush=True)
     res["scan"] = []
     for T in lengths:

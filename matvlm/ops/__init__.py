@@ -1,7 +1,7 @@
-"""Mamba-2 kernels behind one dispatch point.
+"""Mamba-2 kernels and the decode step's kernels behind one dispatch point.
 
-Model code calls `ssd`, `ssd_step` and `gated_rmsnorm` from here and nothing else.
-Each picks a backend per call:
+Model code calls `ssd`, `ssd_step` and `gated_rmsnorm` from here and nothing else; the engine's
+fused decode step calls `linear` and `decode_attention`. Each picks a backend per call:
 
 - ``triton``: mamba_ssm's Triton kernels (CUDA tensors, mamba_ssm installed);
 - ``torch``: the pure-PyTorch reference in `ssd_ref` (any device).
@@ -10,8 +10,10 @@ Each picks a backend per call:
 ``triton`` where it cannot run is an error. The path taken is logged once.
 
 Code being traced by `torch.compile` (the engine's compiled decode step) always takes the
-PyTorch path: inductor fuses its element-wise work into its own kernels, which the opaque
-mamba_ssm launchers would prevent.
+PyTorch path for the Mamba-2 ops: inductor fuses their element-wise work into its own kernels,
+which the opaque mamba_ssm launchers would prevent. `linear` and `decode_attention` keep their
+Triton kernels (`triton_decode`) there: they are registered as custom ops, which the compiled
+graph calls as they are.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import logging
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import ssd_ref, triton_ssd
@@ -86,4 +89,116 @@ def gated_rmsnorm(x: Tensor, z: Tensor, weight: Tensor, eps: float, group_size: 
     return ssd_ref.gated_rmsnorm_ref(x, z, weight, eps, group_size)
 
 
-__all__ = ["ssd", "ssd_step", "gated_rmsnorm", "backend_for", "ssd_ref"]
+def _decode_kernels(x: Tensor):
+    """The `triton_decode` module when its kernels can run on `x` (CUDA, bf16/fp16, triton installed,
+    not MATVLM_KERNELS=torch), else None."""
+    if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    if os.environ.get("MATVLM_KERNELS", "auto").lower() == "torch":
+        return None
+    try:
+        from . import triton_decode
+    except ImportError:
+        return None
+    return triton_decode
+
+
+NormSpec = tuple  # (kind "layer" | "rms", weight, bias or None, eps)
+DECODE_ATTENTION_MAX_KEYS = 2048
+
+
+def linear(x: Tensor | None, weight: Tensor, bias: Tensor | None = None, residual: Tensor | None = None, *,
+           norm: NormSpec | None = None, tail: Tensor | None = None, act: str | None = None) -> Tensor:
+    """[norm(x) | act(tail)] @ weight.T (+ bias) (+ residual): a decode step's product with the norm
+    before it, the activation of a second input and the residual add folded in.
+
+    x: (B, K1) or None; norm: ("layer", weight, bias, eps) as `nn.LayerNorm`, ("rms", weight, None, eps)
+    as transformers' RMSNorm, or None; tail: (B, K - K1) or None; act: None, "gelu_tanh", "gelu", or
+    "silu_mul" (tail is (B, 2 (K - K1)): silu of its first half times its second half); weight: (N, K).
+    On CUDA, for one row, one Triton kernel (`triton_decode.gemv`); otherwise PyTorch (for 8 rows
+    cuBLAS after a separate norm / activation beat the kernel's 16-row variant on an H100:
+    docs/benchmarks.md)."""
+    src = x if x is not None else tail
+    kernels = _decode_kernels(src)
+    if (kernels is not None and src.dim() == 2 and src.shape[0] == 1 and weight.dtype == src.dtype
+            and weight.stride(-1) == 1 and all(t is None or t.stride(-1) == 1 for t in (x, tail))):
+        kind, nw, nb, eps = norm if norm is not None else (None, None, None, 1e-5)
+        return kernels.gemv(x, weight, bias, residual.contiguous() if residual is not None else None, tail, nw, nb,
+                            float(eps), kernels.NORMS[kind], kernels.ACTS[act])
+    parts = []
+    if x is not None:
+        parts.append(_norm(x, norm) if norm is not None else x)
+    if tail is not None:
+        parts.append(_activation(tail, act))
+    y = F.linear(torch.cat(parts, -1) if len(parts) > 1 else parts[0], weight, bias)
+    return y + residual if residual is not None else y
+
+
+def _norm(x: Tensor, spec: NormSpec) -> Tensor:
+    kind, weight, bias, eps = spec
+    if kind == "layer":
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    h = x.float()                                         # as transformers' Llama/Qwen2/Mistral RMSNorm
+    return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _activation(t: Tensor, act: str | None) -> Tensor:
+    if act is None:
+        return t
+    if act == "gelu_tanh":
+        return F.gelu(t, approximate="tanh")
+    if act == "gelu":
+        return F.gelu(t)
+    if act == "silu_mul":
+        gate, up = t.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    raise ValueError(f"unknown activation {act!r}")
+
+
+def rope_kv(qkv: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor, slot: Tensor, heads: int) -> Tensor:
+    """A decode step's queries, keys and values from their projection qkv (B, (H + 2 KV) D): the rotary
+    embedding (rotate-half convention; cos, sin: (B, R)) on the first R channels of every query and
+    key head, keys and values written into the cache buffers (B, KV, L, D) at `slot`. Returns the
+    queries (B, H, D)."""
+    kernels = _decode_kernels(qkv)
+    if kernels is not None and qkv.stride(-1) == 1 and cos.stride(-1) == 1 and sin.stride(-1) == 1:
+        return kernels.rope_kv(qkv, cos, sin, keys, values, slot, heads)
+    b, kv, d = qkv.shape[0], keys.shape[1], keys.shape[3]
+    q = _rotate(qkv[:, :heads * d].reshape(b, heads, d), cos, sin)
+    k = _rotate(qkv[:, heads * d:(heads + kv) * d].reshape(b, kv, d), cos, sin)
+    v = qkv[:, (heads + kv) * d:].reshape(b, kv, d)
+    keys.index_copy_(2, slot.view(1), k[:, :, None].to(keys.dtype))
+    values.index_copy_(2, slot.view(1), v[:, :, None].to(values.dtype))
+    return q
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (B, H, D) with its first R channels rotated: x cos + rotate_half(x) sin; cos, sin (B, R)."""
+    n = cos.shape[-1]
+    rot, rest = x[..., :n], x[..., n:]
+    half = n // 2
+    turned = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
+    rot = rot * cos[:, None] + turned * sin[:, None]
+    return torch.cat([rot, rest], dim=-1) if rest.shape[-1] else rot
+
+
+def decode_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, n_keys: Tensor, scale: float) -> Tensor:
+    """Attention of one query per sequence and head over a static KV buffer.
+
+    q: (B, H, D); keys, values: (B, KV, L, D), H a multiple of KV; mask: (B, L) bool, True where a
+    key may be attended to; n_keys: () int64 tensor, no key at or after it is attended to (the Triton
+    kernel does not read them). Returns (B, H, D).
+
+    The split-KV Triton kernel runs for one sequence over a buffer of at most
+    `DECODE_ATTENTION_MAX_KEYS` positions, where it beat sdpa on an H100 (14 vs 19 us at 1 280
+    positions); longer buffers and batches go to sdpa (cuDNN / flash), which was faster there."""
+    kernels = _decode_kernels(q)
+    if (kernels is not None and q.shape[0] == 1 and keys.shape[2] <= DECODE_ATTENTION_MAX_KEYS
+            and keys.stride(-1) == 1 and values.stride(-1) == 1):
+        return kernels.decode_attention(q.contiguous(), keys, values, mask, n_keys, scale)
+    out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask[:, None, None, :],
+                                         scale=scale, enable_gqa=keys.shape[1] != q.shape[1])
+    return out[:, :, 0]
+
+
+__all__ = ["ssd", "ssd_step", "gated_rmsnorm", "backend_for", "ssd_ref", "linear", "rope_kv", "decode_attention"]

@@ -1,0 +1,67 @@
+"""The decode step's Triton kernels, run by Triton's interpreter on the CPU, against the PyTorch paths
+of `matvlm.ops` (which the fused-step tests in tests/engine compare with transformers' layers) in
+float32 (tests/conftest.py selects the interpreter before triton is imported). On a GPU,
+`python -m matvlm.bench.kernels --only-decode` checks the compiled kernels in bf16."""
+
+import pytest
+import torch
+
+from matvlm import ops
+from matvlm.ops import triton_decode as td
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("rows, k1, kt, act, norm", [
+    (1, 96, 0, None, None), (1, 96, 200, "gelu_tanh", "layer"), (3, 96, 200, "gelu_tanh", "layer"),
+    (1, 0, 200, "silu_mul", None), (5, 0, 200, "silu_mul", None), (1, 96, 0, None, "rms"), (2, 96, 0, None, "rms"),
+    (1, 100, 60, "gelu", None)])
+def test_matrix_vector_kernel_equals_the_pytorch_path(rows, k1, kt, act, norm):
+    g = torch.Generator().manual_seed(rows * 1000 + k1 + kt)
+    x = torch.randn(rows, k1, generator=g, dtype=torch.float32) * 3 + 1 if k1 else None
+    tail = torch.randn(rows, kt * (2 if act == "silu_mul" else 1), generator=g, dtype=torch.float32) if act else None
+    w = torch.randn(40, k1 + kt, generator=g, dtype=torch.float32)
+    b, r = torch.randn(40, generator=g, dtype=torch.float32), torch.randn(rows, 40, generator=g, dtype=torch.float32)
+    nw = torch.randn(max(k1, 1), generator=g, dtype=torch.float32)
+    nb = torch.randn(max(k1, 1), generator=g, dtype=torch.float32) if norm == "layer" else None
+    spec = (norm, nw, nb, 1e-5) if norm else None
+    got = td.launch_gemv(x, w, b, r, tail, nw, nb, 1e-5, td.NORMS[norm], td.ACTS[act],
+                         config={"BLOCK_N": 16, "BLOCK_K": 64})
+    want = ops.linear(x, w, b, r, norm=spec, tail=tail, act=act)
+    assert rel(got, want) < 1e-5
+    v = torch.randn(rows, w.shape[1], generator=g)
+    bare = td.launch_gemv(v, w, None, None, None, None, None, 1e-5, 0, 0, config={"BLOCK_N": 8, "BLOCK_K": 32})
+    assert rel(bare, v.double() @ w.double().T) < 1e-5
+
+
+@pytest.mark.parametrize("bsz, heads, kv, d, rotary", [(1, 4, 4, 20, 8), (2, 4, 2, 16, 16)])
+def test_rope_and_cache_write_kernel_equals_the_pytorch_path(bsz, heads, kv, d, rotary):
+    g = torch.Generator().manual_seed(d)
+    qkv = torch.randn(bsz, (heads + 2 * kv) * d, generator=g)
+    angle = torch.rand(bsz, rotary // 2, generator=g) * 6.3
+    cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+    caches = [torch.randn(bsz, kv, 10, d, generator=g) for _ in range(2)]
+    refs = [c.clone() for c in caches]
+    slot = torch.tensor(7)
+    q = td.rope_kv(qkv, cos, sin, caches[0], caches[1], slot, heads)        # CPU tensors: the interpreter
+    q_ref = ops.rope_kv(qkv, cos, sin, refs[0], refs[1], slot, heads)       # CPU tensors: PyTorch
+    assert rel(q, q_ref) < 1e-6
+    assert rel(caches[0], refs[0]) < 1e-6 and torch.equal(caches[1], refs[1])
+    assert not torch.equal(caches[0][:, :, 7], torch.zeros_like(caches[0][:, :, 7]))
+
+
+@pytest.mark.parametrize("bsz, heads, kv, d, length, n_keys", [(1, 4, 4, 20, 300, 250), (2, 4, 2, 16, 200, 13)])
+def test_split_kv_attention_kernel_reads_only_written_keys_and_equals_sdpa(bsz, heads, kv, d, length, n_keys):
+    g = torch.Generator().manual_seed(length)
+    q = torch.randn(bsz, heads, d, generator=g)
+    keys, values = torch.randn(bsz, kv, length, d, generator=g), torch.randn(bsz, kv, length, d, generator=g)
+    mask = torch.rand(bsz, length, generator=g) < 0.8
+    mask[:, n_keys:] = False
+    mask[:, n_keys - 1] = True
+    want = ops.decode_attention(q, keys, values, mask, torch.tensor(n_keys), d ** -0.5)
+    keys[:, :, n_keys:] = float("nan")          # never read: the kernel stops at n_keys
+    values[:, :, n_keys:] = float("nan")
+    got = td.launch_attention(q, keys, values, mask, torch.tensor(n_keys), d ** -0.5, sms=2)
+    assert rel(got, want) < 1e-5
