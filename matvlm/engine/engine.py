@@ -33,6 +33,7 @@ from ..distill.data import has_own_bos
 from ..model.cache import MambaLayerState
 from ..model.hybrid import decoder_stack, text_config
 from ..model.vlm import embed, is_vlm, vision_features
+from .fused import fused_decoder
 from .sampling import SamplingParams, sample_row
 
 log = logging.getLogger("matvlm.engine")
@@ -244,11 +245,15 @@ class Engine:
             embedding, activation and cache writes between the matmuls) before capturing it. The first
             request of each batch bucket then waits for the compilation (tens of seconds; cached on
             disk by inductor afterwards). Default off.
+        fuse: decode through `FusedDecoder` (projections that share an input run as one product,
+            Triton matrix-vector and split-KV attention kernels on CUDA) instead of the model's own
+            layers. The model's weights then become views of the fused matrices. Default: on CUDA
+            unless `compile` (the fused step runs its own kernels and needs no compilation).
     """
 
     def __init__(self, model: nn.Module, processor, device: str | torch.device | None = None, dtype=None,
                  cuda_graphs: bool | None = None, max_batch_size: int = 64, image_aspect: str = "square",
-                 prefill_tokens: int = 16384, compile: bool = False):
+                 prefill_tokens: int = 16384, compile: bool = False, fuse: bool | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.model = model.to(self.device, self.dtype).eval()
@@ -265,8 +270,10 @@ class Engine:
         self.eos_ids = self._eos_ids()
         self.compiled = compile
         self._compiled_ok = False          # the compiled step has run once (compiled or fell back)
+        fuse = self.device.type == "cuda" and not compile if fuse is None else fuse
+        self.fused = fused_decoder(self.model, self.stack, self.norm) if fuse else None
         # dynamic shapes: one compilation serves every cache length (and every batch size above 1)
-        self._decode_forward = torch.compile(self._forward, dynamic=True) if compile else self._forward
+        self._decode_forward = torch.compile(self._step_forward, dynamic=True) if compile else self._step_forward
 
     def prefill_chunk(self, batch: int) -> int:
         """Prompt tokens per prefill forward: the prompt is prefilled in chunks of this many positions
@@ -293,6 +300,11 @@ class Engine:
                       position_embeddings=pe, mamba_padding_mask=pad2d)
             h = h[0] if isinstance(h, tuple) else h
         return self.model.get_output_embeddings()(self.norm(h[:, -1:]))[:, -1].float()
+
+    @property
+    def _step_forward(self):
+        """The uncompiled decode forward: the fused step, or the model's own layers."""
+        return self.fused.forward if self.fused is not None else self._forward
 
     def _decode_body(self, st: _Static) -> None:
         """One decode step on the bucket's buffers. The greedy choice is made on the device and, where
@@ -356,7 +368,7 @@ class Engine:
                 raise
             log.warning("compiling the decode step failed (%s: %s); decoding without compilation",
                         type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-            self.compiled, self._decode_forward = False, self._forward
+            self.compiled, self._decode_forward = False, self._step_forward
             self._restore(st, saved)
             run()
         self._compiled_ok = self.compiled

@@ -166,8 +166,15 @@ class Mamba2Mixer(nn.Module):
         return self.out_proj(y)
 
     def _step(self, u: Tensor, state) -> Tensor:
-        b = u.shape[0]
-        z, xBC, dt_raw = self.split_projection(self.in_proj(u[:, 0]))  # (B, ·)
+        y = self.step_projected(self.in_proj(u[:, 0]), state)        # (B, d_inner)
+        return self.out_proj(y[:, None])
+
+    def step_projected(self, zxbcdt: Tensor, state) -> Tensor:
+        """One decode step from the input projection (B, in_proj_dim): updates `state`, returns the
+        gated, normed SSM output (B, d_inner) that `out_proj` maps back (the engine's fused decode
+        step runs the projections itself)."""
+        b = zxbcdt.shape[0]
+        z, xBC, dt_raw = self.split_projection(zxbcdt)               # (B, ·)
         window = torch.cat([state.conv.to(xBC.dtype), xBC[:, :, None]], dim=-1)   # (B, C, d_conv)
         state.conv.copy_(window[:, :, 1:])
         w = self.conv1d.weight[:, 0]                                  # (C, d_conv)
@@ -179,5 +186,4 @@ class Mamba2Mixer(nn.Module):
                          B.reshape(b, self.ngroups, self.d_state), C.reshape(b, self.ngroups, self.d_state),
                          _upcast(self.D))                              # (B, H, P)
         state.advance(1)
-        y = self.norm(y.reshape(b, 1, self.d_inner), z[:, None])
-        return self.out_proj(y)
+        return self.norm(y.reshape(b, self.d_inner), z)

@@ -302,3 +302,50 @@ def test_unpadded_prefill_whose_last_chunk_is_one_token(models):
     assert chunked == whole
     assert prefill[0] is None and prefill[-1] is None
     assert all(m.seq_len_q == 5 and m.untyped_storage().nbytes() == 0 for m in prefill[1:-1])
+
+
+@pytest.fixture(scope="module")
+def phi_models(teacher_dirs, tmp_path_factory):
+    return {"phi-teacher": teacher_dirs["phi"],
+            "phi-hybrid": convert(teacher_dirs["phi"], tmp_path_factory.mktemp("eng") / "p", mamba_ratio=0.5)}
+
+
+def _decode_states(eng, st, forward, steps):
+    """Logits and cache tensors after each of `steps` decode steps run with `forward`."""
+    eng._decode_forward = forward
+    out = []
+    for _ in range(steps):
+        eng._decode_body(st)
+        out.append([st.logits.clone()] + [t.clone() for t in st.cache.tensors()])
+    return out
+
+
+@pytest.mark.parametrize("name", ["phi-teacher", "phi-hybrid", "teacher", "hybrid", "text-hybrid"])
+def test_fused_decode_step_equals_the_models_own_layers(models, phi_models, image, name):
+    path = {**models, **phi_models}[name]
+    model = matvlm.load(path, dtype="float64")
+    before = sum(p.numel() for p in model.parameters())
+    eng = Engine(model, matvlm.load_processor(path), device="cpu", dtype=torch.float64, fuse=True)
+    vlm = not name.startswith("text")
+    prompts = PROMPTS if vlm else ["the quick brown fox jumps", "a"]
+    params = SamplingParams(max_new_tokens=1, ignore_eos=True)
+    eng.generate([Request(p, [image] if vlm else [], params) for p in prompts])   # prefill a ragged batch
+    (st,) = eng._statics.values()
+    start = [t.clone() for t in eng._step_tensors(st)] + [t.clone() for t in st.cache.tensors()]
+
+    def restore():
+        for t, s in zip(eng._step_tensors(st) + st.cache.tensors(), start):
+            t.copy_(s)
+
+    reference = _decode_states(eng, st, eng._forward, 4)
+    restore()
+    fused = _decode_states(eng, st, eng.fused.forward, 4)
+    for ref, got in zip(reference, fused):
+        for a, b in zip(ref, got):
+            torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9)
+    # the fused matrices hold the weights: the model's parameters are views of them, not copies
+    storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    layers = eng.fused.layers
+    assert all(layer.w_in.untyped_storage().data_ptr() in storages for layer in layers)
+    assert sum(p.numel() for p in model.parameters()) == before
+    assert len(storages) < len(list(model.parameters()))
