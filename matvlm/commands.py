@@ -337,7 +337,7 @@ def bench(model: str, vs: str | None = None, context: list[str] = ("1k", "4k", "
           gen: list[int] = (256,), out: Path = Path("bench-results"), hf: bool = True,
           hf_static_context: list[str] | None = None, dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16",
           device: str | None = None, compile: Literal["off", "on", "both"] = "off",
-          max_batch_context: list[str] | None = None) -> None:
+          max_batch_context: list[str] | None = None, fuse: Literal["auto", "off", "on", "both"] = "auto") -> None:
     """Measure generation speed and memory of MODEL and (with --vs) its teacher in one run, under matvlm's
     engine, and the teacher also through transformers generate (dynamic cache, and static+compiled):
     prefill time, time to first token, ms per decode step, tokens/s, peak GPU memory, and the decode step's
@@ -359,13 +359,16 @@ def bench(model: str, vs: str | None = None, context: list[str] = ("1k", "4k", "
         device: cuda (default when available) or cpu.
         compile: the engine's decode step with torch.compile: off, on, or both (each system twice, side by side).
         max_batch_context: contexts (e.g. 16k,32k) at which to search the largest batch that fits, per system.
+        fuse: the engine's fused decode step (fused projections, Triton matrix-vector and split-KV attention
+            kernels): auto (on for CUDA), off, on, or both (side by side).
     """
     from .bench.speed import run
 
     res = run(model, vs, _lengths(context), list(batch), list(gen), Path(out), hf=hf,
               hf_static_contexts=_lengths(hf_static_context) if hf_static_context else None, dtype=dtype,
               device=device, compile={"off": [False], "on": [True], "both": [False, True]}[compile],
-              max_batch_contexts=_lengths(max_batch_context) if max_batch_context else [])
+              max_batch_contexts=_lengths(max_batch_context) if max_batch_context else [],
+              fuse={"auto": [None], "off": [False], "on": [True], "both": [False, True]}[fuse])
     from .bench.speed import table
     print(table(res))
     plots = [n for n in ("tokens_per_s.png", "memory.png") if (Path(out) / n).is_file()]

@@ -198,11 +198,13 @@ def hf_cell(model, cell: Cell, vocab: int, static: bool) -> dict:
 
 def run(model: str, vs: str | None, contexts: list[int], batches: list[int], gens: list[int], out: Path,
         hf: bool = True, hf_static_contexts: list[int] | None = None, dtype: str = "bfloat16",
-        device: str | None = None, compile: list[bool] = (False,), max_batch_contexts: list[int] = ()) -> dict:
+        device: str | None = None, compile: list[bool] = (False,), max_batch_contexts: list[int] = (),
+        fuse: list[bool | None] = (None,)) -> dict:
     """Measure every cell for the model and the teacher; `hf_static_contexts` limits the (slow to compile)
-    static+compiled transformers runs to those contexts (None: all); `compile` lists the engine variants
-    (decode step eager-captured and/or compiled) each system is measured with; for each context in
-    `max_batch_contexts` the largest batch that fits is searched (engine, first variant)."""
+    static+compiled transformers runs to those contexts (None: all); `compile` and `fuse` list the engine
+    variants (decode step eager-captured and/or compiled; the model's own layers and/or the fused step,
+    None: the engine's default) each system is measured with; for each context in `max_batch_contexts`
+    the largest batch that fits is searched (engine, first variant)."""
     from ..engine.engine import Engine
     from .kernels import ceilings
 
@@ -220,8 +222,9 @@ def run(model: str, vs: str | None, contexts: list[int], batches: list[int], gen
         m, proc = resolve(spec, torch_dtype)
         vocab = m.get_output_embeddings().out_features
         tok = getattr(proc, "tokenizer", proc) if proc is not None else _NullTokenizer()
-        for comp in compile:
-            engine = Engine(m, proc or tok, device=device, dtype=torch_dtype, compile=comp)
+        variants = [(f, c) for f in fuse for c in compile]
+        for fu, comp in variants:
+            engine = Engine(m, proc or tok, device=device, dtype=torch_dtype, compile=comp, fuse=fu)
             for cell in cells:
                 r = engine_cell(engine, cell, vocab)
                 if "step_ms" in r and copy_gbps:
@@ -229,7 +232,7 @@ def run(model: str, vs: str | None, contexts: list[int], batches: list[int], gen
                     r.update(roofline_ms=roof, of_roofline=roof / r["step_ms"])
                 res["rows"].append({"system": engine_name(role, engine), **cell.__dict__, **r})
                 print(json.dumps(res["rows"][-1]), flush=True)
-            if comp == compile[0]:
+            if (fu, comp) == variants[0]:
                 for context in max_batch_contexts:
                     r = max_batch(engine, context, vocab)
                     res["rows"].append({"system": engine_name(role, engine), "context": context, "kind": "max_batch", **r})
@@ -256,7 +259,7 @@ def run(model: str, vs: str | None, contexts: list[int], batches: list[int], gen
 
 
 def engine_name(role: str, engine) -> str:
-    return f"{role} (matvlm engine{', compiled' if engine.compiled else ''})"
+    return f"{role} (matvlm engine{', fused' if engine.fused is not None else ''}{', compiled' if engine.compiled else ''})"
 
 
 class _NullTokenizer:
