@@ -1,0 +1,235 @@
+"""The sweeps behind the fused decode step's kernel choices (GPU only; prints JSON lines).
+
+    python scripts/decode-kernels-probe.py [gemv|fused|all]
+
+gemv: cuBLAS vs two Triton matrix-vector variants (element-wise, and 16-row tl.dot) over a grid of
+block sizes, on TinyLLaVA's fused shapes at batch 1 and 8, plus sdpa for one query per head.
+fused: matvlm's kernels (norm / activation folded in) against PyTorch, and the split-KV attention
+kernel over a grid of splits / block / warps against sdpa, at 1 280 / 4 352 / 16 640 positions.
+Every timing is the median of CUDA-graph replays over enough weight copies to miss L2.
+"""
+import json, os, sys, math, itertools
+from matvlm import ops
+from matvlm.ops import triton_decode as td
+import torch, triton, triton.language as tl
+import torch.nn.functional as F
+
+OUT = os.environ.get("OUT", "/tmp")
+dev = "cuda"
+torch.manual_seed(0)
+res = []
+def rec(**k):
+    res.append(k); print(json.dumps(k), flush=True)
+
+def graph_time(fn, reps=20):
+    s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2): fn()
+    torch.cuda.current_stream().wait_stream(s); torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    for _ in range(3): g.replay()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(True), torch.cuda.Event(True)
+        a.record(); g.replay(); b.record(); b.synchronize(); ts.append(a.elapsed_time(b))
+    return sorted(ts)[len(ts) // 2]
+
+@triton.jit
+def gemv_fma(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w, HAS_BIAS: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
+    pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        if EVEN:
+            w = tl.load(w_ptr + rn[:, None] * stride_w + kk[None, :])
+            x = tl.load(x_ptr + kk)
+        else:
+            w = tl.load(w_ptr + rn[:, None] * stride_w + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K), other=0.)
+            x = tl.load(x_ptr + kk, mask=kk < K, other=0.)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rn, mask=rn < N, other=0.).to(tl.float32)
+    tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
+
+@triton.jit
+def gemv_dot(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_x, stride_w, stride_y, HAS_BIAS: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        w = tl.load(w_ptr + rn[:, None] * stride_w + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K), other=0.)
+        x = tl.load(x_ptr + rm[:, None] * stride_x + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.)
+        acc = tl.dot(x, tl.trans(w), acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+def run_fma(x, w, b, y, BN, BK, nw, ns):
+    N, K = w.shape
+    even = (N % BN == 0) and (K % BK == 0)
+    gemv_fma[(triton.cdiv(N, BN),)](x, w, b if b is not None else w, y, N, K, w.stride(0), b is not None,
+                                    BN, BK, even, num_warps=nw, num_stages=ns)
+
+def run_dot(x, w, b, y, BN, BK, nw, ns):
+    M, K = x.shape; N = w.shape[0]
+    gemv_dot[(triton.cdiv(N, BN),)](x, w, b if b is not None else w, y, M, N, K, x.stride(0), w.stride(0), y.stride(0),
+                                    b is not None, 16, BN, BK, num_warps=nw, num_stages=ns)
+
+
+def gemv_sweep():
+    # copy bandwidth
+    src = torch.randn(1 << 29, device=dev, dtype=torch.bfloat16); dst = torch.empty_like(src)
+    t = graph_time(lambda: dst.copy_(src)); copy = 2 * src.numel() * 2 / t / 1e6
+    rec(copy_GBps=copy)
+    red = torch.empty(1, device=dev)
+    t = graph_time(lambda: torch.sum(src.view(-1, 1024), dim=1))
+    rec(read_sum_GBps=src.numel() * 2 / t / 1e6)
+    del src, dst
+
+    shapes = {"q": (2560, 2560), "qkv": (7680, 2560), "fc1": (10240, 2560), "in_attn_fc1": (17920, 2560),
+              "in_mamba_fc1": (20512, 2560), "fc2": (2560, 10240), "out_dense_fc2": (2560, 12800),
+              "lm_head": (51200, 2560)}
+    summary = []
+    for name, (N, K) in shapes.items():
+        copies = max(2, math.ceil(400e6 / (N * K * 2)))
+        ws = [torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        bs = [torch.randn(N, device=dev, dtype=torch.bfloat16) for _ in range(copies)]
+        nbytes = N * K * 2
+        row = {"shape": name, "N": N, "K": K, "MB": nbytes / 1e6}
+        for M in (1, 8):
+            x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+            ys = [torch.empty(M, N, device=dev, dtype=torch.bfloat16) for _ in range(copies)]
+            ref = (x.double() @ ws[0].double().T + bs[0].double())
+            def cub():
+                for w, b, y in zip(ws, bs, ys):
+                    torch.addmm(b, x, w.T, out=y)
+            t = graph_time(cub) / copies
+            row[f"cublas_M{M}_us"] = t * 1e3; row[f"cublas_M{M}_GBps"] = nbytes / t / 1e6
+            best = None
+            if M == 1:
+                for BN, BK, nw, ns in itertools.product((4, 8, 16, 32), (256, 512, 1024), (4, 8), (1, 2, 3)):
+                    if BN * BK > 16384 or BN * BK < 512: continue
+                    try:
+                        def f():
+                            for w, b, y in zip(ws, bs, ys): run_fma(x, w, b, y, BN, BK, nw, ns)
+                        f(); torch.cuda.synchronize()
+                        err = ((ys[0].double() - ref).norm() / ref.norm()).item()
+                        t = graph_time(f, reps=10) / copies
+                    except Exception as e:
+                        continue
+                    if best is None or t < best[0]: best = (t, ("fma", BN, BK, nw, ns), err)
+            for BN, BK, nw, ns in itertools.product((16, 32, 64), (128, 256, 512), (4, 8), (3, 4)):
+                try:
+                    def f():
+                        for w, b, y in zip(ws, bs, ys): run_dot(x, w, b, y, BN, BK, nw, ns)
+                    f(); torch.cuda.synchronize()
+                    err = ((ys[0].double() - ref).norm() / ref.norm()).item()
+                    t = graph_time(f, reps=10) / copies
+                except Exception as e:
+                    continue
+                if best is None or t < best[0]: best = (t, ("dot", BN, BK, nw, ns), err)
+            t, cfg, err = best
+            t2 = None
+            row[f"triton_M{M}_us"] = t * 1e3; row[f"triton_M{M}_GBps"] = nbytes / t / 1e6
+            row[f"triton_M{M}_cfg"] = cfg; row[f"triton_M{M}_relerr"] = err
+        rec(**row)
+        del ws, bs, ys
+
+    # decode attention: sdpa with a bool mask vs flash (no mask) at batch 1, 32 heads x 80
+    for L in (1280, 4352, 16640):
+        for B in (1, 8):
+            q = torch.randn(B, 32, 1, 80, device=dev, dtype=torch.bfloat16)
+            copies = max(2, math.ceil(200e6 / (B * 32 * L * 80 * 4)))
+            ks = [torch.randn(B, 32, L, 80, device=dev, dtype=torch.bfloat16) for _ in range(copies)]
+            vs = [torch.randn(B, 32, L, 80, device=dev, dtype=torch.bfloat16) for _ in range(copies)]
+            mask = torch.zeros(B, 1, 1, L, dtype=torch.bool, device=dev); mask[..., : L - 200] = True
+            nbytes = 2 * B * 32 * L * 80 * 2
+            def a():
+                for k, v in zip(ks, vs): F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            t = graph_time(a) / copies
+            def a2():
+                for k, v in zip(ks, vs): F.scaled_dot_product_attention(q, k[:, :, : L - 200], v[:, :, : L - 200])
+            t2 = graph_time(a2) / copies
+            rec(attn_L=L, B=B, sdpa_mask_us=t * 1e3, sdpa_mask_GBps=nbytes / t / 1e6, sdpa_nomask_us=t2 * 1e3,
+                sdpa_nomask_GBps=nbytes * (L - 200) / L / t2 / 1e6)
+            del ks, vs
+
+    json.dump(res, open(f"{OUT}/probe.json", "w"), indent=1)
+    print("\n| shape | MB | cuBLAS M1 GB/s | Triton M1 GB/s | cfg | cuBLAS M8 | Triton M8 | cfg |")
+    for r in res:
+        if "shape" in r:
+            print(f"| {r['shape']} | {r['MB']:.1f} | {r['cublas_M1_GBps']:.0f} ({r['cublas_M1_us']:.1f}us) | {r['triton_M1_GBps']:.0f} ({r['triton_M1_us']:.1f}us) | {r['triton_M1_cfg']} | {r['cublas_M8_GBps']:.0f} | {r['triton_M8_GBps']:.0f} | {r['triton_M8_cfg']} |")
+
+
+def fused_kernels():
+    # GEMVs with prologues, M=1 and 8, 8 copies (rotating, > L2)
+    nw = torch.randn(2560, device=dev).bfloat16(); nb = torch.randn(2560, device=dev).bfloat16()
+    for M in (1, 8):
+        x = torch.randn(M, 2560, device=dev).bfloat16()
+        win = [torch.randn(17920, 2560, device=dev).bfloat16() * .02 for _ in range(6)]
+        bin_ = torch.randn(17920, device=dev).bfloat16()
+        t_in = graph_time(lambda: [ops.linear(x, w, bin_, norm=("layer", nw, nb, 1e-5)) for w in win]) / 6
+        t_in_cub = graph_time(lambda: [F.linear(F.layer_norm(x, (2560,), nw, nb), w, bin_) for w in win]) / 6
+        del win
+        a = torch.randn(M, 2560, device=dev).bfloat16(); tail = torch.randn(M, 10240, device=dev).bfloat16()
+        wout = [torch.randn(2560, 12800, device=dev).bfloat16() * .02 for _ in range(8)]
+        t_out = graph_time(lambda: [ops.linear(a, w, nw, residual=a, tail=tail, act="gelu_tanh") for w in wout]) / 8
+        t_out_cub = graph_time(lambda: [F.linear(torch.cat([a, F.gelu(tail, approximate="tanh")], -1), w, nw) + a for w in wout]) / 8
+        del wout
+        rec(M=M, in_us=t_in * 1e3, in_GBps=17920 * 2560 * 2 / t_in / 1e6, in_torch_us=t_in_cub * 1e3,
+            out_us=t_out * 1e3, out_GBps=2560 * 12800 * 2 / t_out / 1e6, out_torch_us=t_out_cub * 1e3)
+    # attention: my kernel at several (block_l, warps, splits) vs sdpa with mask
+    def mine(q, K, V, mask, nk, splits, BL, nw_):
+        B, H, D = q.shape; L = K.shape[2]
+        split_len = (L + BL * splits - 1) // (BL * splits) * BL
+        m_ = torch.empty(B * H, splits, device=dev); l_ = torch.empty_like(m_); acc = torch.empty(B * H, splits, 128, device=dev)
+        out = torch.empty_like(q)
+        td._attention_split[(B * H, splits)](q, K, V, mask, nk, m_, l_, acc, D ** -0.5, H, 1, D, split_len,
+            q.stride(0), q.stride(1), K.stride(0), K.stride(1), K.stride(2), V.stride(0), V.stride(1), V.stride(2), mask.stride(0),
+            BLOCK_L=BL, BLOCK_D=128, num_warps=nw_)
+        td._attention_combine[(B * H,)](m_, l_, acc, out, H, D, out.stride(0), out.stride(1), SPLITS=splits, BLOCK_D=128, num_warps=1)
+        return out
+    for L in (1280, 4352, 16640):
+        for B in (1, 8):
+            copies = max(2, math.ceil(300e6 / (B * 32 * L * 80 * 4)))
+            q = torch.randn(B, 32, 80, device=dev).bfloat16()
+            Ks = [torch.randn(B, 32, L, 80, device=dev).bfloat16() for _ in range(copies)]
+            Vs = [torch.randn(B, 32, L, 80, device=dev).bfloat16() for _ in range(copies)]
+            mask = torch.zeros(B, L, dtype=torch.bool, device=dev); mask[:, :L - 200] = True
+            nk = torch.tensor(L - 200, device=dev)
+            nbytes = 2 * B * 32 * (L - 200) * 80 * 2
+            t_sdpa = graph_time(lambda: [F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask[:, None, None]) for k, v in zip(Ks, Vs)]) / copies
+            best = None
+            for splits in (8, 16, 32, 64):
+                for BL in (32, 64, 128):
+                    for nw_ in (2, 4, 8):
+                        try:
+                            t = graph_time(lambda: [mine(q, k, v, mask, nk, splits, BL, nw_) for k, v in zip(Ks, Vs)], reps=10) / copies
+                        except Exception as e:
+                            continue
+                        if best is None or t < best[0]: best = (t, splits, BL, nw_)
+            ref = F.scaled_dot_product_attention(q[:, :, None].double(), Ks[0].double(), Vs[0].double(), attn_mask=mask[:, None, None])[:, :, 0]
+            err = ((mine(q, Ks[0], Vs[0], mask, nk, *best[1:]).double() - ref).norm() / ref.norm()).item()
+            rec(L=L, B=B, sdpa_us=t_sdpa * 1e3, sdpa_GBps=nbytes / t_sdpa / 1e6, mine_us=best[0] * 1e3, mine_GBps=nbytes / best[0] / 1e6,
+                splits=best[1], block_l=best[2], warps=best[3], err=err)
+            del Ks, Vs
+
+
+if __name__ == "__main__":
+    what = sys.argv[1] if len(sys.argv) > 1 else "all"
+    if what in ("gemv", "all"):
+        gemv_sweep()
+    if what in ("fused", "all"):
+        fused_kernels()
