@@ -349,3 +349,12 @@ def test_fused_decode_step_equals_the_models_own_layers(models, phi_models, imag
     assert all(layer.w_in.untyped_storage().data_ptr() in storages for layer in layers)
     assert sum(p.numel() for p in model.parameters()) == before
     assert len(storages) < len(list(model.parameters()))
+
+
+def test_a_model_whose_weights_the_fused_step_shares_still_saves_and_reloads(phi_models, tmp_path):
+    model = matvlm.load(phi_models["phi-hybrid"], dtype="float32")
+    Engine(model, matvlm.load_processor(phi_models["phi-hybrid"]), device="cpu", fuse=True)
+    model.save_pretrained(tmp_path / "saved")
+    again = matvlm.load(tmp_path / "saved", dtype="float32")
+    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
