@@ -28,7 +28,6 @@ import logging
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
@@ -148,9 +147,7 @@ class FusedDecoder:
     """The decode step of `model` (hybrid or teacher) with fused projections; see the module doc."""
 
     def __init__(self, model: nn.Module, stack: nn.Module, norm: nn.Module):
-        why = unsupported(model)
-        if why:
-            raise ValueError(why)
+        """Build it through `fused_decoder`, which first checks that the model is one it covers."""
         tc = text_config(model.config)
         self.parallel = tc.model_type in PARALLEL
         self.stack = stack

@@ -1,7 +1,7 @@
 """Mamba-2 kernels and the decode step's kernels behind one dispatch point.
 
 Model code calls `ssd`, `ssd_step` and `gated_rmsnorm` from here and nothing else; the engine's
-fused decode step calls `linear` and `decode_attention`. Each picks a backend per call:
+fused decode step calls `linear`, `rope_kv` and `decode_attention`. Each picks a backend per call:
 
 - ``triton``: mamba_ssm's Triton kernels (CUDA tensors, mamba_ssm installed);
 - ``torch``: the pure-PyTorch reference in `ssd_ref` (any device).
@@ -11,9 +11,8 @@ fused decode step calls `linear` and `decode_attention`. Each picks a backend pe
 
 Code being traced by `torch.compile` (the engine's compiled decode step) always takes the
 PyTorch path for the Mamba-2 ops: inductor fuses their element-wise work into its own kernels,
-which the opaque mamba_ssm launchers would prevent. `linear` and `decode_attention` keep their
-Triton kernels (`triton_decode`) there: they are registered as custom ops, which the compiled
-graph calls as they are.
+which the opaque mamba_ssm launchers would prevent. The decode step's kernels (`triton_decode`)
+are registered as custom ops, which a compiled graph would call as they are.
 """
 
 from __future__ import annotations
@@ -34,13 +33,19 @@ TORCH_CHUNK = 64     # the reference's chunk: small chunks keep its (Q x Q) bloc
 TRITON_CHUNK = 256   # mamba_ssm's Mamba2 default chunk size
 
 
+def _wanted() -> str:
+    """MATVLM_KERNELS: 'auto', 'torch' or 'triton'."""
+    want = os.environ.get("MATVLM_KERNELS", "auto").lower()
+    if want not in ("auto", "torch", "triton"):
+        raise ValueError(f"MATVLM_KERNELS must be auto, torch or triton, got {want!r}")
+    return want
+
+
 def backend_for(x: Tensor) -> str:
     """The backend a call on `x` will use: 'triton' or 'torch'."""
     if torch.compiler.is_compiling():
         return "torch"
-    want = os.environ.get("MATVLM_KERNELS", "auto").lower()
-    if want not in ("auto", "torch", "triton"):
-        raise ValueError(f"MATVLM_KERNELS must be auto, torch or triton, got {want!r}")
+    want = _wanted()
     if want == "torch":
         choice = "torch"
     else:
@@ -94,7 +99,7 @@ def _decode_kernels(x: Tensor):
     not MATVLM_KERNELS=torch), else None."""
     if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
         return None
-    if os.environ.get("MATVLM_KERNELS", "auto").lower() == "torch":
+    if _wanted() == "torch":
         return None
     try:
         from . import triton_decode

@@ -26,7 +26,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-MAX_ROWS = 16
 
 
 def _gemv_configs(small_rows: bool) -> list[triton.Config]:
