@@ -123,6 +123,8 @@ def check_decode_kernels() -> dict:
     the matrix-vector product for 1-16 rows (TinyLLaVA's fused shapes and ragged ones, with and without
     bias and residual), and split-KV attention (MHA and GQA, ragged masks, unread keys past n_keys
     filled with NaN, which must not leak into the output)."""
+    import os
+
     from matvlm.ops import triton_decode as td
 
     g = torch.Generator(device="cuda").manual_seed(11)
@@ -139,24 +141,31 @@ def check_decode_kernels() -> dict:
         out["gemv"].append({"shape": [m, n, k], "plain": rel(plain, ref), "bias_residual": rel(full, ref + b.double() + r.double())})
     from matvlm import ops
 
-    for m, k1, n, act, kind in [(1, 2560, 2560, "gelu_tanh", "layer"), (5, 2560, 2560, "gelu_tanh", "layer"),
-                                (1, 0, 2560, "silu_mul", "rms"), (8, 0, 2560, "silu_mul", "rms"),
-                                (1, 2560, 7680, None, "rms"), (4, 2560, 7680, None, "layer")]:
-        kt = 0 if act is None else 10240
+    for m, k1, n, act, kind, out_act in [(1, 2560, 2560, "gelu_tanh", "layer", None),
+                                         (5, 2560, 2560, "gelu_tanh", "layer", None),
+                                         (1, 0, 2560, "silu_mul", "rms", None), (8, 0, 2560, "silu_mul", "rms", None),
+                                         (1, 2560, 7680, None, "rms", None), (4, 2560, 7680, None, "layer", None),
+                                         (1, 2560, 17920, None, "layer", "gelu_tanh"),
+                                         (3, 2560, 20512, None, "layer", "gelu"), (1, 2560, 2560, None, None, None),
+                                         (2, 2560, 2560, None, None, None)]:
+        kt = 0 if act is None and (kind or out_act) else 10240
         x = torch.randn(m, 2560, device="cuda", generator=g).bfloat16() * 3 + 1 if k1 else None
         tail = (torch.randn(m, kt * (2 if act == "silu_mul" else 1), device="cuda", generator=g).bfloat16()
-                if act else None)
+                if kt else None)
         w = (torch.randn(n, k1 + kt, device="cuda", generator=g) / math.sqrt(k1 + kt)).bfloat16()
         b = torch.randn(n, device="cuda", generator=g).bfloat16()
         r = torch.randn(m, n, device="cuda", generator=g).bfloat16()
         nw = torch.randn(2560, device="cuda", generator=g).bfloat16()
         nb = torch.randn(2560, device="cuda", generator=g).bfloat16() if kind == "layer" else None
-        norm = (kind, nw, nb, 1e-5) if k1 else None
-        got = td.gemv(x, w, b, r, tail, nw, nb, 1e-5, td.NORMS[kind if k1 else None], td.ACTS[act])
+        split = 7680 if out_act else 0
+        got = td.gemv(x, w, b, r, tail, nw, nb, 1e-5, td.NORMS[kind if k1 else None], td.ACTS[act], td.ACTS[out_act],
+                      split)
         d64 = (lambda t: t.double() if t is not None else None)
         ref = ops.linear(d64(x), w.double(), b.double(), r.double(), tail=d64(tail), act=act,
-                         norm=(kind, nw.double(), d64(nb), 1e-5) if k1 else None)
-        out["gemv"].append({"shape": [m, n, k1, kt], "norm": kind if k1 else None, "act": act, "rel": rel(got, ref)})
+                         norm=(kind, nw.double(), d64(nb), 1e-5) if k1 and kind else None, out_act=out_act,
+                         out_act_from=split)
+        out["gemv"].append({"shape": [m, n, k1, kt], "norm": kind if k1 else None, "act": act, "out_act": out_act,
+                            "rel": rel(got, ref)})
     for bsz, heads, kv, d, rdim in [(1, 32, 32, 80, 32), (3, 32, 8, 128, 128)]:
         qkv = torch.randn(bsz, (heads + 2 * kv) * d, device="cuda", generator=g).bfloat16()
         ang = torch.rand(bsz, rdim // 2, device="cuda", generator=g) * 6.3
@@ -179,13 +188,41 @@ def check_decode_kernels() -> dict:
         mask[:, n_keys:] = False
         mask[:, n_keys - 1] = True
         scale = d ** -0.5
-        got = td.decode_attention(q, keys, values, mask, torch.tensor(n_keys, device="cuda"), scale)
         kr = keys[:, :, :n_keys].double().repeat_interleave(heads // kv, 1)
         vr = values[:, :, :n_keys].double().repeat_interleave(heads // kv, 1)
         s = torch.einsum("bhd,bhld->bhl", q.double(), kr) * scale
         s = s.masked_fill(~mask[:, None, :n_keys], float("-inf"))
         ref = torch.einsum("bhl,bhld->bhd", s.softmax(-1), vr)
-        out["attention"].append({"shape": [bsz, heads, kv, d, length, n_keys], "rel": rel(got, ref)})
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        for plan in (None, {"split_len": 256, "block_l": 64, "warps": 4}):
+            got = td.launch_attention(q, keys, values, mask, torch.tensor(n_keys, device="cuda"), scale, sms, plan)
+            out["attention"].append({"shape": [bsz, heads, kv, d, length, n_keys], "plan": plan or "default",
+                                     "rel": rel(got, ref)})
+    for bsz, heads, groups, p, n in [(1, 32, 32, 80, 80), (4, 32, 8, 64, 128)]:
+        di, gn = heads * p, groups * n
+        conv_w = torch.randn(di + 2 * gn, 4, device="cuda", generator=g).bfloat16() * 0.5
+        conv_b = torch.randn(di + 2 * gn, device="cuda", generator=g).bfloat16()
+        dt_bias = torch.randn(heads, device="cuda", generator=g) - 3
+        a_log = torch.rand(heads, device="cuda", generator=g) * 2.7
+        d_skip = torch.randn(heads, device="cuda", generator=g)
+        norm_w = torch.randn(di, device="cuda", generator=g).bfloat16()
+        states = [torch.randn(bsz, di + 2 * gn, 3, device="cuda", generator=g).bfloat16(),
+                  torch.randn(bsz, heads, p, n, device="cuda", generator=g)]
+        refs = [t.double() for t in states]
+        worst = {"y": 0.0, "conv_state": 0.0, "ssm_state": 0.0}
+        for _ in range(3):
+            zxbcdt = torch.randn(bsz, 2 * di + 2 * gn + heads, device="cuda", generator=g).bfloat16()
+            got = td.mamba_step(zxbcdt, *states, conv_w, conv_b, dt_bias, a_log, d_skip, norm_w, 1e-5, heads, groups)
+            before = os.environ.get("MATVLM_KERNELS")
+            os.environ["MATVLM_KERNELS"] = "torch"          # the float64 reference throughout
+            try:
+                want = ops.mamba_step(zxbcdt.double(), *refs, conv_w.double(), conv_b.double(), dt_bias.double(),
+                                      a_log.double(), d_skip.double(), norm_w.double(), 1e-5, groups)
+            finally:
+                os.environ.pop("MATVLM_KERNELS") if before is None else os.environ.update(MATVLM_KERNELS=before)
+            worst = {"y": max(worst["y"], rel(got, want)), "conv_state": max(worst["conv_state"], rel(states[0], refs[0])),
+                     "ssm_state": max(worst["ssm_state"], rel(states[1], refs[1]))}
+        out["mamba_step"] = out.get("mamba_step", []) + [{"shape": [bsz, heads, groups, p, n], **worst}]
     return out
 
 

@@ -173,17 +173,7 @@ class Mamba2Mixer(nn.Module):
         """One decode step from the input projection (B, in_proj_dim): updates `state`, returns the
         gated, normed SSM output (B, d_inner) that `out_proj` maps back (the engine's fused decode
         step runs the projections itself)."""
-        b = zxbcdt.shape[0]
-        z, xBC, dt_raw = self.split_projection(zxbcdt)               # (B, ·)
-        window = torch.cat([state.conv.to(xBC.dtype), xBC[:, :, None]], dim=-1)   # (B, C, d_conv)
-        state.conv.copy_(window[:, :, 1:])
-        w = self.conv1d.weight[:, 0]                                  # (C, d_conv)
-        xBC = F.silu((window * w).sum(-1) + self.conv1d.bias)         # (B, C)
-        x, B, C = self.split_xbc(xBC)
-        dt = F.softplus(_upcast(dt_raw) + _upcast(self.dt_bias))        # (B, H)
-        A = -torch.exp(_upcast(self.A_log))
-        y = ops.ssd_step(state.ssm, x.reshape(b, self.nheads, self.headdim), dt, A,
-                         B.reshape(b, self.ngroups, self.d_state), C.reshape(b, self.ngroups, self.d_state),
-                         _upcast(self.D))                              # (B, H, P)
+        y = ops.mamba_step(zxbcdt, state.conv, state.ssm, self.conv1d.weight[:, 0], self.conv1d.bias, self.dt_bias,
+                           self.A_log, self.D, self.norm.weight, self.norm.eps, self.ngroups)
         state.advance(1)
-        return self.norm(y.reshape(b, self.d_inner), z)
+        return y

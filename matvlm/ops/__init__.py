@@ -1,7 +1,7 @@
 """Mamba-2 kernels and the decode step's kernels behind one dispatch point.
 
-Model code calls `ssd`, `ssd_step` and `gated_rmsnorm` from here and nothing else; the engine's
-fused decode step calls `linear`, `rope_kv` and `decode_attention`. Each picks a backend per call:
+Model code calls `ssd`, `ssd_step`, `gated_rmsnorm` and `mamba_step` from here and nothing else; the
+engine's fused decode step calls `linear`, `rope_kv` and `decode_attention`. Each picks a backend per call:
 
 - ``triton``: mamba_ssm's Triton kernels (CUDA tensors, mamba_ssm installed);
 - ``torch``: the pure-PyTorch reference in `ssd_ref` (any device).
@@ -109,33 +109,40 @@ def _decode_kernels(x: Tensor):
 
 
 NormSpec = tuple  # (kind "layer" | "rms", weight, bias or None, eps)
-DECODE_ATTENTION_MAX_KEYS = 2048
+DECODE_ATTENTION_MAX_KEYS = 8192
 
 
 def linear(x: Tensor | None, weight: Tensor, bias: Tensor | None = None, residual: Tensor | None = None, *,
-           norm: NormSpec | None = None, tail: Tensor | None = None, act: str | None = None) -> Tensor:
-    """[norm(x) | act(tail)] @ weight.T (+ bias) (+ residual): a decode step's product with the norm
-    before it, the activation of a second input and the residual add folded in.
+           norm: NormSpec | None = None, tail: Tensor | None = None, act: str | None = None,
+           out_act: str | None = None, out_act_from: int = 0) -> Tensor:
+    """[norm(x) | act(tail)] @ weight.T (+ bias), out_act on its output features from `out_act_from`
+    on, (+ residual): a decode step's product with the norm before it, the activations on either side
+    and the residual add folded in.
 
     x: (B, K1) or None; norm: ("layer", weight, bias, eps) as `nn.LayerNorm`, ("rms", weight, None, eps)
     as transformers' RMSNorm, or None; tail: (B, K - K1) or None; act: None, "gelu_tanh", "gelu", or
-    "silu_mul" (tail is (B, 2 (K - K1)): silu of its first half times its second half); weight: (N, K).
+    "silu_mul" (tail is (B, 2 (K - K1)): silu of its first half times its second half); out_act: None,
+    "gelu_tanh" or "gelu"; weight: (N, K).
     On CUDA, for one row, one Triton kernel (`triton_decode.gemv`); otherwise PyTorch (for 8 rows
     cuBLAS after a separate norm / activation beat the kernel's 16-row variant on an H100:
     docs/benchmarks.md)."""
+    if out_act not in (None, "gelu_tanh", "gelu"):
+        raise ValueError(f"out_act must be None, 'gelu_tanh' or 'gelu', got {out_act!r}")
     src = x if x is not None else tail
     kernels = _decode_kernels(src)
     if (kernels is not None and src.dim() == 2 and src.shape[0] == 1 and weight.dtype == src.dtype
             and weight.stride(-1) == 1 and all(t is None or t.stride(-1) == 1 for t in (x, tail))):
         kind, nw, nb, eps = norm if norm is not None else (None, None, None, 1e-5)
         return kernels.gemv(x, weight, bias, residual.contiguous() if residual is not None else None, tail, nw, nb,
-                            float(eps), kernels.NORMS[kind], kernels.ACTS[act])
+                            float(eps), kernels.NORMS[kind], kernels.ACTS[act], kernels.ACTS[out_act], out_act_from)
     parts = []
     if x is not None:
         parts.append(_norm(x, norm) if norm is not None else x)
     if tail is not None:
         parts.append(_activation(tail, act))
     y = F.linear(torch.cat(parts, -1) if len(parts) > 1 else parts[0], weight, bias)
+    if out_act is not None:
+        y = torch.cat([y[:, :out_act_from], _activation(y[:, out_act_from:], out_act)], -1)
     return y + residual if residual is not None else y
 
 
@@ -187,23 +194,65 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([rot, rest], dim=-1) if rest.shape[-1] else rot
 
 
-def decode_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, n_keys: Tensor, scale: float) -> Tensor:
+def mask_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """The additive (B, 1, 1, L) form of a (B, L) bool key mask (0 where True, -inf where False), for
+    `decode_attention`'s sdpa path: made once per decode step instead of by sdpa in every layer (with a
+    bool mask sdpa converted it per call: 4.6 us per layer at 16 K positions on an H100)."""
+    return torch.full(mask.shape, float("-inf"), dtype=dtype, device=mask.device).masked_fill_(mask, 0.0)[:, None, None]
+
+
+def decode_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, n_keys: Tensor, scale: float,
+                     bias: Tensor | None = None) -> Tensor:
     """Attention of one query per sequence and head over a static KV buffer.
 
     q: (B, H, D); keys, values: (B, KV, L, D), H a multiple of KV; mask: (B, L) bool, True where a
     key may be attended to; n_keys: () int64 tensor, no key at or after it is attended to (the Triton
-    kernel does not read them). Returns (B, H, D).
+    kernel does not read them); bias: `mask_bias(mask, q.dtype)` or None, used by the sdpa path in
+    place of the mask. Returns (B, H, D).
 
     The split-KV Triton kernel runs for one sequence over a buffer of at most
-    `DECODE_ATTENTION_MAX_KEYS` positions, where it beat sdpa on an H100 (14 vs 19 us at 1 280
-    positions); longer buffers and batches go to sdpa (cuDNN / flash), which was faster there."""
+    `DECODE_ATTENTION_MAX_KEYS` positions, where it beat sdpa on an H100 (13 vs 19 us at 1 280
+    positions, 28 vs 30 us at 4 352); longer buffers (sdpa 77 vs 80 us at 16 640) and batches go to
+    sdpa (cuDNN / flash)."""
     kernels = _decode_kernels(q)
     if (kernels is not None and q.shape[0] == 1 and keys.shape[2] <= DECODE_ATTENTION_MAX_KEYS
             and keys.stride(-1) == 1 and values.stride(-1) == 1):
         return kernels.decode_attention(q.contiguous(), keys, values, mask, n_keys, scale)
-    out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask[:, None, None, :],
+    out = F.scaled_dot_product_attention(q[:, :, None], keys, values,
+                                         attn_mask=bias if bias is not None else mask[:, None, None, :],
                                          scale=scale, enable_gqa=keys.shape[1] != q.shape[1])
     return out[:, :, 0]
 
 
-__all__ = ["ssd", "ssd_step", "gated_rmsnorm", "backend_for", "ssd_ref", "linear", "rope_kv", "decode_attention"]
+def mamba_step(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor, conv_bias: Tensor,
+               dt_bias: Tensor, A_log: Tensor, D: Tensor, norm_weight: Tensor, eps: float, ngroups: int) -> Tensor:
+    """A Mamba-2 mixer's decode step from its input projection zxbcdt (B, 2 DI + 2 G N + H): the causal
+    conv over [x | B | C] with its state (B, DI + 2 G N, W - 1) shifted by one, SiLU, the SSM state
+    (B, H, P, N) advanced by one step (`ssd_step`), and the gated RMSNorm over groups of DI / G channels.
+    Both states are updated in place; returns (B, DI) in zxbcdt's dtype.
+
+    On CUDA in bf16/fp16 one Triton kernel does all of it (`triton_decode.mamba_step`), outside
+    `torch.compile`; otherwise the PyTorch ops below (with `ssd_step` and `gated_rmsnorm` dispatching
+    as usual)."""
+    kernels = _decode_kernels(zxbcdt)
+    if (kernels is not None and not torch.compiler.is_compiling() and zxbcdt.dim() == 2
+            and all(t.stride(-1) == 1 for t in (zxbcdt, conv_state, ssm_state)) and conv_weight.is_contiguous()):
+        return kernels.mamba_step(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D,
+                                  norm_weight, float(eps), ssm_state.shape[1], ngroups)
+    b = zxbcdt.shape[0]
+    _, h, p, n = ssm_state.shape
+    di, gn = h * p, ngroups * n
+    z, xbc, dt_raw = torch.split(zxbcdt, [di, di + 2 * gn, h], dim=-1)
+    window = torch.cat([conv_state.to(xbc.dtype), xbc[:, :, None]], dim=-1)     # (B, C, W)
+    conv_state.copy_(window[:, :, 1:])
+    xbc = F.silu((window * conv_weight).sum(-1) + conv_bias)
+    x, B, C = torch.split(xbc, [di, gn, gn], dim=-1)
+    cd = torch.float64 if zxbcdt.dtype == torch.float64 else torch.float32
+    dt = F.softplus(dt_raw.to(cd) + dt_bias.to(cd))
+    A = -torch.exp(A_log.to(cd))
+    y = ssd_step(ssm_state, x.reshape(b, h, p), dt, A, B.reshape(b, ngroups, n), C.reshape(b, ngroups, n), D.to(cd))
+    return gated_rmsnorm(y.reshape(b, di), z, norm_weight, eps, di // ngroups)
+
+
+__all__ = ["ssd", "ssd_step", "gated_rmsnorm", "backend_for", "ssd_ref", "linear", "rope_kv", "decode_attention",
+           "mask_bias", "mamba_step"]

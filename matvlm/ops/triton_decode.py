@@ -37,33 +37,50 @@ def _gemv_configs(small_rows: bool) -> list[triton.Config]:
 
 
 NORMS = {None: 0, "layer": 1, "rms": 2}
+MAX_STATS_BLOCK = 8192      # widest x whose norm statistics the one-row kernel takes from one load
 ACTS = {None: 0, "gelu_tanh": 1, "gelu": 2, "silu_mul": 3}
 
 
 @triton.jit
-def _activate(t_ptrs, kt, t_half, ok, ACT: tl.constexpr):
-    """The tail's inputs at columns kt (0 where not ok): act(t) or, for silu_mul, silu(t[kt]) * t[kt + half]."""
-    t = tl.load(t_ptrs + kt, mask=ok, other=0.0).to(tl.float32)
+def _gelu(t, ACT: tl.constexpr):
+    """float32 t through tanh-GELU (ACT 1) or erf-GELU (ACT 2)."""
     if ACT == 1:      # tanh approximation: 0.5 x (1 + tanh(u)) = x sigmoid(2u)
         t = t * tl.sigmoid(1.5957691216057308 * (t + 0.044715 * t * t * t))
     elif ACT == 2:
         t = 0.5 * t * (1.0 + tl.math.erf(t * 0.7071067811865476))
-    elif ACT == 3:
+    return t
+
+
+@triton.jit
+def _activate(t_ptrs, kt, t_half, ok, ACT: tl.constexpr):
+    """The tail's inputs at columns kt (0 where not ok): t (ACT 0), act(t), or for silu_mul silu(t[kt]) * t[kt + half]."""
+    t = tl.load(t_ptrs + kt, mask=ok, other=0.0).to(tl.float32)
+    if ACT == 3:
         u = tl.load(t_ptrs + t_half + kt, mask=ok, other=0.0).to(tl.float32)
         t = t * tl.sigmoid(t) * u
+    else:
+        t = _gelu(t, ACT)
     return t
 
 
 @triton.autotune(configs=_gemv_configs(True), key=["N", "K", "K1"])
 @triton.jit
-def _gemv_one_row(x_ptr, t_ptr, w_ptr, b_ptr, r_ptr, y_ptr, nw_ptr, nb_ptr, N, K1, K, t_half, stride_w, eps,
-                  NORM: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+def _gemv_one_row(x_ptr, t_ptr, w_ptr, b_ptr, r_ptr, y_ptr, nw_ptr, nb_ptr, N, K1, K, t_half, stride_w, eps, N_ACT,
+                  NORM: tl.constexpr, ACT: tl.constexpr, OUT_ACT: tl.constexpr, HAS_TAIL: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_X: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     mean = 0.0
     rstd = 1.0
-    if NORM != 0:                                   # statistics of the K1 head columns, two passes
+    if NORM != 0 and BLOCK_X > 0:                   # statistics of the K1 head columns from one load
+        rx = tl.arange(0, BLOCK_X)
+        xs = tl.load(x_ptr + rx, mask=rx < K1, other=0.0).to(tl.float32)
+        if NORM == 1:
+            mean = tl.sum(xs, axis=0) / K1
+        d = tl.where(rx < K1, xs - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / K1 + eps)
+    elif NORM != 0:                                 # two passes over blocks of K
         s1 = tl.zeros((BLOCK_K,), dtype=tl.float32)
         if NORM == 1:
             for k0 in range(0, K1, BLOCK_K):
@@ -83,13 +100,15 @@ def _gemv_one_row(x_ptr, t_ptr, w_ptr, b_ptr, r_ptr, y_ptr, nw_ptr, nb_ptr, N, K
             x = (x - mean) * rstd * tl.load(nw_ptr + kk, mask=head, other=0.0).to(tl.float32)
             if NORM == 1:
                 x += tl.load(nb_ptr + kk, mask=head, other=0.0).to(tl.float32)
-        if ACT != 0:
+        if HAS_TAIL:
             x = tl.where(head, x, _activate(t_ptr, kk - K1, t_half, (kk >= K1) & (kk < K), ACT))
         w = tl.load(w_ptr + rn[:, None] * stride_w + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K), other=0.0)
         acc += w.to(tl.float32) * x[None, :]
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+    if OUT_ACT != 0:
+        y = tl.where(rn >= N_ACT, _gelu(y, OUT_ACT), y)
     if HAS_RES:
         y += tl.load(r_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
     tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
@@ -98,8 +117,9 @@ def _gemv_one_row(x_ptr, t_ptr, w_ptr, b_ptr, r_ptr, y_ptr, nw_ptr, nb_ptr, N, K
 @triton.autotune(configs=_gemv_configs(False), key=["N", "K", "K1"])
 @triton.jit
 def _gemv_few_rows(x_ptr, t_ptr, w_ptr, b_ptr, r_ptr, y_ptr, nw_ptr, nb_ptr, M, N, K1, K, t_half,
-                   stride_x, stride_t, stride_w, stride_r, stride_y, eps,
-                   NORM: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                   stride_x, stride_t, stride_w, stride_r, stride_y, eps, N_ACT,
+                   NORM: tl.constexpr, ACT: tl.constexpr, OUT_ACT: tl.constexpr, HAS_TAIL: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, 16)
@@ -130,7 +150,7 @@ def _gemv_few_rows(x_ptr, t_ptr, w_ptr, b_ptr, r_ptr, y_ptr, nw_ptr, nb_ptr, M, 
             x = (x - mean[:, None]) * rstd[:, None] * tl.load(nw_ptr + kk, mask=kk < K1, other=0.0).to(tl.float32)[None, :]
             if NORM == 1:
                 x += tl.load(nb_ptr + kk, mask=kk < K1, other=0.0).to(tl.float32)[None, :]
-        if ACT != 0:
+        if HAS_TAIL:
             tail = rows & (kk[None, :] >= K1) & (kk[None, :] < K)
             x = tl.where(head, x, _activate(t_ptr + rm[:, None] * stride_t, kk[None, :] - K1, t_half, tail, ACT))
         w = tl.load(w_ptr + rn[:, None] * stride_w + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K), other=0.0)
@@ -138,6 +158,8 @@ def _gemv_few_rows(x_ptr, t_ptr, w_ptr, b_ptr, r_ptr, y_ptr, nw_ptr, nb_ptr, M, 
     keep = rows & (rn[None, :] < N)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    if OUT_ACT != 0:
+        acc = tl.where(rn[None, :] >= N_ACT, _gelu(acc, OUT_ACT), acc)
     if HAS_RES:
         acc += tl.load(r_ptr + rm[:, None] * stride_r + rn[None, :], mask=keep, other=0.0).to(tl.float32)
     tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=keep)
@@ -146,18 +168,20 @@ def _gemv_few_rows(x_ptr, t_ptr, w_ptr, b_ptr, r_ptr, y_ptr, nw_ptr, nb_ptr, M, 
 @torch.library.custom_op("matvlm::gemv", mutates_args=())
 def gemv(x: Optional[Tensor], w: Tensor, bias: Optional[Tensor] = None, residual: Optional[Tensor] = None,
          tail: Optional[Tensor] = None, norm_weight: Optional[Tensor] = None, norm_bias: Optional[Tensor] = None,
-         eps: float = 1e-5, norm: int = 0, act: int = 0) -> Tensor:
-    """y = [norm(x) | act(tail)] @ w.T (+ bias) (+ residual), for at most 16 rows.
+         eps: float = 1e-5, norm: int = 0, act: int = 0, out_act: int = 0, out_act_from: int = 0) -> Tensor:
+    """y = [norm(x) | act(tail)] @ w.T (+ bias) (+ residual), for at most 16 rows, with out_act applied to
+    output features from `out_act_from` on (before the residual).
 
     x: (M, K1) or None (K1 = 0), rows contiguous; tail: (M, K - K1) or, for act silu_mul, (M, 2 (K - K1)),
     or None; w: (N, K) with unit stride along K; bias: (N,); residual: (M, N). norm (NORMS): 0 none,
     1 LayerNorm(norm_weight, norm_bias, eps), 2 RMSNorm(norm_weight, eps), over x's K1 columns;
-    act (ACTS): 0 none, 1 tanh-GELU, 2 erf-GELU, 3 silu(first half) * second half. Returns (M, N) in w's
-    dtype, accumulated in float32."""
-    return launch_gemv(x, w, bias, residual, tail, norm_weight, norm_bias, eps, norm, act)
+    act (ACTS): 0 none, 1 tanh-GELU, 2 erf-GELU, 3 silu(first half) * second half; out_act: 0, 1 or 2.
+    Returns (M, N) in w's dtype, accumulated in float32."""
+    return launch_gemv(x, w, bias, residual, tail, norm_weight, norm_bias, eps, norm, act, out_act, out_act_from)
 
 
-def launch_gemv(x, w, bias, residual, tail, norm_weight, norm_bias, eps, norm, act, config: dict | None = None):
+def launch_gemv(x, w, bias, residual, tail, norm_weight, norm_bias, eps, norm, act, out_act=0, out_act_from=0,
+                config: dict | None = None):
     """`gemv`'s launcher; `config` ({"BLOCK_N", "BLOCK_K"}) bypasses the autotuner (tests, interpreter)."""
     src = x if x is not None else tail
     m = src.shape[0]
@@ -171,7 +195,8 @@ def launch_gemv(x, w, bias, residual, tail, norm_weight, norm_bias, eps, norm, a
     r = residual if residual is not None else y
     nw = norm_weight if norm_weight is not None else w
     nb = norm_bias if norm_bias is not None else w
-    flags = dict(NORM=norm, ACT=act, HAS_BIAS=bias is not None, HAS_RES=residual is not None)
+    flags = dict(NORM=norm, ACT=act, OUT_ACT=out_act, HAS_TAIL=tail is not None, HAS_BIAS=bias is not None,
+                 HAS_RES=residual is not None)
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_N"]),)
@@ -179,26 +204,31 @@ def launch_gemv(x, w, bias, residual, tail, norm_weight, norm_bias, eps, norm, a
     one, few = (_gemv_one_row, _gemv_few_rows) if config is None else (_gemv_one_row.fn, _gemv_few_rows.fn)
     flags.update(config or {})
     if m == 1:
-        one[grid](xx, tt, w, b, r, y, nw, nb, n, k1, k, t_half, w.stride(0), eps, **flags)
+        # the norm's statistics from one load of x where it fits in registers (one L2 round trip
+        # before the weights stream, instead of two passes of K / BLOCK_K dependent loads)
+        block_x = triton.next_power_of_2(k1) if norm and k1 <= MAX_STATS_BLOCK else 0
+        one[grid](xx, tt, w, b, r, y, nw, nb, n, k1, k, t_half, w.stride(0), eps, out_act_from, BLOCK_X=block_x,
+                  **flags)
     else:
         few[grid](xx, tt, w, b, r, y, nw, nb, m, n, k1, k, t_half, xx.stride(0), tt.stride(0),
-                  w.stride(0), r.stride(0), y.stride(0), eps, **flags)
+                  w.stride(0), r.stride(0), y.stride(0), eps, out_act_from, **flags)
     return y
 
 
 @gemv.register_fake
-def _(x, w, bias=None, residual=None, tail=None, norm_weight=None, norm_bias=None, eps=1e-5, norm=0, act=0):
+def _(x, w, bias=None, residual=None, tail=None, norm_weight=None, norm_bias=None, eps=1e-5, norm=0, act=0,
+      out_act=0, out_act_from=0):
     src = x if x is not None else tail
     return w.new_empty((src.shape[0], w.shape[0]))
 
 
 @triton.jit
-def _attention_split(q_ptr, k_ptr, v_ptr, mask_ptr, n_ptr, m_out, l_out, acc_out, scale,
-                     H, GROUP, D, SPLIT_LEN,
+def _attention_split(q_ptr, k_ptr, v_ptr, mask_ptr, n_ptr, m_buf, l_buf, acc_buf, scale,
+                     H, GROUP, SPLIT_LEN, N_SPLITS,
                      sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b,
-                     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-    bh = tl.program_id(0)
-    split = tl.program_id(1)
+                     D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    split = tl.program_id(0)
+    bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     kvh = h // GROUP
@@ -211,48 +241,56 @@ def _attention_split(q_ptr, k_ptr, v_ptr, mask_ptr, n_ptr, m_out, l_out, acc_out
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     lo = split * SPLIT_LEN
     hi = tl.minimum(lo + SPLIT_LEN, n_keys)
+    k_base = k_ptr + b * sk_b + kvh * sk_h
+    v_base = v_ptr + b * sv_b + kvh * sv_h
     for start in range(lo, hi, BLOCK_L):
         offs = start + tl.arange(0, BLOCK_L)
         inside = offs < hi
-        ok = tl.load(mask_ptr + b * sm_b + offs, mask=inside, other=0) != 0
         kv_mask = inside[:, None] & dmask[None, :]
-        k = tl.load(k_ptr + b * sk_b + kvh * sk_h + offs[:, None] * sk_l + rd[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(k_base + offs[:, None] * sk_l + rd[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs[:, None] * sv_l + rd[None, :], mask=kv_mask, other=0.0)
+        ok = tl.load(mask_ptr + b * sm_b + offs, mask=inside, other=0) != 0
         s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
         s = tl.where(ok & inside, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
         p = tl.exp(s - m_new)
         alpha = tl.exp(m_i - m_new)
-        v = tl.load(v_ptr + b * sv_b + kvh * sv_h + offs[:, None] * sv_l + rd[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
         l_i = l_i * alpha + tl.sum(p, axis=0)
         m_i = m_new
-    n_splits = tl.num_programs(1)
-    tl.store(m_out + bh * n_splits + split, m_i)
-    tl.store(l_out + bh * n_splits + split, l_i)
-    tl.store(acc_out + (bh * n_splits + split) * BLOCK_D + rd, acc)
+    tl.store(m_buf + bh * N_SPLITS + split, m_i)
+    tl.store(l_buf + bh * N_SPLITS + split, l_i)
+    tl.store(acc_buf + (bh * N_SPLITS + split) * BLOCK_D + rd, acc)
 
 
 @triton.jit
-def _attention_combine(m_in, l_in, acc_in, o_ptr, H, D, so_b, so_h,
-                       SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+def _attention_combine(m_buf, l_buf, acc_buf, o_ptr, H, N_SPLITS, so_b, so_h,
+                       D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
-    rs = tl.arange(0, SPLITS)
+    rs = tl.arange(0, BLOCK_S)
+    live = rs < N_SPLITS
     rd = tl.arange(0, BLOCK_D)
-    m = tl.load(m_in + bh * SPLITS + rs)
-    l = tl.load(l_in + bh * SPLITS + rs)
-    acc = tl.load(acc_in + (bh * SPLITS + rs)[:, None] * BLOCK_D + rd[None, :])
+    m = tl.load(m_buf + bh * N_SPLITS + rs, mask=live, other=-1e30)
+    l = tl.load(l_buf + bh * N_SPLITS + rs, mask=live, other=0.0)
+    acc = tl.load(acc_buf + (bh * N_SPLITS + rs)[:, None] * BLOCK_D + rd[None, :], mask=live[:, None], other=0.0)
     w = tl.exp(m - tl.max(m, axis=0))
     out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
     tl.store(o_ptr + b * so_b + h * so_h + rd, out.to(o_ptr.dtype.element_ty), mask=rd < D)
 
 
-def _splits(heads: int, sms: int) -> int:
-    """Key splits per (sequence, head): four to eight programs per SM for one sequence (32 for 32 heads
-    on an H100, the best of 8-64 measured at 1 280 positions). A function of the model and device
-    only, so that a compiled step serves every batch size and cache length."""
-    return min(triton.next_power_of_2(max(1, -(-4 * sms // heads))), 64)
+def attention_plan(bsz: int, heads: int, length: int, sms: int) -> dict:
+    """Launch parameters of `decode_attention` for a (bsz, heads, length) buffer on `sms`
+    multiprocessors: keys per program (whole 32-key blocks), the key block and warps. About eight
+    programs per SM, 32-key blocks and 2 warps were the best or within 10 % of the best of a sweep on
+    an H100 (keys per program 64-2048, blocks 32-128, 2 or 4 warps; docs/benchmarks.md). A function of
+    the buffer's shape, not of how many keys are written, so one CUDA graph serves every step."""
+    block_l = 32
+    per = max(1, 8 * sms // (bsz * heads))              # splits per (sequence, head)
+    split_len = -(-length // per)
+    split_len = max(2 * block_l, -(-split_len // block_l) * block_l)
+    return {"split_len": split_len, "block_l": block_l, "warps": 2}
 
 
 @torch.library.custom_op("matvlm::decode_attention", mutates_args=())
@@ -264,24 +302,25 @@ def decode_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, n_ke
                             torch.cuda.get_device_properties(q.device).multi_processor_count)
 
 
-def launch_attention(q, keys, values, mask, n_keys, scale, sms: int):
-    """`decode_attention`'s launcher, for a device of `sms` multiprocessors."""
+def launch_attention(q, keys, values, mask, n_keys, scale, sms: int, plan: dict | None = None):
+    """`decode_attention`'s launcher, for a device of `sms` multiprocessors (`plan` overrides
+    `attention_plan`)."""
     bsz, heads, d = q.shape
     kv, length = keys.shape[1], keys.shape[2]
+    p = plan or attention_plan(bsz, heads, length, sms)
     block_d = triton.next_power_of_2(d)
-    splits = _splits(heads, sms)
-    split_len = (length + 64 * splits - 1) // (64 * splits) * 64        # whole 64-key blocks per split
+    splits = -(-length // p["split_len"])
     m = torch.empty((bsz * heads, splits), dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     acc = torch.empty((bsz * heads, splits, block_d), dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
-    _attention_split[(bsz * heads, splits)](
-        q, keys, values, mask, n_keys, m, l, acc, scale, heads, heads // kv, d, split_len,
+    _attention_split[(splits, bsz * heads)](
+        q, keys, values, mask, n_keys, m, l, acc, scale, heads, heads // kv, p["split_len"], splits,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), mask.stride(0),
-        BLOCK_L=64, BLOCK_D=block_d, num_warps=2)
-    _attention_combine[(bsz * heads,)](
-        m, l, acc, out, heads, d, out.stride(0), out.stride(1), SPLITS=splits, BLOCK_D=block_d, num_warps=1)
+        D=d, BLOCK_L=p["block_l"], BLOCK_D=block_d, num_warps=p["warps"])
+    _attention_combine[(bsz * heads,)](m, l, acc, out, heads, splits, out.stride(0), out.stride(1),
+                                       D=d, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d, num_warps=1)
     return out
 
 
@@ -334,3 +373,120 @@ def rope_kv(qkv: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor,
 @rope_kv.register_fake
 def _(qkv, cos, sin, keys, values, slot, heads):
     return qkv.new_empty((qkv.shape[0], heads, keys.shape[3]))
+
+
+@triton.jit
+def _conv_silu(row_ptr, conv_ptr, cw_ptr, cb_ptr, ch, ok, sc_c, W: tl.constexpr):
+    """Causal depthwise conv at one new position for channels `ch` (masked by `ok`), then SiLU.
+    Returns the output (float32) and the values the conv state must hold next: the window without its
+    oldest entry. The caller stores them after a barrier, once every thread has read the old state."""
+    x_new = tl.load(row_ptr + ch, mask=ok, other=0.0).to(tl.float32)
+    out = tl.load(cb_ptr + ch, mask=ok, other=0.0).to(tl.float32) + x_new * tl.load(
+        cw_ptr + ch * W + (W - 1), mask=ok, other=0.0).to(tl.float32)
+    for j in tl.static_range(W - 1):
+        s = tl.load(conv_ptr + ch * sc_c + j, mask=ok, other=0.0).to(tl.float32)
+        out += s * tl.load(cw_ptr + ch * W + j, mask=ok, other=0.0).to(tl.float32)
+    return out * tl.sigmoid(out), x_new
+
+
+@triton.jit
+def _conv_shift(conv_ptr, ch, ok, x_new, sc_c, W: tl.constexpr):
+    """Shift the conv state of channels `ch` by one position and append x_new."""
+    for j in tl.static_range(W - 2):
+        s = tl.load(conv_ptr + ch * sc_c + j + 1, mask=ok, other=0.0)
+        tl.debug_barrier()
+        tl.store(conv_ptr + ch * sc_c + j, s, mask=ok)
+        tl.debug_barrier()
+    tl.store(conv_ptr + ch * sc_c + (W - 2), x_new.to(conv_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _mamba_step(in_ptr, conv_ptr, ssm_ptr, cw_ptr, cb_ptr, dtb_ptr, alog_ptr, dskip_ptr, nw_ptr, tmp_ptr, y_ptr,
+                s_in, sc_b, sc_c, ss_b, ss_h, ss_p, s_tmp, s_y, eps, DI, GN, NH, HPG,
+                P: tl.constexpr, N: tl.constexpr, W: tl.constexpr,
+                BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    b = tl.program_id(0)
+    g = tl.program_id(1)
+    row = in_ptr + b * s_in                         # [z (DI) | x (DI) | B (GN) | C (GN) | dt (NH)]
+    conv = conv_ptr + b * sc_b                      # channels [x | B | C]
+    xbc = row + DI
+    rn = tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    B, b_new = _conv_silu(xbc, conv, cw_ptr, cb_ptr, DI + g * N + rn, n_ok, sc_c, W)
+    C, c_new = _conv_silu(xbc, conv, cw_ptr, cb_ptr, DI + GN + g * N + rn, n_ok, sc_c, W)
+    tl.debug_barrier()
+    _conv_shift(conv, DI + g * N + rn, n_ok, b_new, sc_c, W)
+    _conv_shift(conv, DI + GN + g * N + rn, n_ok, c_new, sc_c, W)
+    rp = tl.arange(0, BLOCK_P)
+    sq = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for i in range(0, HPG):
+        h = g * HPG + i
+        dt = tl.load(row + 2 * DI + 2 * GN + h).to(tl.float32) + tl.load(dtb_ptr + h).to(tl.float32)
+        dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt)))          # softplus, as torch's (threshold 20)
+        decay = tl.exp(-tl.exp(tl.load(alog_ptr + h).to(tl.float32)) * dt)
+        d_skip = tl.load(dskip_ptr + h).to(tl.float32)
+        for p0 in range(0, P, BLOCK_P):
+            p = p0 + rp
+            p_ok = p < P
+            x, x_new = _conv_silu(xbc, conv, cw_ptr, cb_ptr, h * P + p, p_ok, sc_c, W)
+            tl.debug_barrier()
+            _conv_shift(conv, h * P + p, p_ok, x_new, sc_c, W)
+            st_ptrs = ssm_ptr + b * ss_b + h * ss_h + p[:, None] * ss_p + rn[None, :]
+            both = p_ok[:, None] & n_ok[None, :]
+            st = tl.load(st_ptrs, mask=both, other=0.0).to(tl.float32)
+            st = st * decay + (dt * x)[:, None] * B[None, :]
+            tl.store(st_ptrs, st.to(ssm_ptr.dtype.element_ty), mask=both)
+            y = tl.sum(st * C[None, :], axis=1) + d_skip * x
+            z = tl.load(row + h * P + p, mask=p_ok, other=0.0).to(tl.float32)
+            y = tl.where(p_ok, y * z * tl.sigmoid(z), 0.0)
+            sq += y * y
+            tl.store(tmp_ptr + b * s_tmp + h * P + p, y, mask=p_ok)
+    rstd = 1.0 / tl.sqrt(tl.sum(sq, axis=0) / (HPG * P) + eps)
+    tl.debug_barrier()
+    for c0 in range(0, HPG * P, BLOCK_P):
+        c = g * HPG * P + c0 + rp
+        c_ok = c0 + rp < HPG * P
+        y = tl.load(tmp_ptr + b * s_tmp + c, mask=c_ok, other=0.0) * rstd
+        y = y * tl.load(nw_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + b * s_y + c, y.to(y_ptr.dtype.element_ty), mask=c_ok)
+
+
+@torch.library.custom_op("matvlm::mamba_step", mutates_args=("conv_state", "ssm_state"))
+def mamba_step(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor, conv_bias: Tensor,
+               dt_bias: Tensor, A_log: Tensor, D: Tensor, norm_weight: Tensor, eps: float,
+               nheads: int, ngroups: int) -> Tensor:
+    """A Mamba-2 mixer's whole decode step after its input projection, one program per (sequence,
+    group): causal conv update + SiLU of [x | B | C], dt = softplus(dt + dt_bias), the SSM state update
+    state = exp(dt A) state + dt x B^T, y = state C + D x, and RMSNorm(y * silu(z)) over the group's
+    channels times norm_weight.
+
+    zxbcdt: (B, 2 DI + 2 G N + H), rows with unit stride; conv_state: (B, DI + 2 G N, W - 1), unit
+    stride along W; ssm_state: (B, H, P, N), unit stride along N, any float dtype; conv_weight:
+    (DI + 2 G N, W) contiguous. Updates both states; returns (B, DI) in zxbcdt's dtype."""
+    return launch_mamba_step(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight,
+                             eps, nheads, ngroups)
+
+
+def launch_mamba_step(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight, eps,
+                      nheads, ngroups, block_p: int = 128, warps: int = 4):
+    """`mamba_step`'s launcher. The defaults were the fastest of block_p 16-128 x warps 2-8 on an H100 at
+    TinyLLaVA's shapes (P = 80: the whole head in one block), batch 1 and 8."""
+    bsz = zxbcdt.shape[0]
+    _, heads, p, n = ssm_state.shape
+    width = conv_weight.shape[1]
+    gn = ngroups * n
+    di = heads * p
+    y = torch.empty((bsz, di), dtype=zxbcdt.dtype, device=zxbcdt.device)
+    tmp = torch.empty((bsz, di), dtype=torch.float32, device=zxbcdt.device)
+    _mamba_step[(bsz, ngroups)](
+        zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight, tmp, y,
+        zxbcdt.stride(0), conv_state.stride(0), conv_state.stride(1), ssm_state.stride(0), ssm_state.stride(1),
+        ssm_state.stride(2), tmp.stride(0), y.stride(0), eps, di, gn, nheads, nheads // ngroups,
+        P=p, N=n, W=width, BLOCK_P=min(block_p, triton.next_power_of_2(p)), BLOCK_N=triton.next_power_of_2(n),
+        num_warps=warps)
+    return y
+
+
+@mamba_step.register_fake
+def _(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight, eps, nheads, ngroups):
+    return zxbcdt.new_empty((zxbcdt.shape[0], ssm_state.shape[1] * ssm_state.shape[2]))

@@ -14,23 +14,38 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-@pytest.mark.parametrize("rows, k1, kt, act, norm", [
-    (1, 96, 0, None, None), (1, 96, 200, "gelu_tanh", "layer"), (3, 96, 200, "gelu_tanh", "layer"),
-    (1, 0, 200, "silu_mul", None), (5, 0, 200, "silu_mul", None), (1, 96, 0, None, "rms"), (2, 96, 0, None, "rms"),
-    (1, 100, 60, "gelu", None)])
-def test_matrix_vector_kernel_equals_the_pytorch_path(rows, k1, kt, act, norm):
+@pytest.mark.parametrize("rows, k1, kt, act, norm, out_act", [
+    (1, 96, 0, None, None, None), (1, 96, 200, "gelu_tanh", "layer", None), (3, 96, 200, "gelu_tanh", "layer", None),
+    (1, 0, 200, "silu_mul", None, None), (5, 0, 200, "silu_mul", None, None), (1, 96, 0, None, "rms", None),
+    (2, 96, 0, None, "rms", None), (1, 100, 60, "gelu", None, None), (1, 96, 0, None, "layer", "gelu_tanh"),
+    (4, 96, 0, None, "layer", "gelu"), (1, 100, 60, "gelu", None, "gelu"), (1, 96, 200, None, "layer", None),
+    (3, 96, 200, None, None, None)])
+def test_matrix_vector_kernel_equals_the_pytorch_path(rows, k1, kt, act, norm, out_act):
     g = torch.Generator().manual_seed(rows * 1000 + k1 + kt)
     x = torch.randn(rows, k1, generator=g, dtype=torch.float32) * 3 + 1 if k1 else None
-    tail = torch.randn(rows, kt * (2 if act == "silu_mul" else 1), generator=g, dtype=torch.float32) if act else None
+    tail = torch.randn(rows, kt * (2 if act == "silu_mul" else 1), generator=g, dtype=torch.float32) if kt else None
     w = torch.randn(40, k1 + kt, generator=g, dtype=torch.float32)
     b, r = torch.randn(40, generator=g, dtype=torch.float32), torch.randn(rows, 40, generator=g, dtype=torch.float32)
     nw = torch.randn(max(k1, 1), generator=g, dtype=torch.float32)
     nb = torch.randn(max(k1, 1), generator=g, dtype=torch.float32) if norm == "layer" else None
     spec = (norm, nw, nb, 1e-5) if norm else None
-    got = td.launch_gemv(x, w, b, r, tail, nw, nb, 1e-5, td.NORMS[norm], td.ACTS[act],
+    got = td.launch_gemv(x, w, b, r, tail, nw, nb, 1e-5, td.NORMS[norm], td.ACTS[act], td.ACTS[out_act], 17,
                          config={"BLOCK_N": 16, "BLOCK_K": 64})
-    want = ops.linear(x, w, b, r, norm=spec, tail=tail, act=act)
+    want = ops.linear(x, w, b, r, norm=spec, tail=tail, act=act, out_act=out_act, out_act_from=17)
     assert rel(got, want) < 1e-5
+    if out_act:          # the activation applies to output features 17.. only, before the residual
+        plain = ops.linear(x, w, b, norm=spec, tail=tail, act=act)
+        gelu = torch.nn.functional.gelu(plain, approximate="tanh" if out_act == "gelu_tanh" else "none")
+        assert rel(got[:, :17], plain[:, :17] + r[:, :17]) < 1e-5
+        assert rel(got[:, 17:], gelu[:, 17:] + r[:, 17:]) < 1e-5
+    if norm and rows == 1:              # the norm's statistics in blocks of K, as for x wider than MAX_STATS_BLOCK
+        saved, td.MAX_STATS_BLOCK = td.MAX_STATS_BLOCK, 16
+        try:
+            blocks = td.launch_gemv(x, w, b, r, tail, nw, nb, 1e-5, td.NORMS[norm], td.ACTS[act], td.ACTS[out_act], 17,
+                                    config={"BLOCK_N": 16, "BLOCK_K": 64})
+        finally:
+            td.MAX_STATS_BLOCK = saved
+        assert rel(blocks, want) < 1e-5
     v = torch.randn(rows, w.shape[1], generator=g)
     bare = td.launch_gemv(v, w, None, None, None, None, None, 1e-5, 0, 0, config={"BLOCK_N": 8, "BLOCK_K": 32})
     assert rel(bare, v.double() @ w.double().T) < 1e-5
@@ -52,8 +67,13 @@ def test_rope_and_cache_write_kernel_equals_the_pytorch_path(bsz, heads, kv, d, 
     assert not torch.equal(caches[0][:, :, 7], torch.zeros_like(caches[0][:, :, 7]))
 
 
+PLANS = [None, {"split_len": 32, "block_l": 16, "warps": 1}, {"split_len": 48, "block_l": 16, "warps": 1},
+         {"split_len": 512, "block_l": 64, "warps": 2}]
+
+
+@pytest.mark.parametrize("plan", PLANS)
 @pytest.mark.parametrize("bsz, heads, kv, d, length, n_keys", [(1, 4, 4, 20, 300, 250), (2, 4, 2, 16, 200, 13)])
-def test_split_kv_attention_kernel_reads_only_written_keys_and_equals_sdpa(bsz, heads, kv, d, length, n_keys):
+def test_split_kv_attention_kernel_reads_only_written_keys_and_equals_sdpa(bsz, heads, kv, d, length, n_keys, plan):
     g = torch.Generator().manual_seed(length)
     q = torch.randn(bsz, heads, d, generator=g)
     keys, values = torch.randn(bsz, kv, length, d, generator=g), torch.randn(bsz, kv, length, d, generator=g)
@@ -63,5 +83,33 @@ def test_split_kv_attention_kernel_reads_only_written_keys_and_equals_sdpa(bsz, 
     want = ops.decode_attention(q, keys, values, mask, torch.tensor(n_keys), d ** -0.5)
     keys[:, :, n_keys:] = float("nan")          # never read: the kernel stops at n_keys
     values[:, :, n_keys:] = float("nan")
-    got = td.launch_attention(q, keys, values, mask, torch.tensor(n_keys), d ** -0.5, sms=2)
+    got = td.launch_attention(q, keys, values, mask, torch.tensor(n_keys), d ** -0.5, sms=2, plan=plan)
     assert rel(got, want) < 1e-5
+
+
+def test_attention_plan_covers_the_buffer_in_whole_key_blocks():
+    for bsz, length in [(1, 1280), (1, 16640), (8, 4352), (64, 100)]:
+        p = td.attention_plan(bsz, 32, length, sms=132)
+        assert p["split_len"] % p["block_l"] == 0 and p["split_len"] >= p["block_l"]
+        splits = -(-length // p["split_len"])
+        assert splits * p["split_len"] >= length and splits <= 1024
+
+
+@pytest.mark.parametrize("bsz, heads, groups, p, n, block_p", [(1, 4, 4, 20, 12, 8), (2, 4, 2, 24, 8, 16),
+                                                                  (3, 2, 1, 16, 16, 32)])
+def test_mamba_step_kernel_equals_the_pytorch_path(bsz, heads, groups, p, n, block_p):
+    g = torch.Generator().manual_seed(heads * 100 + p)
+    di, gn, width = heads * p, groups * n, 4
+    conv_dim = di + 2 * gn
+    conv_w, conv_b = torch.randn(conv_dim, width, generator=g) * 0.5, torch.randn(conv_dim, generator=g)
+    dt_bias, a_log = torch.randn(heads, generator=g) - 2, torch.rand(heads, generator=g) * 2
+    d_skip, norm_w = torch.randn(heads, generator=g), torch.randn(di, generator=g)
+    states = [torch.randn(bsz, conv_dim, width - 1, generator=g), torch.randn(bsz, heads, p, n, generator=g)]
+    refs = [t.clone() for t in states]
+    for step in range(2):
+        zxbcdt = torch.randn(bsz, 2 * di + 2 * gn + heads, generator=g) * 2
+        got = td.launch_mamba_step(zxbcdt, *states, conv_w, conv_b, dt_bias, a_log, d_skip, norm_w, 1e-5, heads,
+                                   groups, block_p=block_p, warps=1)
+        want = ops.mamba_step(zxbcdt, *refs, conv_w, conv_b, dt_bias, a_log, d_skip, norm_w, 1e-5, groups)
+        assert rel(got, want) < 1e-5, step
+        assert rel(states[0], refs[0]) < 1e-6 and rel(states[1], refs[1]) < 1e-5, step
