@@ -5,13 +5,18 @@ kernels and matrix-vector products too small to reach memory bandwidth. So for o
 engine runs its own forward over the model's weights, with the products that share an input fused:
 
 - Phi (attention and MLP in parallel on one LayerNorm output): [q; k; v; fc1] (or a Mamba layer's
-  [in_proj; fc1]) is one product with the LayerNorm folded in, and [dense | fc2] over
-  [attention; GELU(fc1)] is one more, with GELU, bias and residual folded in: two products per layer.
+  [in_proj; fc1]) is one product with the LayerNorm folded in; then fc2 over GELU(fc1), with both
+  biases and the residual folded in, runs on a second CUDA stream while the mixer (rotary, cache
+  write and attention, or the Mamba step) runs on the first, and the mixer's output projection adds
+  onto it. The mixer is latency-bound at short contexts and the product bandwidth-bound, so the two
+  overlap (on the H100 this beat one [dense | fc2] product after the mixer; docs/benchmarks.md). At
+  batch 1 GELU is the first product's epilogue (once per feature; on fc2's inputs every program would
+  compute it again); for larger batches it is applied to fc2's input, where cuBLAS runs.
 - Llama, Mistral, Qwen2 (sequential): RMSNorm + [q; k; v], o (+ residual), RMSNorm + [gate; up],
   down over silu(gate) * up (+ residual).
 
-The fused matrices are built once by concatenating each layer's weights and pointing the modules'
-weights at slices of them (`Parameter.data` becomes a view), so the model holds its weights once and
+The fused input matrices are built once by concatenating each layer's weights and pointing the
+modules' weights at slices of them (`Parameter.data` becomes a view), so the model holds its weights once and
 the prefill, which runs transformers' own layers, reads the same memory. The products go through
 `ops.linear` (a Triton matrix-vector kernel on CUDA at batch 1), the rotary embedding and cache write
 through `ops.rope_kv`, attention through `ops.decode_attention` (split-KV for short one-sequence
@@ -24,6 +29,7 @@ The reference is the engine's unfused step (transformers' layers); tests compare
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -61,19 +67,6 @@ def _fuse_rows(linears: list[nn.Linear]) -> tuple[Tensor, Tensor | None]:
     return weight, bias
 
 
-def _fuse_cols(linears: list[nn.Linear]) -> tuple[Tensor, Tensor | None]:
-    """One (N, sum K) weight for Linear layers whose outputs are added; each layer's weight becomes a
-    view of its columns. The bias is the sum of their biases (a copy: read when the engine is built)."""
-    weight = torch.cat([m.weight.data for m in linears], dim=1)
-    start = 0
-    for m in linears:
-        k = m.weight.shape[1]
-        m.weight.data = weight[:, start:start + k]
-        start += k
-    biases = [m.bias.data for m in linears if m.bias is not None]
-    return weight, (torch.stack(biases).sum(0) if biases else None)
-
-
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu",
                "silu": "silu_mul", "swish": "silu_mul"}
 
@@ -96,10 +89,11 @@ class _Attention:
     kv_heads: int
     head_dim: int
 
-    def __call__(self, qkv: Tensor, cos: Tensor, sin: Tensor, kv_cache, mask: Tensor, slot: Tensor,
+    def __call__(self, qkv: Tensor, cos: Tensor, sin: Tensor, kv_cache, mask: tuple, slot: Tensor,
                  n_keys: Tensor) -> Tensor:
         """qkv: (B, (H + 2 KV) D) projected; cos, sin: (B, R), the rotary embedding of the first R
-        channels of each head (R < D for Phi's partial rotary); writes k, v at `slot`; returns (B, H D)."""
+        channels of each head (R < D for Phi's partial rotary); mask: the (B, L) bool key mask and its
+        `ops.mask_bias`; writes k, v at `slot`; returns (B, H D)."""
         b = qkv.shape[0]
         if getattr(self.module, "qk_layernorm", False):          # Phi's optional per-head LayerNorm
             hd, kvd = self.heads * self.head_dim, self.kv_heads * self.head_dim
@@ -107,8 +101,9 @@ class _Attention:
             k = self.module.k_layernorm(qkv[:, hd:hd + kvd].reshape(b, self.kv_heads, self.head_dim))
             qkv = torch.cat([q.flatten(1), k.flatten(1), qkv[:, hd + kvd:]], -1)
         q = ops.rope_kv(qkv, cos, sin, kv_cache.keys, kv_cache.values, slot, self.heads)
-        out = ops.decode_attention(q.to(kv_cache.keys.dtype), kv_cache.keys, kv_cache.values, mask, n_keys,
-                                   self.module.scaling)
+        keys, values = kv_cache.keys, kv_cache.values
+        bias = mask[1] if mask[1].dtype == keys.dtype else None
+        out = ops.decode_attention(q.to(keys.dtype), keys, values, mask[0], n_keys, self.module.scaling, bias=bias)
         return out.reshape(b, self.heads * self.head_dim).to(qkv.dtype)
 
 
@@ -119,14 +114,15 @@ class _Layer:
     act: str                     # the MLP's activation (ops.linear's `act`)
     w_in: Tensor                 # parallel: [mixer in; fc1]; sequential: the mixer's input projection
     b_in: Tensor | None
-    w_out: Tensor                # parallel: [mixer out | fc2]; sequential: the mixer's output projection
-    b_out: Tensor | None
+    w_out: Tensor                # the mixer's output projection
+    b_out: Tensor | None         # parallel: the sum of its and fc2's biases (a copy); sequential: its bias
     mixer_in: int                # output features of `w_in` that belong to the mixer
     post_norm: tuple | None = None               # sequential only
     w_up: Tensor | None = None                   # [gate; up]
     b_up: Tensor | None = None
     w_down: Tensor | None = None
     b_down: Tensor | None = None
+    w_fc2: Tensor | None = None                  # parallel only
 
 
 def unsupported(model: nn.Module) -> str | None:
@@ -153,6 +149,7 @@ class FusedDecoder:
         self.stack = stack
         self.norm = _norm_spec(norm)
         self.head = model.get_output_embeddings()
+        self._side: torch.cuda.Stream | None = None     # Phi: the MLP's second product runs beside the mixer
         act = ACTIVATIONS[tc.hidden_act]
         if self.parallel and act == "silu_mul":
             raise ValueError("a parallel (Phi) MLP with a gated activation")
@@ -174,9 +171,10 @@ class FusedDecoder:
                 mlp = layer.mlp
                 if self.parallel:
                     w_in, b_in = _fuse_rows(ins + [mlp.fc1])
-                    w_out, b_out = _fuse_cols(outs + [mlp.fc2])
+                    biases = [m.bias for m in (outs[0], mlp.fc2) if m.bias is not None]
+                    b_out = torch.stack(biases).sum(0) if biases else None
                     self.layers.append(_Layer(_norm_spec(layer.input_layernorm), fused, act, w_in, b_in,
-                                              w_out, b_out, mixer_in))
+                                              outs[0].weight, b_out, mixer_in, w_fc2=mlp.fc2.weight))
                 else:
                     w_in, b_in = _fuse_rows(ins)
                     w_up, b_up = _fuse_rows([mlp.gate_proj, mlp.up_proj])
@@ -190,15 +188,32 @@ class FusedDecoder:
         slots; writes the cache at its slot. Returns the logits (B, V) in float32."""
         cos, sin = self.stack.rotary_emb(embeds, position)
         cos, sin = cos[:, 0], sin[:, 0]                                 # (B, rotary)
-        mask = mask4d[:, 0, 0]                                          # (B, L)
+        mask = (mask4d[:, 0, 0], ops.mask_bias(mask4d[:, 0, 0], embeds.dtype))   # (B, L) bool, its additive form
         slot = cache.slot
         n_keys = slot + 1
         h = embeds[:, 0]                                                # (B, d)
+        side = main = None
+        if self.parallel and h.is_cuda:
+            main = torch.cuda.current_stream(h.device)
+            if self._side is None:
+                self._side = torch.cuda.Stream(h.device)
+            side = self._side
         for layer, state in zip(self.layers, cache.layers):
             if self.parallel:        # h + mixer(LN h) + fc2(act(fc1(LN h))): two products
-                y = ops.linear(h, layer.w_in, layer.b_in, norm=layer.norm)
+                # GELU goes into the first product's epilogue for one row (free in the Triton kernel), onto
+                # the second product's input for more (cuBLAS then: one slice-and-activate either way).
+                early = h.shape[0] == 1
+                y = ops.linear(h, layer.w_in, layer.b_in, norm=layer.norm, out_act=layer.act if early else None,
+                               out_act_from=layer.mixer_in)
+                if side is not None:                        # fc2 on a second stream while the mixer runs
+                    side.wait_stream(main)
+                with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                    mlp = ops.linear(None, layer.w_fc2, layer.b_out, residual=h, tail=y[:, layer.mixer_in:],
+                                     act=None if early else layer.act)
                 mixed = self._mix(layer, y[:, :layer.mixer_in], state, cos, sin, mask, slot, n_keys)
-                h = ops.linear(mixed, layer.w_out, layer.b_out, residual=h, tail=y[:, layer.mixer_in:], act=layer.act)
+                if side is not None:
+                    main.wait_stream(side)
+                h = ops.linear(mixed, layer.w_out, None, residual=mlp)
             else:
                 projected = ops.linear(h, layer.w_in, layer.b_in, norm=layer.norm)
                 mixed = self._mix(layer, projected, state, cos, sin, mask, slot, n_keys)
