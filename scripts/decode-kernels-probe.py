@@ -1,11 +1,13 @@
 """The sweeps behind the fused decode step's kernel choices (GPU only; prints JSON lines).
 
-    python scripts/decode-kernels-probe.py [gemv|fused|all]
+    python scripts/decode-kernels-probe.py [gemv|fused|attention|mamba|all]
 
 gemv: cuBLAS vs two Triton matrix-vector variants (element-wise, and 16-row tl.dot) over a grid of
 block sizes, on TinyLLaVA's fused shapes at batch 1 and 8, plus sdpa for one query per head.
-fused: matvlm's kernels (norm / activation folded in) against PyTorch, and the split-KV attention
-kernel over a grid of splits / block / warps against sdpa, at 1 280 / 4 352 / 16 640 positions.
+fused: matvlm's products (norm / activations folded in) against PyTorch.
+attention: the split-KV attention kernel over a grid of plans against sdpa, at 1 280 / 4 352 / 16 640
+positions, batch 1 and 8.
+mamba: the one-kernel Mamba-2 decode step against the PyTorch ops, over block sizes and warps.
 Every timing is the median of CUDA-graph replays over enough weight copies to miss L2.
 """
 import json, os, sys, math, itertools
@@ -166,33 +168,36 @@ def gemv_sweep():
 
 
 def fused_kernels():
-    # GEMVs with prologues, M=1 and 8, 8 copies (rotating, > L2)
+    """matvlm's products with norm / activations folded in against LayerNorm + cuBLAS (+ GELU), batch 1 and 8:
+    GELU on the first product's fc1 outputs (the fused step's choice) or on the second product's inputs."""
     nw = torch.randn(2560, device=dev).bfloat16(); nb = torch.randn(2560, device=dev).bfloat16()
     for M in (1, 8):
         x = torch.randn(M, 2560, device=dev).bfloat16()
         win = [torch.randn(17920, 2560, device=dev).bfloat16() * .02 for _ in range(6)]
         bin_ = torch.randn(17920, device=dev).bfloat16()
-        t_in = graph_time(lambda: [ops.linear(x, w, bin_, norm=("layer", nw, nb, 1e-5)) for w in win]) / 6
+        ln = ("layer", nw, nb, 1e-5)
+        t_in = graph_time(lambda: [ops.linear(x, w, bin_, norm=ln) for w in win]) / 6
+        t_in_gelu = graph_time(lambda: [ops.linear(x, w, bin_, norm=ln, out_act="gelu_tanh", out_act_from=7680)
+                                        for w in win]) / 6
         t_in_cub = graph_time(lambda: [F.linear(F.layer_norm(x, (2560,), nw, nb), w, bin_) for w in win]) / 6
         del win
         a = torch.randn(M, 2560, device=dev).bfloat16(); tail = torch.randn(M, 10240, device=dev).bfloat16()
         wout = [torch.randn(2560, 12800, device=dev).bfloat16() * .02 for _ in range(8)]
-        t_out = graph_time(lambda: [ops.linear(a, w, nw, residual=a, tail=tail, act="gelu_tanh") for w in wout]) / 8
-        t_out_cub = graph_time(lambda: [F.linear(torch.cat([a, F.gelu(tail, approximate="tanh")], -1), w, nw) + a for w in wout]) / 8
+        t_out_act = graph_time(lambda: [ops.linear(a, w, nw, residual=a, tail=tail, act="gelu_tanh") for w in wout]) / 8
+        t_out = graph_time(lambda: [ops.linear(a, w, nw, residual=a, tail=tail) for w in wout]) / 8
+        t_out_cub = graph_time(lambda: [F.linear(torch.cat([a, F.gelu(tail, approximate="tanh")], -1), w, nw) + a
+                                        for w in wout]) / 8
         del wout
-        rec(M=M, in_us=t_in * 1e3, in_GBps=17920 * 2560 * 2 / t_in / 1e6, in_torch_us=t_in_cub * 1e3,
-            out_us=t_out * 1e3, out_GBps=2560 * 12800 * 2 / t_out / 1e6, out_torch_us=t_out_cub * 1e3)
-    # attention: my kernel at several (block_l, warps, splits) vs sdpa with mask
-    def mine(q, K, V, mask, nk, splits, BL, nw_):
-        B, H, D = q.shape; L = K.shape[2]
-        split_len = (L + BL * splits - 1) // (BL * splits) * BL
-        m_ = torch.empty(B * H, splits, device=dev); l_ = torch.empty_like(m_); acc = torch.empty(B * H, splits, 128, device=dev)
-        out = torch.empty_like(q)
-        td._attention_split[(B * H, splits)](q, K, V, mask, nk, m_, l_, acc, D ** -0.5, H, 1, D, split_len,
-            q.stride(0), q.stride(1), K.stride(0), K.stride(1), K.stride(2), V.stride(0), V.stride(1), V.stride(2), mask.stride(0),
-            BLOCK_L=BL, BLOCK_D=128, num_warps=nw_)
-        td._attention_combine[(B * H,)](m_, l_, acc, out, H, D, out.stride(0), out.stride(1), SPLITS=splits, BLOCK_D=128, num_warps=1)
-        return out
+        rec(M=M, in_ln_us=t_in * 1e3, in_ln_gelu_out_us=t_in_gelu * 1e3, in_torch_us=t_in_cub * 1e3,
+            out_gelu_in_us=t_out_act * 1e3, out_plain_us=t_out * 1e3, out_torch_us=t_out_cub * 1e3,
+            in_GBps=17920 * 2560 * 2 / t_in_gelu / 1e6, out_GBps=2560 * 12800 * 2 / t_out / 1e6)
+
+
+def attention_sweep():
+    """The split-KV kernel over plans (keys per program, key block, warps) against sdpa,
+    one query per head, 32 heads x 80, at 1 280 / 4 352 / 16 640 positions and batch 1 and 8, with the
+    default plan's time beside the best."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     for L in (1280, 4352, 16640):
         for B in (1, 8):
             copies = max(2, math.ceil(300e6 / (B * 32 * L * 80 * 4)))
@@ -202,21 +207,72 @@ def fused_kernels():
             mask = torch.zeros(B, L, dtype=torch.bool, device=dev); mask[:, :L - 200] = True
             nk = torch.tensor(L - 200, device=dev)
             nbytes = 2 * B * 32 * (L - 200) * 80 * 2
-            t_sdpa = graph_time(lambda: [F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask[:, None, None]) for k, v in zip(Ks, Vs)]) / copies
-            best = None
-            for splits in (8, 16, 32, 64):
+            t_sdpa = graph_time(lambda: [F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask[:, None, None])
+                                         for k, v in zip(Ks, Vs)]) / copies
+            ref = F.scaled_dot_product_attention(q[:, :, None].double(), Ks[0].double(), Vs[0].double(),
+                                                 attn_mask=mask[:, None, None])[:, :, 0]
+            def timed_plan(plan):
+                out = td.launch_attention(q, Ks[0], Vs[0], mask, nk, 80 ** -0.5, sms, plan)
+                err = ((out.double() - ref).norm() / ref.norm()).item()
+                t = graph_time(lambda: [td.launch_attention(q, k, v, mask, nk, 80 ** -0.5, sms, plan)
+                                        for k, v in zip(Ks, Vs)], reps=10) / copies
+                return t, err
+            default = td.attention_plan(B, 32, L, sms)
+            t_def, err_def = timed_plan(None)
+            rows = []
+            for split_len in (64, 128, 256, 512, 1024, 2048):
+                if -(-L // split_len) > 1024:
+                    continue
                 for BL in (32, 64, 128):
-                    for nw_ in (2, 4, 8):
+                    if BL > split_len:
+                        continue
+                    for nw_ in (2, 4):
+                        plan = {"split_len": split_len, "block_l": BL, "warps": nw_}
                         try:
-                            t = graph_time(lambda: [mine(q, k, v, mask, nk, splits, BL, nw_) for k, v in zip(Ks, Vs)], reps=10) / copies
-                        except Exception as e:
+                            t, err = timed_plan(plan)
+                        except Exception:
                             continue
-                        if best is None or t < best[0]: best = (t, splits, BL, nw_)
-            ref = F.scaled_dot_product_attention(q[:, :, None].double(), Ks[0].double(), Vs[0].double(), attn_mask=mask[:, None, None])[:, :, 0]
-            err = ((mine(q, Ks[0], Vs[0], mask, nk, *best[1:]).double() - ref).norm() / ref.norm()).item()
-            rec(L=L, B=B, sdpa_us=t_sdpa * 1e3, sdpa_GBps=nbytes / t_sdpa / 1e6, mine_us=best[0] * 1e3, mine_GBps=nbytes / best[0] / 1e6,
-                splits=best[1], block_l=best[2], warps=best[3], err=err)
+                        rows.append((t, plan, err))
+            rows.sort(key=lambda r: r[0])
+            rec(L=L, B=B, sdpa_us=t_sdpa * 1e3, sdpa_GBps=nbytes / t_sdpa / 1e6,
+                default_plan=default, default_us=t_def * 1e3, default_GBps=nbytes / t_def / 1e6, default_err=err_def,
+                best=[{"us": t * 1e3, "GBps": nbytes / t / 1e6, **plan, "err": err} for t, plan, err in rows[:6]],
+                worst_err=max(r[2] for r in rows))
             del Ks, Vs
+
+
+def mamba_sweep():
+    """One Mamba-2 decode step after the input projection (TinyLLaVA-Phi2 shapes: 32 heads x 80, 32 groups,
+    state 80) at batch 1 and 8: the one-kernel step over (block of P, warps) against the PyTorch ops
+    with mamba_ssm's state-update and norm kernels; each in a CUDA graph over 8 layers' states."""
+    from matvlm.bench.kernels import phi2_mixer
+    mixer = phi2_mixer()
+    for B in (1, 8):
+        zx = torch.randn(B, mixer.in_proj.out_features, device=dev).bfloat16()
+        convs = [torch.randn(B, mixer.cfg.conv_dim, 3, device=dev).bfloat16() for _ in range(8)]
+        ssms = [torch.randn(B, 32, 80, 80, device=dev) for _ in range(8)]
+        args = (mixer.conv1d.weight[:, 0], mixer.conv1d.bias, mixer.dt_bias, mixer.A_log, mixer.D, mixer.norm.weight)
+        row = {"B": B}
+        saved = ops._decode_kernels
+        ops._decode_kernels = lambda x: None
+        try:
+            row["torch_ops_us"] = graph_time(lambda: [ops.mamba_step(zx, c, s, *args, 1e-5, 32)
+                                                     for c, s in zip(convs, ssms)]) / 8 * 1e3
+        finally:
+            ops._decode_kernels = saved
+        best = None
+        for bp in (16, 32, 64, 128):
+            for nw_ in (2, 4, 8):
+                t = graph_time(lambda: [td.launch_mamba_step(zx, c, s, *args, 1e-5, 32, 32, block_p=bp, warps=nw_)
+                                        for c, s in zip(convs, ssms)]) / 8
+                if best is None or t < best[0]:
+                    best = (t, bp, nw_)
+        row.update(kernel_us=best[0] * 1e3, block_p=best[1], warps=best[2])
+        row["default_us"] = graph_time(lambda: [td.mamba_step(zx, c, s, *args, 1e-5, 32, 32)
+                                                for c, s in zip(convs, ssms)]) / 8 * 1e3
+        state_bytes = B * (32 * 80 * 80 * 4 * 2 + mixer.cfg.conv_dim * 3 * 2 * 2)
+        row["roofline_us"] = state_bytes / 2.98e12 * 1e6        # at the H100's copy bandwidth
+        rec(**row)
 
 
 if __name__ == "__main__":
@@ -225,3 +281,7 @@ if __name__ == "__main__":
         gemv_sweep()
     if what in ("fused", "all"):
         fused_kernels()
+    if what in ("attention", "all"):
+        attention_sweep()
+    if what in ("mamba", "all"):
+        mamba_sweep()
