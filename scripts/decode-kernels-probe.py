@@ -263,12 +263,12 @@ def mamba_sweep():
         best = None
         for bp in (16, 32, 64, 128):
             for nw_ in (2, 4, 8):
-                t = graph_time(lambda: [td.launch_mamba_step(zx, c, s, *args, 1e-5, 32, 32, block_p=bp, warps=nw_)
+                t = graph_time(lambda: [td.launch_mamba_step(zx, c, s, *args, 1e-5, 32, block_p=bp, warps=nw_)
                                         for c, s in zip(convs, ssms)]) / 8
                 if best is None or t < best[0]:
                     best = (t, bp, nw_)
         row.update(kernel_us=best[0] * 1e3, block_p=best[1], warps=best[2])
-        row["default_us"] = graph_time(lambda: [td.mamba_step(zx, c, s, *args, 1e-5, 32, 32)
+        row["default_us"] = graph_time(lambda: [td.mamba_step(zx, c, s, *args, 1e-5, 32)
                                                 for c, s in zip(convs, ssms)]) / 8 * 1e3
         state_bytes = B * (32 * 80 * 80 * 4 * 2 + mixer.cfg.conv_dim * 3 * 2 * 2)
         row["roofline_us"] = state_bytes / 2.98e12 * 1e6        # at the H100's copy bandwidth

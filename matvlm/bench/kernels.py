@@ -17,11 +17,27 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+
+@contextmanager
+def kernels_env(value: str):
+    """MATVLM_KERNELS set to `value` inside the block, and as it was (or unset) after it."""
+    before = os.environ.get("MATVLM_KERNELS")
+    os.environ["MATVLM_KERNELS"] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MATVLM_KERNELS")
+        else:
+            os.environ["MATVLM_KERNELS"] = before
 
 
 def timed(fn, warmup: int = 5, rep: int = 30) -> float:
@@ -123,8 +139,6 @@ def check_decode_kernels() -> dict:
     the matrix-vector product for 1-16 rows (TinyLLaVA's fused shapes and ragged ones, with and without
     bias and residual), and split-KV attention (MHA and GQA, ragged masks, unread keys past n_keys
     filled with NaN, which must not leak into the output)."""
-    import os
-
     from matvlm.ops import triton_decode as td
 
     g = torch.Generator(device="cuda").manual_seed(11)
@@ -212,14 +226,10 @@ def check_decode_kernels() -> dict:
         worst = {"y": 0.0, "conv_state": 0.0, "ssm_state": 0.0}
         for _ in range(3):
             zxbcdt = torch.randn(bsz, 2 * di + 2 * gn + heads, device="cuda", generator=g).bfloat16()
-            got = td.mamba_step(zxbcdt, *states, conv_w, conv_b, dt_bias, a_log, d_skip, norm_w, 1e-5, heads, groups)
-            before = os.environ.get("MATVLM_KERNELS")
-            os.environ["MATVLM_KERNELS"] = "torch"          # the float64 reference throughout
-            try:
+            got = td.mamba_step(zxbcdt, *states, conv_w, conv_b, dt_bias, a_log, d_skip, norm_w, 1e-5, groups)
+            with kernels_env("torch"):                          # the float64 reference throughout
                 want = ops.mamba_step(zxbcdt.double(), *refs, conv_w.double(), conv_b.double(), dt_bias.double(),
                                       a_log.double(), d_skip.double(), norm_w.double(), 1e-5, groups)
-            finally:
-                os.environ.pop("MATVLM_KERNELS") if before is None else os.environ.update(MATVLM_KERNELS=before)
             worst = {"y": max(worst["y"], rel(got, want)), "conv_state": max(worst["conv_state"], rel(states[0], refs[0])),
                      "ssm_state": max(worst["ssm_state"], rel(states[1], refs[1]))}
         out["mamba_step"] = out.get("mamba_step", []) + [{"shape": [bsz, heads, groups, p, n], **worst}]
@@ -247,8 +257,6 @@ def phi2_attention():
 
 @torch.no_grad()
 def time_prefill(T: int) -> dict:
-    import os
-
     from matvlm.model.cache import MambaLayerState
     from transformers.cache_utils import Cache
 
@@ -260,11 +268,8 @@ def time_prefill(T: int) -> dict:
     out = {"T": T}
     out["mamba_prefill_ms"] = timed(lambda: mixer(u, past_key_values=Cache(layers=[MambaLayerState()])))
     out["attention_prefill_ms"] = timed(lambda: attn(u, position_embeddings=pe, attention_mask=None))
-    os.environ["MATVLM_KERNELS"] = "torch"
-    try:
+    with kernels_env("torch"):
         out["mamba_prefill_torch_ref_ms"] = timed(lambda: mixer(u), warmup=2, rep=5) if T <= 4096 else None
-    finally:
-        os.environ["MATVLM_KERNELS"] = "auto"
     return out
 
 
@@ -299,7 +304,6 @@ def time_decode(copy_GBps: float) -> dict:
 def check_model_paths() -> dict:
     """A tiny hybrid on CUDA (float32): Triton path vs pure-PyTorch path logits, and cached greedy
     generation vs argmax of full forwards under the Triton path."""
-    import os
     import tempfile
 
     import matvlm
@@ -315,12 +319,11 @@ def check_model_paths() -> dict:
     tok.padding_side = "left"
     batch = tok(["the quick brown fox jumps over", "hello"], return_tensors="pt", padding=True).to("cuda")
     with torch.no_grad():
-        os.environ["MATVLM_KERNELS"] = "triton"
-        lt = model(**batch).logits
-        g = model.generate(**batch, max_new_tokens=8, do_sample=False)
-        os.environ["MATVLM_KERNELS"] = "torch"
-        lr = model(**batch).logits
-        os.environ["MATVLM_KERNELS"] = "auto"
+        with kernels_env("triton"):
+            lt = model(**batch).logits
+            g = model.generate(**batch, max_new_tokens=8, do_sample=False)
+        with kernels_env("torch"):
+            lr = model(**batch).logits
     return {"tiny_model_logits_rel": rel(lt, lr), "tiny_model_greedy_tokens": g[:, -8:].tolist()}
 
 

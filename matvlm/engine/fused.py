@@ -29,7 +29,6 @@ The reference is the engine's unfused step (transformers' layers); tests compare
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -207,7 +206,7 @@ class FusedDecoder:
                                out_act_from=layer.mixer_in)
                 if side is not None:                        # fc2 on a second stream while the mixer runs
                     side.wait_stream(main)
-                with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                with torch.cuda.stream(side):               # None (CPU): no stream change
                     mlp = ops.linear(None, layer.w_fc2, layer.b_out, residual=h, tail=y[:, layer.mixer_in:],
                                      act=None if early else layer.act)
                 mixed = self._mix(layer, y[:, :layer.mixer_in], state, cos, sin, mask, slot, n_keys)

@@ -238,7 +238,7 @@ def mamba_step(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weigh
     if (kernels is not None and not torch.compiler.is_compiling() and zxbcdt.dim() == 2
             and all(t.stride(-1) == 1 for t in (zxbcdt, conv_state, ssm_state)) and conv_weight.is_contiguous()):
         return kernels.mamba_step(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D,
-                                  norm_weight, float(eps), ssm_state.shape[1], ngroups)
+                                  norm_weight, float(eps), ngroups)
     b = zxbcdt.shape[0]
     _, h, p, n = ssm_state.shape
     di, gn = h * p, ngroups * n

@@ -1,11 +1,12 @@
-"""Triton kernels for decode steps: a matrix-vector product for a few rows, and one-query attention.
+"""Triton kernels for decode steps: a matrix-vector product for a few rows, rotary + cache write,
+one-query attention, and a Mamba-2 layer's step.
 
 At batch 1 a decode step is a stream of weight matrices through matrix-vector products; on an H100
 cuBLAS reads TinyLLaVA's (2560 x 2560 ... 51200 x 2560) bf16 weights at 1.6-2.7 TB/s, these kernels
-at 1.9-3.0 TB/s (docs/benchmarks.md). Both are registered as custom ops (`torch.library.custom_op`),
+at 1.9-3.0 TB/s (docs/benchmarks.md). All are registered as custom ops (`torch.library.custom_op`),
 which `torch.compile` calls as opaque kernels between the element-wise work it fuses (as a
 `triton_op`, whose source inductor analyses, compiling the step with dynamic shapes did not finish
-in minutes), and both are checked against float64 references by `python -m matvlm.bench.kernels`.
+in minutes), and all are checked against float64 references by `python -m matvlm.bench.kernels`.
 
 - `gemv(x, w, bias, residual)`: y = x @ w.T (+ bias) (+ residual) for x of at most 16 rows, one
   program per block of output features reading whole rows of `w` (16-byte loads along K), float32
@@ -15,6 +16,10 @@ in minutes), and both are checked against float64 references by `python -m matvl
   keeps a running max, sum and weighted values, and a second kernel combines the splits. Only the
   first `n_keys` positions (a device scalar: the cache's slot + 1) are read, so a CUDA graph captured
   once serves every step while reading only the keys written so far.
+- `rope_kv(qkv, cos, sin, keys, values, slot, heads)`: rotary embedding of the queries and keys, and
+  the keys and values written into the cache at `slot`.
+- `mamba_step(zxbcdt, conv_state, ssm_state, ...)`: a Mamba-2 layer's step after its input
+  projection (conv update, SSM state update, gated RMSNorm), one program per (sequence, group).
 
 Imported only when triton is installed; `matvlm.ops` falls back to PyTorch otherwise.
 """
@@ -402,12 +407,12 @@ def _conv_shift(conv_ptr, ch, ok, x_new, sc_c, W: tl.constexpr):
 
 @triton.jit
 def _mamba_step(in_ptr, conv_ptr, ssm_ptr, cw_ptr, cb_ptr, dtb_ptr, alog_ptr, dskip_ptr, nw_ptr, tmp_ptr, y_ptr,
-                s_in, sc_b, sc_c, ss_b, ss_h, ss_p, s_tmp, s_y, eps, DI, GN, NH, HPG,
+                s_in, sc_b, sc_c, ss_b, ss_h, ss_p, s_tmp, s_y, eps, DI, GN, HPG,
                 P: tl.constexpr, N: tl.constexpr, W: tl.constexpr,
                 BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     b = tl.program_id(0)
     g = tl.program_id(1)
-    row = in_ptr + b * s_in                         # [z (DI) | x (DI) | B (GN) | C (GN) | dt (NH)]
+    row = in_ptr + b * s_in                         # [z (DI) | x (DI) | B (GN) | C (GN) | dt (H)]
     conv = conv_ptr + b * sc_b                      # channels [x | B | C]
     xbc = row + DI
     rn = tl.arange(0, BLOCK_N)
@@ -453,8 +458,7 @@ def _mamba_step(in_ptr, conv_ptr, ssm_ptr, cw_ptr, cb_ptr, dtb_ptr, alog_ptr, ds
 
 @torch.library.custom_op("matvlm::mamba_step", mutates_args=("conv_state", "ssm_state"))
 def mamba_step(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor, conv_bias: Tensor,
-               dt_bias: Tensor, A_log: Tensor, D: Tensor, norm_weight: Tensor, eps: float,
-               nheads: int, ngroups: int) -> Tensor:
+               dt_bias: Tensor, A_log: Tensor, D: Tensor, norm_weight: Tensor, eps: float, ngroups: int) -> Tensor:
     """A Mamba-2 mixer's whole decode step after its input projection, one program per (sequence,
     group): causal conv update + SiLU of [x | B | C], dt = softplus(dt + dt_bias), the SSM state update
     state = exp(dt A) state + dt x B^T, y = state C + D x, and RMSNorm(y * silu(z)) over the group's
@@ -464,11 +468,11 @@ def mamba_step(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weigh
     stride along W; ssm_state: (B, H, P, N), unit stride along N, any float dtype; conv_weight:
     (DI + 2 G N, W) contiguous. Updates both states; returns (B, DI) in zxbcdt's dtype."""
     return launch_mamba_step(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight,
-                             eps, nheads, ngroups)
+                             eps, ngroups)
 
 
 def launch_mamba_step(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight, eps,
-                      nheads, ngroups, block_p: int = 128, warps: int = 4):
+                      ngroups, block_p: int = 128, warps: int = 4):
     """`mamba_step`'s launcher. The defaults were the fastest of block_p 16-128 x warps 2-8 on an H100 at
     TinyLLaVA's shapes (P = 80: the whole head in one block), batch 1 and 8."""
     bsz = zxbcdt.shape[0]
@@ -481,12 +485,12 @@ def launch_mamba_step(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt_
     _mamba_step[(bsz, ngroups)](
         zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight, tmp, y,
         zxbcdt.stride(0), conv_state.stride(0), conv_state.stride(1), ssm_state.stride(0), ssm_state.stride(1),
-        ssm_state.stride(2), tmp.stride(0), y.stride(0), eps, di, gn, nheads, nheads // ngroups,
+        ssm_state.stride(2), tmp.stride(0), y.stride(0), eps, di, gn, heads // ngroups,
         P=p, N=n, W=width, BLOCK_P=min(block_p, triton.next_power_of_2(p)), BLOCK_N=triton.next_power_of_2(n),
         num_warps=warps)
     return y
 
 
 @mamba_step.register_fake
-def _(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight, eps, nheads, ngroups):
+def _(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight, eps, ngroups):
     return zxbcdt.new_empty((zxbcdt.shape[0], ssm_state.shape[1] * ssm_state.shape[2]))

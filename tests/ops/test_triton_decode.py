@@ -108,8 +108,8 @@ def test_mamba_step_kernel_equals_the_pytorch_path(bsz, heads, groups, p, n, blo
     refs = [t.clone() for t in states]
     for step in range(2):
         zxbcdt = torch.randn(bsz, 2 * di + 2 * gn + heads, generator=g) * 2
-        got = td.launch_mamba_step(zxbcdt, *states, conv_w, conv_b, dt_bias, a_log, d_skip, norm_w, 1e-5, heads,
-                                   groups, block_p=block_p, warps=1)
+        got = td.launch_mamba_step(zxbcdt, *states, conv_w, conv_b, dt_bias, a_log, d_skip, norm_w, 1e-5, groups,
+                                   block_p=block_p, warps=1)
         want = ops.mamba_step(zxbcdt, *refs, conv_w, conv_b, dt_bias, a_log, d_skip, norm_w, 1e-5, groups)
         assert rel(got, want) < 1e-5, step
         assert rel(states[0], refs[0]) < 1e-6 and rel(states[1], refs[1]) < 1e-5, step
