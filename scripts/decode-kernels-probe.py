@@ -1,12 +1,14 @@
 """The sweeps behind the fused decode step's kernel choices (GPU only; prints JSON lines).
 
-    python scripts/decode-kernels-probe.py [gemv|fused|attention|mamba|all]
+    python scripts/decode-kernels-probe.py [gemv|fused|attention|attend|mamba|all]
 
 gemv: cuBLAS vs two Triton matrix-vector variants (element-wise, and 16-row tl.dot) over a grid of
 block sizes, on TinyLLaVA's fused shapes at batch 1 and 8, plus sdpa for one query per head.
 fused: matvlm's products (norm / activations folded in) against PyTorch.
 attention: the split-KV attention kernel over a grid of plans against sdpa, at 1 280 / 4 352 / 16 640
 positions, batch 1 and 8.
+attend: rotary + cache write + split-KV attention in one kernel over a grid of plans, against the
+rotary kernel followed by the split-KV kernel or by sdpa.
 mamba: the one-kernel Mamba-2 decode step against the PyTorch ops, over block sizes and warps.
 Every timing is the median of CUDA-graph replays over enough weight copies to miss L2.
 """
@@ -241,6 +243,76 @@ def attention_sweep():
             del Ks, Vs
 
 
+def attend_sweep():
+    """An attention layer's whole decode step after its projection, TinyLLaVA-Phi2 shapes (32 heads x 80,
+    rotary on 32 channels): `attend_step` (rotary, cache write and split-KV attention in one kernel) over
+    plans, against the rotary kernel + the split-KV kernel (default plan) and the rotary kernel + sdpa,
+    at 1 280 / 4 352 / 8 448 / 16 640 positions, batch 1 (and batch 8 over a few plans)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for L, B in ((1280, 1), (4352, 1), (8448, 1), (16640, 1), (1280, 8), (4352, 8)):
+        copies = max(2, math.ceil(300e6 / (B * 32 * L * 80 * 4)))
+        qkv = torch.randn(B, 96 * 80, device=dev).bfloat16()
+        ang = torch.rand(B, 16, device=dev) * 6.3
+        cos, sin = torch.cat([ang.cos()] * 2, -1).bfloat16(), torch.cat([ang.sin()] * 2, -1).bfloat16()
+        Ks = [torch.randn(B, 32, L, 80, device=dev).bfloat16() for _ in range(copies)]
+        Vs = [torch.randn(B, 32, L, 80, device=dev).bfloat16() for _ in range(copies)]
+        slot = L - 200
+        mask = torch.zeros(B, L, dtype=torch.bool, device=dev); mask[:, :slot + 1] = True
+        st, nk = torch.tensor(slot, device=dev), torch.tensor(slot + 1, device=dev)
+        bias = ops.mask_bias(mask, torch.bfloat16)
+        nbytes = 2 * B * 32 * slot * 80 * 2
+        kr, vr = Ks[0].double().clone(), Vs[0].double().clone()
+        q = ops.rope_kv(qkv.double(), cos.double(), sin.double(), kr, vr, st, 32)
+        s_ = torch.einsum("bhd,bhld->bhl", q, kr[:, :, :slot + 1]) * 80 ** -0.5
+        ref = torch.einsum("bhl,bhld->bhd", s_.softmax(-1), vr[:, :, :slot + 1])
+        def two_kernels(k, v, plan):
+            qq = td.rope_kv(qkv, cos, sin, k, v, st, 32)
+            return td.launch_attention(qq, k, v, mask, nk, 80 ** -0.5, sms, plan)
+        def rope_sdpa(k, v):
+            qq = td.rope_kv(qkv, cos, sin, k, v, st, 32)
+            return F.scaled_dot_product_attention(qq[:, :, None], k, v, attn_mask=bias, scale=80 ** -0.5)[:, :, 0]
+        def timed(fn):
+            out = fn(Ks[0], Vs[0])
+            err = ((out.double() - ref).norm() / ref.norm()).item()
+            t = graph_time(lambda: [fn(k, v) for k, v in zip(Ks, Vs)], reps=10) / copies
+            return t * 1e3, err
+        row = {"L": L, "B": B, "GB": nbytes / 1e9}
+        row["rope_sdpa_us"], row["rope_sdpa_err"] = timed(rope_sdpa)
+        row["default_plan"] = td.attention_plan(B, 32, L, sms)
+        row["rope_split_us"], row["rope_split_err"] = timed(lambda k, v: two_kernels(k, v, None))
+        row["attend_us"], row["attend_err"] = timed(lambda k, v: td.launch_attend(qkv, cos, sin, k, v, mask, st, 32,
+                                                                                80 ** -0.5, sms))
+        rows = []
+        lens = (64, 128, 256, 512, 1024) if B == 1 else (256, 512, 1024)
+        for split_len in lens:
+            if -(-L // split_len) > 1024:
+                continue
+            for BL in (16, 32, 64, 128):
+                for nw_ in (1, 2, 4):
+                    if BL > split_len or (B > 1 and nw_ == 1):
+                        continue
+                    plan = {"split_len": split_len, "block_l": BL, "warps": nw_}
+                    try:
+                        t, err = timed(lambda k, v: td.launch_attend(qkv, cos, sin, k, v, mask, st, 32, 80 ** -0.5,
+                                                                     sms, plan))
+                    except Exception as e:
+                        print("plan failed", plan, repr(e)[:200], flush=True)
+                        continue
+                    rows.append((t, plan, err))
+        rows.sort(key=lambda r: r[0])
+        if B == 1:                      # the default plan under each software-pipelining depth
+            for stages in (1, 2, 3, 4):
+                plan = {**row["default_plan"], "stages": stages}
+                row[f"attend_stages{stages}_us"] = timed(lambda k, v: td.launch_attend(
+                    qkv, cos, sin, k, v, mask, st, 32, 80 ** -0.5, sms, plan))[0]
+        for k_ in ("rope_sdpa_us", "rope_split_us", "attend_us"):
+            row[k_.replace("_us", "_GBps")] = nbytes / row[k_] / 1e3
+        row["best"] = [{"us": t, "GBps": nbytes / t / 1e3, **plan, "err": err} for t, plan, err in rows[:8]]
+        row["worst_err"] = max(r[2] for r in rows)
+        rec(**row)
+        del Ks, Vs
+
+
 def mamba_sweep():
     """One Mamba-2 decode step after the input projection (TinyLLaVA-Phi2 shapes: 32 heads x 80, 32 groups,
     state 80) at batch 1 and 8: the one-kernel step over (block of P, warps) against the PyTorch ops
@@ -283,5 +355,7 @@ if __name__ == "__main__":
         fused_kernels()
     if what in ("attention", "all"):
         attention_sweep()
+    if what in ("attend", "all"):
+        attend_sweep()
     if what in ("mamba", "all"):
         mamba_sweep()

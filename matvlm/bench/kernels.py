@@ -212,6 +212,29 @@ def check_decode_kernels() -> dict:
             got = td.launch_attention(q, keys, values, mask, torch.tensor(n_keys, device="cuda"), scale, sms, plan)
             out["attention"].append({"shape": [bsz, heads, kv, d, length, n_keys], "plan": plan or "default",
                                      "rel": rel(got, ref)})
+    for bsz, heads, kv, d, rdim, length, slot in [(1, 32, 32, 80, 32, 4352, 4000), (1, 32, 8, 128, 128, 1280, 1023),
+                                                  (2, 8, 8, 64, 64, 200, 13)]:
+        qkv = torch.randn(bsz, (heads + 2 * kv) * d, device="cuda", generator=g).bfloat16()
+        ang = torch.rand(bsz, rdim // 2, device="cuda", generator=g) * 6.3
+        cos, sin = torch.cat([ang.cos(), ang.cos()], -1).bfloat16(), torch.cat([ang.sin(), ang.sin()], -1).bfloat16()
+        caches = [torch.randn(bsz, kv, length, d, device="cuda", generator=g).bfloat16() for _ in range(2)]
+        mask = torch.rand(bsz, length, device="cuda", generator=g) < 0.8
+        mask[:, slot:] = False
+        mask[:, slot] = True
+        refs = [c.double() for c in caches]
+        for c in caches:
+            c[:, :, slot:] = float("nan")                       # written at the slot, never read from it on
+        got = td.attend_step(qkv, cos, sin, caches[0], caches[1], mask, torch.tensor(slot, device="cuda"), heads,
+                             d ** -0.5)
+        q = ops.rope_kv(qkv.double(), cos.double(), sin.double(), refs[0], refs[1],
+                        torch.tensor(slot, device="cuda"), heads)
+        kr = refs[0][:, :, :slot + 1].repeat_interleave(heads // kv, 1)
+        vr = refs[1][:, :, :slot + 1].repeat_interleave(heads // kv, 1)
+        s = torch.einsum("bhd,bhld->bhl", q, kr) * d ** -0.5
+        ref = torch.einsum("bhl,bhld->bhd", s.masked_fill(~mask[:, None, :slot + 1], float("-inf")).softmax(-1), vr)
+        out["attention"].append({"attend_step": [bsz, heads, kv, d, rdim, length, slot], "rel": rel(got, ref),
+                                 "k_written": rel(caches[0][:, :, slot], refs[0][:, :, slot]),
+                                 "v_written": rel(caches[1][:, :, slot], refs[1][:, :, slot])})
     for bsz, heads, groups, p, n in [(1, 32, 32, 80, 80), (4, 32, 8, 64, 128)]:
         di, gn = heads * p, groups * n
         conv_w = torch.randn(di + 2 * gn, 4, device="cuda", generator=g).bfloat16() * 0.5

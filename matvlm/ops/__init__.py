@@ -1,7 +1,8 @@
 """Mamba-2 kernels and the decode step's kernels behind one dispatch point.
 
 Model code calls `ssd`, `ssd_step`, `gated_rmsnorm` and `mamba_step` from here and nothing else; the
-engine's fused decode step calls `linear`, `rope_kv` and `decode_attention`. Each picks a backend per call:
+engine's fused decode step calls `linear`, `attend` (`rope_kv` and `decode_attention` in one) and
+`mamba_step`. Each picks a backend per call:
 
 - ``triton``: mamba_ssm's Triton kernels (CUDA tensors, mamba_ssm installed);
 - ``torch``: the pure-PyTorch reference in `ssd_ref` (any device).
@@ -211,9 +212,10 @@ def decode_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, n_ke
     place of the mask. Returns (B, H, D).
 
     The split-KV Triton kernel runs for one sequence over a buffer of at most
-    `DECODE_ATTENTION_MAX_KEYS` positions, where it beat sdpa on an H100 (13 vs 19 us at 1 280
-    positions, 28 vs 30 us at 4 352); longer buffers (sdpa 77 vs 80 us at 16 640) and batches go to
-    sdpa (cuDNN / flash)."""
+    `DECODE_ATTENTION_MAX_KEYS` positions; longer buffers and batches go to sdpa (cuDNN / flash).
+    With the rotary embedding folded in (`attend`) it beat rotary + sdpa on an H100 at 1 280, 4 352
+    and 8 448 positions (10.6 / 24.5 / 39.3 against 15.7 / 27.0 / 42.2 us); at 16 640 the decode step
+    took the same time either way, and at batch 8 the two were within 5 % (docs/benchmarks.md)."""
     kernels = _decode_kernels(q)
     if (kernels is not None and q.shape[0] == 1 and keys.shape[2] <= DECODE_ATTENTION_MAX_KEYS
             and keys.stride(-1) == 1 and values.stride(-1) == 1):
@@ -222,6 +224,25 @@ def decode_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, n_ke
                                          attn_mask=bias if bias is not None else mask[:, None, None, :],
                                          scale=scale, enable_gqa=keys.shape[1] != q.shape[1])
     return out[:, :, 0]
+
+
+def attend(qkv: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor, mask: Tensor, slot: Tensor,
+           n_keys: Tensor, heads: int, scale: float, bias: Tensor | None = None) -> Tensor:
+    """An attention layer's decode step from its projection qkv (B, (H + 2 KV) D): `rope_kv` (the new
+    key and value written at `slot`), then `decode_attention` over the positions before `n_keys`
+    (= slot + 1, passed in so that it is made once per step). Returns (B, H, D) in qkv's dtype.
+
+    Where the split-KV kernel would run (one sequence, at most `DECODE_ATTENTION_MAX_KEYS` positions)
+    both happen in it (`triton_decode.attend_step`): the queries and the new key are rotated in
+    registers and the new key attended to from them, which saves the rotary kernel's launch and a
+    round trip of the queries through memory."""
+    kernels = _decode_kernels(qkv)
+    if (kernels is not None and qkv.shape[0] == 1 and keys.shape[2] <= DECODE_ATTENTION_MAX_KEYS
+            and qkv.dtype == keys.dtype == values.dtype and qkv.stride(-1) == 1 and cos.stride(-1) == 1
+            and sin.stride(-1) == 1 and keys.stride(-1) == 1 and values.stride(-1) == 1):
+        return kernels.attend_step(qkv, cos, sin, keys, values, mask, slot, heads, scale)
+    q = rope_kv(qkv, cos, sin, keys, values, slot, heads)
+    return decode_attention(q.to(keys.dtype), keys, values, mask, n_keys, scale, bias=bias).to(qkv.dtype)
 
 
 def mamba_step(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor, conv_bias: Tensor,
@@ -255,4 +276,4 @@ def mamba_step(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weigh
 
 
 __all__ = ["ssd", "ssd_step", "gated_rmsnorm", "backend_for", "ssd_ref", "linear", "rope_kv", "decode_attention",
-           "mask_bias", "mamba_step"]
+           "attend", "mask_bias", "mamba_step"]

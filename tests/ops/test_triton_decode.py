@@ -87,6 +87,34 @@ def test_split_kv_attention_kernel_reads_only_written_keys_and_equals_sdpa(bsz, 
     assert rel(got, want) < 1e-5
 
 
+@pytest.mark.parametrize("plan", PLANS[:3])
+@pytest.mark.parametrize("bsz, heads, kv, d, rotary, length, slot", [(1, 4, 4, 20, 8, 300, 250), (2, 4, 2, 16, 16, 200, 47),
+                                                                     (1, 2, 1, 24, 24, 64, 0), (2, 2, 2, 20, 20, 96, 95)])
+def test_attend_step_kernel_equals_rotary_then_attention(bsz, heads, kv, d, rotary, length, slot, plan):
+    """One kernel for rotary, cache write and attention (the new key from registers) against the
+    two-step PyTorch path, with slots on and beside split boundaries (48 keys a split in one plan), GQA,
+    a head size without a power-of-two tail (16) and ragged masks."""
+    g = torch.Generator().manual_seed(length + slot)
+    qkv = torch.randn(bsz, (heads + 2 * kv) * d, generator=g)
+    angle = torch.rand(bsz, rotary // 2, generator=g) * 6.3
+    cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+    caches = [torch.randn(bsz, kv, length, d, generator=g) for _ in range(2)]
+    mask = torch.rand(bsz, length, generator=g) < 0.7
+    mask[:, slot:] = False
+    mask[:, slot] = True
+    refs = [c.clone() for c in caches]
+    want = ops.attend(qkv, cos, sin, refs[0], refs[1], mask, torch.tensor(slot), torch.tensor(slot + 1), heads,
+                      d ** -0.5)                                              # CPU: rope_kv then sdpa
+    for c in caches:
+        c[:, :, slot:] = float("nan")           # the slot is written, not read; later positions are never read
+    got = td.launch_attend(qkv, cos, sin, caches[0], caches[1], mask, torch.tensor(slot), heads, d ** -0.5, sms=2,
+                           plan=plan)
+    assert rel(got, want) < 1e-5
+    assert rel(caches[0][:, :, :slot + 1], refs[0][:, :, :slot + 1]) < 1e-6
+    assert torch.equal(caches[1][:, :, :slot + 1], refs[1][:, :, :slot + 1])
+    assert torch.isnan(caches[0][:, :, slot + 1:]).all()
+
+
 def test_attention_plan_covers_the_buffer_in_whole_key_blocks():
     for bsz, length in [(1, 1280), (1, 16640), (8, 4352), (64, 100)]:
         p = td.attention_plan(bsz, 32, length, sms=132)
