@@ -18,9 +18,9 @@ engine runs its own forward over the model's weights, with the products that sha
 The fused input matrices are built once by concatenating each layer's weights and pointing the
 modules' weights at slices of them (`Parameter.data` becomes a view), so the model holds its weights once and
 the prefill, which runs transformers' own layers, reads the same memory. The products go through
-`ops.linear` (a Triton matrix-vector kernel on CUDA at batch 1), the rotary embedding and cache write
-through `ops.rope_kv`, attention through `ops.decode_attention` (split-KV for short one-sequence
-buffers, sdpa otherwise), and the Mamba-2 layers take their decode step from
+`ops.linear` (a Triton matrix-vector kernel on CUDA at batch 1), the rotary embedding, cache write
+and attention through `ops.attend` (one split-KV kernel for short one-sequence buffers; a rotary
+kernel and sdpa otherwise), and the Mamba-2 layers take their decode step from
 `Mamba2Mixer.step_projected`. The step runs eagerly and is captured as a CUDA graph (compiling it
 with inductor did not finish in minutes; docs/benchmarks.md).
 
@@ -99,10 +99,9 @@ class _Attention:
             q = self.module.q_layernorm(qkv[:, :hd].reshape(b, self.heads, self.head_dim))
             k = self.module.k_layernorm(qkv[:, hd:hd + kvd].reshape(b, self.kv_heads, self.head_dim))
             qkv = torch.cat([q.flatten(1), k.flatten(1), qkv[:, hd + kvd:]], -1)
-        q = ops.rope_kv(qkv, cos, sin, kv_cache.keys, kv_cache.values, slot, self.heads)
         keys, values = kv_cache.keys, kv_cache.values
         bias = mask[1] if mask[1].dtype == keys.dtype else None
-        out = ops.decode_attention(q.to(keys.dtype), keys, values, mask[0], n_keys, self.module.scaling, bias=bias)
+        out = ops.attend(qkv, cos, sin, keys, values, mask[0], slot, n_keys, self.heads, self.module.scaling, bias=bias)
         return out.reshape(b, self.heads * self.head_dim).to(qkv.dtype)
 
 
