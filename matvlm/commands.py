@@ -337,7 +337,8 @@ def bench(model: str, vs: str | None = None, context: list[str] = ("1k", "4k", "
           gen: list[int] = (256,), out: Path = Path("bench-results"), hf: bool = True,
           hf_static_context: list[str] | None = None, dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16",
           device: str | None = None, compile: Literal["off", "on", "both"] = "off",
-          max_batch_context: list[str] | None = None, fuse: Literal["auto", "off", "on", "both"] = "auto") -> None:
+          max_batch_context: list[str] | None = None, fuse: Literal["auto", "off", "on", "both"] = "auto",
+          hf_static_batch: list[int] = (1,)) -> None:
     """Measure generation speed and memory of MODEL and (with --vs) its teacher in one run, under matvlm's
     engine, and the teacher also through transformers generate (dynamic cache, and static+compiled):
     prefill time, time to first token, ms per decode step, tokens/s, peak GPU memory, and the decode step's
@@ -355,6 +356,8 @@ def bench(model: str, vs: str | None = None, context: list[str] = ("1k", "4k", "
         out: output directory.
         hf: also time the teacher through transformers generate.
         hf_static_context: contexts for the static+compiled transformers run (compiling is slow; default all).
+        hf_static_batch: batch sizes for the static+compiled transformers run (each shape compiles for about
+            a minute; default 1).
         dtype: weights and activations dtype.
         device: cuda (default when available) or cpu.
         compile: the engine's decode step with torch.compile: off, on, or both (each system twice, side by side).
@@ -368,7 +371,8 @@ def bench(model: str, vs: str | None = None, context: list[str] = ("1k", "4k", "
               hf_static_contexts=_lengths(hf_static_context) if hf_static_context else None, dtype=dtype,
               device=device, compile={"off": [False], "on": [True], "both": [False, True]}[compile],
               max_batch_contexts=_lengths(max_batch_context) if max_batch_context else [],
-              fuse={"auto": [None], "off": [False], "on": [True], "both": [False, True]}[fuse])
+              fuse={"auto": [None], "off": [False], "on": [True], "both": [False, True]}[fuse],
+              hf_static_batches=list(hf_static_batch))
     from .bench.speed import table
     print(table(res))
     plots = [n for n in ("tokens_per_s.png", "memory.png") if (Path(out) / n).is_file()]

@@ -167,7 +167,9 @@ def max_batch(engine, context: int, vocab: int, gen: int = 4) -> dict:
 
 
 def hf_cell(model, cell: Cell, vocab: int, static: bool) -> dict:
-    """transformers generate: per-step time from generating `gen` tokens and 1 token."""
+    """transformers generate: per-step time from generating `gen` tokens and 1 token. A static cell
+    starts from a fresh cache length and leaves no compiled state behind (each shape compiles anew
+    anyway), so cells measured in one process do not inherit each other's memory."""
     from ..engine.engine import check_fits
 
     try:
@@ -178,6 +180,8 @@ def hf_cell(model, cell: Cell, vocab: int, static: bool) -> dict:
     kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
     if static:
         kw["cache_implementation"] = "static"
+        # generate sizes a static cache to the longest it has made for this model: start from this cell's
+        model.__dict__.pop("_previous_max_cache_length", None)
     _peak_reset()
     try:
         def run(n):
@@ -190,18 +194,33 @@ def hf_cell(model, cell: Cell, vocab: int, static: bool) -> dict:
         run(cell.gen if static else 2)                          # warm-up (static: compiles)
         _peak_reset()
         one, full = run(1), run(cell.gen)
+        step = (full - one) / (cell.gen - 1)
+        return {"prefill_ms": 1e3 * one, "step_ms": 1e3 * step, "tokens_per_s": cell.batch / step,
+                "peak_GiB": _peak_gib()}
     except torch.OutOfMemoryError:
         return {"oom": True}
-    step = (full - one) / (cell.gen - 1)
-    return {"prefill_ms": 1e3 * one, "step_ms": 1e3 * step, "tokens_per_s": cell.batch / step, "peak_GiB": _peak_gib()}
+    finally:
+        if static:      # the compiled step's CUDA-graph memory pools outlive generate: free them for the next cell
+            torch._dynamo.reset()
+            _peak_reset()
+
+
+def hf_variants(cell: Cell, device: str, static_contexts: list[int] | None, static_batches: list[int]) -> list[bool]:
+    """Which transformers generate runs a cell gets: the dynamic cache always (False), the static cache
+    compiled (True) on CUDA for the chosen contexts (None: all) and batch sizes; each static shape
+    compiles for about a minute."""
+    static = device == "cuda" and cell.batch in static_batches and (
+        static_contexts is None or cell.context in static_contexts)
+    return [False, True] if static else [False]
 
 
 def run(model: str, vs: str | None, contexts: list[int], batches: list[int], gens: list[int], out: Path,
         hf: bool = True, hf_static_contexts: list[int] | None = None, dtype: str = "bfloat16",
         device: str | None = None, compile: list[bool] = (False,), max_batch_contexts: list[int] = (),
-        fuse: list[bool | None] = (None,)) -> dict:
-    """Measure every cell for the model and the teacher; `hf_static_contexts` limits the (slow to compile)
-    static+compiled transformers runs to those contexts (None: all); `compile` and `fuse` list the engine
+        fuse: list[bool | None] = (None,), hf_static_batches: list[int] = (1,)) -> dict:
+    """Measure every cell for the model and the teacher; `hf_static_contexts` and `hf_static_batches`
+    limit the (slow to compile) static+compiled transformers runs to those contexts (None: all) and batch
+    sizes; `compile` and `fuse` list the engine
     variants (decode step eager-captured and/or compiled; the model's own layers and/or the fused step,
     None: the engine's default) each system is measured with; for each context in `max_batch_contexts`
     the largest batch that fits is searched (engine, first variant)."""
@@ -241,10 +260,7 @@ def run(model: str, vs: str | None, contexts: list[int], batches: list[int], gen
             _peak_reset()
         if role == "teacher" and hf:
             for cell in cells:
-                for static in (False, True):
-                    if static and (device != "cuda" or cell.batch != 1 or (
-                            hf_static_contexts is not None and cell.context not in hf_static_contexts)):
-                        continue                    # compiling takes minutes per shape: batch 1 only
+                for static in hf_variants(cell, device, hf_static_contexts, hf_static_batches):
                     r = hf_cell(m, cell, vocab, static)
                     name = "teacher (transformers generate, " + ("static+compiled)" if static else "dynamic cache)")
                     res["rows"].append({"system": name, **cell.__dict__, **r})

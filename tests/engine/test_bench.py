@@ -131,3 +131,38 @@ def test_out_of_memory_is_found_inside_wrapped_errors():
     except RuntimeError as wrapped:
         assert _out_of_memory(wrapped)
     assert not _out_of_memory(RuntimeError("inductor failed"))
+
+
+def test_static_transformers_runs_only_on_cuda_for_the_chosen_contexts_and_batches():
+    from matvlm.bench.speed import hf_variants
+
+    assert hf_variants(Cell(4096, 8, 16), "cpu", None, [1, 8]) == [False]          # static compiles need CUDA
+    assert hf_variants(Cell(4096, 1, 16), "cuda", None, [1]) == [False, True]
+    assert hf_variants(Cell(4096, 8, 16), "cuda", None, [1]) == [False]            # the default: batch 1 only
+    assert hf_variants(Cell(4096, 8, 16), "cuda", None, [1, 8]) == [False, True]
+    assert hf_variants(Cell(4096, 1, 16), "cuda", [16384], [1]) == [False]
+    assert hf_variants(Cell(16384, 1, 16), "cuda", [16384], [1]) == [False, True]
+
+
+def test_bench_command_passes_the_static_batch_sizes_through(monkeypatch, tmp_path):
+    from matvlm import commands
+    from matvlm.bench import speed
+
+    seen = {}
+    monkeypatch.setattr(speed, "run", lambda *a, **kw: seen.update(kw) or {"rows": []})
+    monkeypatch.setattr(speed, "table", lambda res: "")
+    commands.bench("random:tinyllava-phi2", batch=[1, 8], out=tmp_path, hf_static_batch=[1, 8],
+                   hf_static_context=["16k"])
+    assert seen["hf_static_batches"] == [1, 8] and seen["hf_static_contexts"] == [16384]
+
+
+def test_static_transformers_cell_sizes_its_cache_to_its_own_length(text_engine):
+    """generate keeps the longest static cache length it has made on the model and reuses it; a cell
+    measured after a longer one would otherwise time and weigh the longer cache."""
+    from matvlm.bench.speed import hf_cell
+
+    _, model = text_engine
+    model._previous_max_cache_length = 3000                      # as left by an earlier, longer cell
+    r = hf_cell(model, Cell(12, 1, 3), model.get_output_embeddings().out_features, static=True)
+    assert r["step_ms"] > 0
+    assert model._previous_max_cache_length <= 15                # about 12 + 3, not 3000
