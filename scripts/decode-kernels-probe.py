@@ -219,7 +219,7 @@ def attention_sweep():
                 t = graph_time(lambda: [td.launch_attention(q, k, v, mask, nk, 80 ** -0.5, sms, plan)
                                         for k, v in zip(Ks, Vs)], reps=10) / copies
                 return t, err
-            default = td.attention_plan(B, 32, L, sms)
+            default = td.attention_plan(B, 32, L, sms, 80)
             t_def, err_def = timed_plan(None)
             rows = []
             for split_len in (64, 128, 256, 512, 1024, 2048):
@@ -278,7 +278,7 @@ def attend_sweep():
             return t * 1e3, err
         row = {"L": L, "B": B, "GB": nbytes / 1e9}
         row["rope_sdpa_us"], row["rope_sdpa_err"] = timed(rope_sdpa)
-        row["default_plan"] = td.attention_plan(B, 32, L, sms)
+        row["default_plan"] = td.attention_plan(B, 32, L, sms, 80)
         row["rope_split_us"], row["rope_split_err"] = timed(lambda k, v: two_kernels(k, v, None))
         row["attend_us"], row["attend_err"] = timed(lambda k, v: td.launch_attend(qkv, cos, sin, k, v, mask, st, 32,
                                                                                 80 ** -0.5, sms))

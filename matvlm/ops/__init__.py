@@ -230,7 +230,8 @@ def attend(qkv: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor, 
            n_keys: Tensor, heads: int, scale: float, bias: Tensor | None = None) -> Tensor:
     """An attention layer's decode step from its projection qkv (B, (H + 2 KV) D): `rope_kv` (the new
     key and value written at `slot`), then `decode_attention` over the positions before `n_keys`
-    (= slot + 1, passed in so that it is made once per step). Returns (B, H, D) in qkv's dtype.
+    (= slot + 1, passed in so that it is made once per step; the one-kernel path reads only `slot`).
+    Returns (B, H, D) in qkv's dtype.
 
     Where the split-KV kernel would run (one sequence, at most `DECODE_ATTENTION_MAX_KEYS` positions)
     both happen in it (`triton_decode.attend_step`): the queries and the new key are rotated in

@@ -354,18 +354,20 @@ def _attention_combine(m_buf, l_buf, acc_buf, o_ptr, H, N_SPLITS, so_b, so_h,
     tl.store(o_ptr + b * so_b + h * so_h + rd, out.to(o_ptr.dtype.element_ty), mask=rd < D)
 
 
-def attention_plan(bsz: int, heads: int, length: int, sms: int) -> dict:
-    """Launch parameters of the split-KV kernel for a (bsz, heads, length) buffer on `sms`
+def attention_plan(bsz: int, heads: int, length: int, sms: int, head_dim: int) -> dict:
+    """Launch parameters of the split-KV kernel for a (bsz, heads, length, head_dim) buffer on `sms`
     multiprocessors: keys per program, the key block, warps (and, optionally, "stages" for the loop's
     software pipelining). One warp, 64-key blocks and about eight programs per SM, with the keys per
     program rounded up to a power of two, were the best plan of a sweep on an H100 at 1 280, 4 352,
-    8 448 and 16 640 positions for one sequence (keys per program 64-1024, blocks 16-128, 1-4 warps;
-    docs/benchmarks.md). A function of the buffer's shape, not of how many keys are written, so one
-    CUDA graph serves every step."""
+    8 448 and 16 640 positions for one sequence and head_dim 80 (keys per program 64-1024, blocks
+    16-128, 1-4 warps; docs/benchmarks.md). Larger heads get more warps, so that each thread holds as
+    many elements of a tile as at 80 (not measured for other sizes). A function of the buffer's shape,
+    not of how many keys are written, so one CUDA graph serves every step."""
     block_l = 64
     per = max(1, 8 * sms // (bsz * heads))              # splits per (sequence, head)
     split_len = max(block_l, triton.next_power_of_2(-(-length // per)))
-    return {"split_len": split_len, "block_l": block_l, "warps": 1}
+    warps = triton.next_power_of_2(-(-block_l * head_dim // (64 * 80)))
+    return {"split_len": split_len, "block_l": block_l, "warps": warps}
 
 
 @torch.library.custom_op("matvlm::decode_attention", mutates_args=())
@@ -388,7 +390,7 @@ def _split_and_combine(src, keys, values, mask, count, cos, sin, scale, heads, s
     """Launch the split kernel over `src` (queries, or the projection when `append`) and the combine
     kernel; returns (B, H, D) in src's dtype."""
     bsz, kv, length, d = keys.shape
-    p = plan or attention_plan(bsz, heads, length, sms)
+    p = plan or attention_plan(bsz, heads, length, sms, d)
     da, db = _lanes(d)
     splits = -(-length // p["split_len"])
     m = torch.empty((bsz * heads, splits), dtype=torch.float32, device=src.device)
@@ -465,7 +467,8 @@ def attend_step(qkv: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Ten
     one split kernel (and the combine): the queries and the new key are rotated in registers, the new
     key and value written at `slot` and attended to from registers. qkv: (B, (H + 2 KV) D) with rows
     contiguous; cos, sin: (B, R) with unit stride; keys, values: (B, KV, L, D) with unit stride along
-    D; mask: (B, L) bool; slot: () int64. Returns (B, H, D) in qkv's dtype."""
+    D; mask: (B, L) bool; slot: () int64, below L (not checked: it is a device scalar). Returns
+    (B, H, D) in qkv's dtype."""
     return launch_attend(qkv, cos, sin, keys, values, mask, slot, heads, scale,
                          torch.cuda.get_device_properties(qkv.device).multi_processor_count)
 

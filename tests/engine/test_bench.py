@@ -164,5 +164,5 @@ def test_static_transformers_cell_sizes_its_cache_to_its_own_length(text_engine)
     _, model = text_engine
     model._previous_max_cache_length = 3000                      # as left by an earlier, longer cell
     r = hf_cell(model, Cell(12, 1, 3), model.get_output_embeddings().out_features, static=True)
-    assert r["step_ms"] > 0
+    assert "error" not in r and "oom" not in r                   # measured (its timing is noise on CPU)
     assert model._previous_max_cache_length <= 15                # about 12 + 3, not 3000

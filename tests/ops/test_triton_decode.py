@@ -88,8 +88,8 @@ def test_split_kv_attention_kernel_reads_only_written_keys_and_equals_sdpa(bsz, 
 
 
 @pytest.mark.parametrize("plan", PLANS[:3])
-@pytest.mark.parametrize("bsz, heads, kv, d, rotary, length, slot", [(1, 4, 4, 20, 8, 300, 250), (2, 4, 2, 16, 16, 200, 47),
-                                                                     (1, 2, 1, 24, 24, 64, 0), (2, 2, 2, 20, 20, 96, 95)])
+@pytest.mark.parametrize("bsz, heads, kv, d, rotary, length, slot", [
+    (1, 4, 4, 20, 8, 300, 250), (2, 4, 2, 16, 16, 200, 47), (1, 2, 1, 24, 24, 64, 0), (2, 2, 2, 20, 20, 96, 95)])
 def test_attend_step_kernel_equals_rotary_then_attention(bsz, heads, kv, d, rotary, length, slot, plan):
     """One kernel for rotary, cache write and attention (the new key from registers) against the
     two-step PyTorch path, with slots on and beside split boundaries (48 keys a split in one plan), GQA,
@@ -117,10 +117,13 @@ def test_attend_step_kernel_equals_rotary_then_attention(bsz, heads, kv, d, rota
 
 def test_attention_plan_covers_the_buffer_in_whole_key_blocks():
     for bsz, length in [(1, 1280), (1, 16640), (8, 4352), (64, 100)]:
-        p = td.attention_plan(bsz, 32, length, sms=132)
+        p = td.attention_plan(bsz, 32, length, sms=132, head_dim=80)
         assert p["split_len"] % p["block_l"] == 0 and p["split_len"] >= p["block_l"]
         splits = -(-length // p["split_len"])
         assert splits * p["split_len"] >= length and splits <= 1024
+    # the swept plan at TinyLLaVA's head size; wider heads spread the same tile over more warps
+    assert td.attention_plan(1, 32, 4352, sms=132, head_dim=80) == {"split_len": 256, "block_l": 64, "warps": 1}
+    assert [td.attention_plan(1, 32, 4352, sms=132, head_dim=d)["warps"] for d in (64, 128, 256)] == [1, 2, 4]
 
 
 @pytest.mark.parametrize("bsz, heads, groups, p, n, block_p", [(1, 4, 4, 20, 12, 8), (2, 4, 2, 24, 8, 16),
