@@ -1,6 +1,6 @@
 """The sweeps behind the fused decode step's kernel choices (GPU only; prints JSON lines).
 
-    python scripts/decode-kernels-probe.py [gemv|fused|attention|attend|mamba|all]
+    python scripts/decode-kernels-probe.py [gemv|fused|attention|attend|attend-shapes|mamba|all]
 
 gemv: cuBLAS vs two Triton matrix-vector variants (element-wise, and 16-row tl.dot) over a grid of
 block sizes, on TinyLLaVA's fused shapes at batch 1 and 8, plus sdpa for one query per head.
@@ -9,6 +9,7 @@ attention: the split-KV attention kernel over a grid of plans against sdpa, at 1
 positions, batch 1 and 8.
 attend: rotary + cache write + split-KV attention in one kernel over a grid of plans, against the
 rotary kernel followed by the split-KV kernel or by sdpa.
+attend-shapes: the same under its default plan for other models' head layouts (GQA, head size 64 / 128).
 mamba: the one-kernel Mamba-2 decode step against the PyTorch ops, over block sizes and warps.
 Every timing is the median of CUDA-graph replays over enough weight copies to miss L2.
 """
@@ -219,7 +220,7 @@ def attention_sweep():
                 t = graph_time(lambda: [td.launch_attention(q, k, v, mask, nk, 80 ** -0.5, sms, plan)
                                         for k, v in zip(Ks, Vs)], reps=10) / copies
                 return t, err
-            default = td.attention_plan(B, 32, L, sms, 80)
+            default = td.attention_plan(B, 32, L, sms)
             t_def, err_def = timed_plan(None)
             rows = []
             for split_len in (64, 128, 256, 512, 1024, 2048):
@@ -278,7 +279,7 @@ def attend_sweep():
             return t * 1e3, err
         row = {"L": L, "B": B, "GB": nbytes / 1e9}
         row["rope_sdpa_us"], row["rope_sdpa_err"] = timed(rope_sdpa)
-        row["default_plan"] = td.attention_plan(B, 32, L, sms, 80)
+        row["default_plan"] = td.attention_plan(B, 32, L, sms)
         row["rope_split_us"], row["rope_split_err"] = timed(lambda k, v: two_kernels(k, v, None))
         row["attend_us"], row["attend_err"] = timed(lambda k, v: td.launch_attend(qkv, cos, sin, k, v, mask, st, 32,
                                                                                 80 ** -0.5, sms))
@@ -311,6 +312,51 @@ def attend_sweep():
         row["worst_err"] = max(r[2] for r in rows)
         rec(**row)
         del Ks, Vs
+
+
+def attend_shapes():
+    """`attend_step` under its default plan against the rotary kernel + sdpa for other models' heads
+    (query heads, KV heads, head size): Llama-style 32 x 128 with 8 KV heads, Qwen2-0.5B's 14 x 64 with
+    2, and 32 x 128 without grouping; batch 1 at 1 280 / 4 352 / 8 448 positions, with the warps and
+    key blocks around the default."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for H, KV, D in ((32, 8, 128), (14, 2, 64), (32, 32, 128)):
+        for L in (1280, 4352, 8448):
+            copies = max(2, math.ceil(300e6 / (KV * L * D * 4)))
+            qkv = torch.randn(1, (H + 2 * KV) * D, device=dev).bfloat16()
+            ang = torch.rand(1, D // 2, device=dev) * 6.3
+            cos, sin = torch.cat([ang.cos()] * 2, -1).bfloat16(), torch.cat([ang.sin()] * 2, -1).bfloat16()
+            Ks = [torch.randn(1, KV, L, D, device=dev).bfloat16() for _ in range(copies)]
+            Vs = [torch.randn(1, KV, L, D, device=dev).bfloat16() for _ in range(copies)]
+            slot = L - 200
+            mask = torch.zeros(1, L, dtype=torch.bool, device=dev); mask[:, :slot + 1] = True
+            st = torch.tensor(slot, device=dev)
+            bias = ops.mask_bias(mask, torch.bfloat16)
+            kr, vr = Ks[0].double().clone(), Vs[0].double().clone()
+            q = ops.rope_kv(qkv.double(), cos.double(), sin.double(), kr, vr, st, H)
+            g = H // KV
+            s_ = torch.einsum("bhd,bhld->bhl", q, kr[:, :, :slot + 1].repeat_interleave(g, 1)) * D ** -0.5
+            ref = torch.einsum("bhl,bhld->bhd", s_.softmax(-1), vr[:, :, :slot + 1].repeat_interleave(g, 1))
+            def rope_sdpa(k, v):
+                qq = td.rope_kv(qkv, cos, sin, k, v, st, H)
+                return F.scaled_dot_product_attention(qq[:, :, None], k, v, attn_mask=bias, scale=D ** -0.5,
+                                                      enable_gqa=g > 1)[:, :, 0]
+            def timed(fn):
+                out = fn(Ks[0], Vs[0])
+                err = ((out.double() - ref).norm() / ref.norm()).item()
+                t = graph_time(lambda: [fn(k, v) for k, v in zip(Ks, Vs)], reps=10) / copies
+                return round(t * 1e3, 2), round(err, 5)
+            default = td.attention_plan(1, H, L, sms)
+            row = {"H": H, "KV": KV, "D": D, "L": L, "default_plan": default, "rope_sdpa": timed(rope_sdpa),
+                   "attend_default": timed(lambda k, v: td.launch_attend(qkv, cos, sin, k, v, mask, st, H, D ** -0.5,
+                                                                          sms))}
+            for BL in (32, 64):
+                for nw_ in (1, 2, 4):
+                    plan = {**default, "block_l": BL, "warps": nw_}
+                    row[f"b{BL}w{nw_}"] = timed(lambda k, v: td.launch_attend(qkv, cos, sin, k, v, mask, st, H,
+                                                                              D ** -0.5, sms, plan))
+            rec(**row)
+            del Ks, Vs
 
 
 def mamba_sweep():
@@ -357,5 +403,7 @@ if __name__ == "__main__":
         attention_sweep()
     if what in ("attend", "all"):
         attend_sweep()
+    if what in ("attend-shapes", "all"):
+        attend_shapes()
     if what in ("mamba", "all"):
         mamba_sweep()

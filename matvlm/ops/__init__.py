@@ -202,6 +202,18 @@ def mask_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.full(mask.shape, float("-inf"), dtype=dtype, device=mask.device).masked_fill_(mask, 0.0)[:, None, None]
 
 
+def split_kv_applies(batch: int, heads: int, kv_heads: int, length: int) -> bool:
+    """Whether one-query attention over a (batch, kv_heads, length) buffer goes to the split-KV Triton
+    kernel rather than sdpa: one sequence, at most `DECODE_ATTENTION_MAX_KEYS` positions, and one KV
+    head per query head. On an H100 the kernel (with rotary folded in) beat rotary + sdpa there at
+    head sizes 80 and 128 (10.6 / 24.5 / 39.3 against 15.7 / 27.0 / 42.2 us at 1 280 / 4 352 / 8 448
+    positions and 32 x 80 heads); at 16 640 positions the decode step took the same time either way,
+    and at batch 8 the two were within 5 %. With grouped KV heads each query head's program reads its
+    group's keys again, and sdpa (enable_gqa) was up to 1.4x faster (32 query heads on 8 KV heads x
+    128 at 8 448 positions: 31.4 against 23.8 us); docs/benchmarks.md."""
+    return batch == 1 and heads == kv_heads and length <= DECODE_ATTENTION_MAX_KEYS
+
+
 def decode_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, n_keys: Tensor, scale: float,
                      bias: Tensor | None = None) -> Tensor:
     """Attention of one query per sequence and head over a static KV buffer.
@@ -211,13 +223,10 @@ def decode_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, n_ke
     kernel does not read them); bias: `mask_bias(mask, q.dtype)` or None, used by the sdpa path in
     place of the mask. Returns (B, H, D).
 
-    The split-KV Triton kernel runs for one sequence over a buffer of at most
-    `DECODE_ATTENTION_MAX_KEYS` positions; longer buffers and batches go to sdpa (cuDNN / flash).
-    With the rotary embedding folded in (`attend`) it beat rotary + sdpa on an H100 at 1 280, 4 352
-    and 8 448 positions (10.6 / 24.5 / 39.3 against 15.7 / 27.0 / 42.2 us); at 16 640 the decode step
-    took the same time either way, and at batch 8 the two were within 5 % (docs/benchmarks.md)."""
+    The split-KV Triton kernel runs where `split_kv_applies`; everything else goes to sdpa (cuDNN /
+    flash)."""
     kernels = _decode_kernels(q)
-    if (kernels is not None and q.shape[0] == 1 and keys.shape[2] <= DECODE_ATTENTION_MAX_KEYS
+    if (kernels is not None and split_kv_applies(q.shape[0], q.shape[1], keys.shape[1], keys.shape[2])
             and keys.stride(-1) == 1 and values.stride(-1) == 1):
         return kernels.decode_attention(q.contiguous(), keys, values, mask, n_keys, scale)
     out = F.scaled_dot_product_attention(q[:, :, None], keys, values,
@@ -233,12 +242,11 @@ def attend(qkv: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor, 
     (= slot + 1, passed in so that it is made once per step; the one-kernel path reads only `slot`).
     Returns (B, H, D) in qkv's dtype.
 
-    Where the split-KV kernel would run (one sequence, at most `DECODE_ATTENTION_MAX_KEYS` positions)
-    both happen in it (`triton_decode.attend_step`): the queries and the new key are rotated in
-    registers and the new key attended to from them, which saves the rotary kernel's launch and a
-    round trip of the queries through memory."""
+    Where the split-KV kernel runs (`split_kv_applies`) both happen in it (`triton_decode.attend_step`):
+    the queries and the new key are rotated in registers and the new key attended to from them, which
+    saves the rotary kernel's launch and a round trip of the queries through memory."""
     kernels = _decode_kernels(qkv)
-    if (kernels is not None and qkv.shape[0] == 1 and keys.shape[2] <= DECODE_ATTENTION_MAX_KEYS
+    if (kernels is not None and split_kv_applies(qkv.shape[0], heads, keys.shape[1], keys.shape[2])
             and qkv.dtype == keys.dtype == values.dtype and qkv.stride(-1) == 1 and cos.stride(-1) == 1
             and sin.stride(-1) == 1 and keys.stride(-1) == 1 and values.stride(-1) == 1):
         return kernels.attend_step(qkv, cos, sin, keys, values, mask, slot, heads, scale)
@@ -277,4 +285,4 @@ def mamba_step(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weigh
 
 
 __all__ = ["ssd", "ssd_step", "gated_rmsnorm", "backend_for", "ssd_ref", "linear", "rope_kv", "decode_attention",
-           "attend", "mask_bias", "mamba_step"]
+           "attend", "split_kv_applies", "mask_bias", "mamba_step"]

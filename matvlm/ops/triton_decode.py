@@ -354,20 +354,19 @@ def _attention_combine(m_buf, l_buf, acc_buf, o_ptr, H, N_SPLITS, so_b, so_h,
     tl.store(o_ptr + b * so_b + h * so_h + rd, out.to(o_ptr.dtype.element_ty), mask=rd < D)
 
 
-def attention_plan(bsz: int, heads: int, length: int, sms: int, head_dim: int) -> dict:
-    """Launch parameters of the split-KV kernel for a (bsz, heads, length, head_dim) buffer on `sms`
+def attention_plan(bsz: int, heads: int, length: int, sms: int) -> dict:
+    """Launch parameters of the split-KV kernel for a (bsz, heads, length) buffer on `sms`
     multiprocessors: keys per program, the key block, warps (and, optionally, "stages" for the loop's
     software pipelining). One warp, 64-key blocks and about eight programs per SM, with the keys per
     program rounded up to a power of two, were the best plan of a sweep on an H100 at 1 280, 4 352,
-    8 448 and 16 640 positions for one sequence and head_dim 80 (keys per program 64-1024, blocks
-    16-128, 1-4 warps; docs/benchmarks.md). Larger heads get more warps, so that each thread holds as
-    many elements of a tile as at 80 (not measured for other sizes). A function of the buffer's shape,
-    not of how many keys are written, so one CUDA graph serves every step."""
+    8 448 and 16 640 positions for one sequence of 32 heads x 80 (keys per program 64-1024, blocks
+    16-128, 1-4 warps); one warp and 64-key blocks were also the best at head sizes 64 and 128
+    (docs/benchmarks.md). A function of the buffer's shape, not of how many keys are written, so one
+    CUDA graph serves every step."""
     block_l = 64
     per = max(1, 8 * sms // (bsz * heads))              # splits per (sequence, head)
     split_len = max(block_l, triton.next_power_of_2(-(-length // per)))
-    warps = triton.next_power_of_2(-(-block_l * head_dim // (64 * 80)))
-    return {"split_len": split_len, "block_l": block_l, "warps": warps}
+    return {"split_len": split_len, "block_l": block_l, "warps": 1}
 
 
 @torch.library.custom_op("matvlm::decode_attention", mutates_args=())
@@ -390,7 +389,7 @@ def _split_and_combine(src, keys, values, mask, count, cos, sin, scale, heads, s
     """Launch the split kernel over `src` (queries, or the projection when `append`) and the combine
     kernel; returns (B, H, D) in src's dtype."""
     bsz, kv, length, d = keys.shape
-    p = plan or attention_plan(bsz, heads, length, sms, d)
+    p = plan or attention_plan(bsz, heads, length, sms)
     da, db = _lanes(d)
     splits = -(-length // p["split_len"])
     m = torch.empty((bsz * heads, splits), dtype=torch.float32, device=src.device)

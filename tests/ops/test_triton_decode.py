@@ -117,13 +117,19 @@ def test_attend_step_kernel_equals_rotary_then_attention(bsz, heads, kv, d, rota
 
 def test_attention_plan_covers_the_buffer_in_whole_key_blocks():
     for bsz, length in [(1, 1280), (1, 16640), (8, 4352), (64, 100)]:
-        p = td.attention_plan(bsz, 32, length, sms=132, head_dim=80)
+        p = td.attention_plan(bsz, 32, length, sms=132)
         assert p["split_len"] % p["block_l"] == 0 and p["split_len"] >= p["block_l"]
         splits = -(-length // p["split_len"])
         assert splits * p["split_len"] >= length and splits <= 1024
-    # the swept plan at TinyLLaVA's head size; wider heads spread the same tile over more warps
-    assert td.attention_plan(1, 32, 4352, sms=132, head_dim=80) == {"split_len": 256, "block_l": 64, "warps": 1}
-    assert [td.attention_plan(1, 32, 4352, sms=132, head_dim=d)["warps"] for d in (64, 128, 256)] == [1, 2, 4]
+    assert td.attention_plan(1, 32, 4352, sms=132) == {"split_len": 256, "block_l": 64, "warps": 1}   # the sweep's best
+
+
+def test_split_kv_kernel_only_for_one_sequence_without_grouped_kv_heads_and_up_to_8k():
+    assert ops.split_kv_applies(1, 32, 32, 4352)
+    assert ops.split_kv_applies(1, 32, 32, ops.DECODE_ATTENTION_MAX_KEYS)
+    assert not ops.split_kv_applies(1, 32, 32, ops.DECODE_ATTENTION_MAX_KEYS + 1)
+    assert not ops.split_kv_applies(8, 32, 32, 4352)                 # batches: sdpa
+    assert not ops.split_kv_applies(1, 32, 8, 4352)                  # grouped KV heads: sdpa (enable_gqa)
 
 
 @pytest.mark.parametrize("bsz, heads, groups, p, n, block_p", [(1, 4, 4, 20, 12, 8), (2, 4, 2, 24, 8, 16),
