@@ -244,6 +244,48 @@ def attention_sweep():
             del Ks, Vs
 
 
+class AttendCase:
+    """One attention layer's decode step at batch B, H query heads on KV heads of size D, rotary on
+    `rdim` channels, over an L-position cache with the new token 200 positions before its end: enough
+    cache copies to miss L2, and the float64 reference. `timed(fn)` runs fn(keys, values) on every copy
+    in a CUDA graph: (microseconds per call, relative error of the first copy's output)."""
+
+    def __init__(self, B, H, KV, D, L, rdim):
+        from matvlm.bench.kernels import attention_f64, rotary_inputs
+        self.H, self.D, self.group, self.scale = H, D, H // KV, D ** -0.5
+        self.copies = max(2, math.ceil(300e6 / (B * KV * L * D * 4)))
+        self.qkv, self.cos, self.sin = rotary_inputs(B, H, KV, D, rdim, device=dev)
+        self.Ks = [torch.randn(B, KV, L, D, device=dev).bfloat16() for _ in range(self.copies)]
+        self.Vs = [torch.randn(B, KV, L, D, device=dev).bfloat16() for _ in range(self.copies)]
+        self.slot = L - 200
+        self.mask = torch.zeros(B, L, dtype=torch.bool, device=dev)
+        self.mask[:, :self.slot + 1] = True
+        self.st, self.nk = torch.tensor(self.slot, device=dev), torch.tensor(self.slot + 1, device=dev)
+        self.bias = ops.mask_bias(self.mask, torch.bfloat16)
+        self.nbytes = 2 * B * KV * self.slot * D * 2                 # the cache read below the slot
+        kr, vr = self.Ks[0].double().clone(), self.Vs[0].double().clone()
+        q = ops.rope_kv(self.qkv.double(), self.cos.double(), self.sin.double(), kr, vr, self.st, H)
+        self.ref = attention_f64(q, kr, vr, self.mask, self.slot + 1, self.scale)
+
+    def rope_sdpa(self, k, v):
+        q = td.rope_kv(self.qkv, self.cos, self.sin, k, v, self.st, self.H)
+        return F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=self.bias, scale=self.scale,
+                                              enable_gqa=self.group > 1)[:, :, 0]
+
+    def rope_split(self, k, v, sms, plan=None):
+        q = td.rope_kv(self.qkv, self.cos, self.sin, k, v, self.st, self.H)
+        return td.launch_attention(q, k, v, self.mask, self.nk, self.scale, sms, plan)
+
+    def attend(self, k, v, sms, plan=None):
+        return td.launch_attend(self.qkv, self.cos, self.sin, k, v, self.mask, self.st, self.H, self.scale, sms, plan)
+
+    def timed(self, fn):
+        out = fn(self.Ks[0], self.Vs[0])
+        err = ((out.double() - self.ref).norm() / self.ref.norm()).item()
+        t = graph_time(lambda: [fn(k, v) for k, v in zip(self.Ks, self.Vs)], reps=10) / self.copies
+        return t * 1e3, err
+
+
 def attend_sweep():
     """An attention layer's whole decode step after its projection, TinyLLaVA-Phi2 shapes (32 heads x 80,
     rotary on 32 channels): `attend_step` (rotary, cache write and split-KV attention in one kernel) over
@@ -251,38 +293,12 @@ def attend_sweep():
     at 1 280 / 4 352 / 8 448 / 16 640 positions, batch 1 (and batch 8 over a few plans)."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for L, B in ((1280, 1), (4352, 1), (8448, 1), (16640, 1), (1280, 8), (4352, 8)):
-        copies = max(2, math.ceil(300e6 / (B * 32 * L * 80 * 4)))
-        qkv = torch.randn(B, 96 * 80, device=dev).bfloat16()
-        ang = torch.rand(B, 16, device=dev) * 6.3
-        cos, sin = torch.cat([ang.cos()] * 2, -1).bfloat16(), torch.cat([ang.sin()] * 2, -1).bfloat16()
-        Ks = [torch.randn(B, 32, L, 80, device=dev).bfloat16() for _ in range(copies)]
-        Vs = [torch.randn(B, 32, L, 80, device=dev).bfloat16() for _ in range(copies)]
-        slot = L - 200
-        mask = torch.zeros(B, L, dtype=torch.bool, device=dev); mask[:, :slot + 1] = True
-        st, nk = torch.tensor(slot, device=dev), torch.tensor(slot + 1, device=dev)
-        bias = ops.mask_bias(mask, torch.bfloat16)
-        nbytes = 2 * B * 32 * slot * 80 * 2
-        kr, vr = Ks[0].double().clone(), Vs[0].double().clone()
-        q = ops.rope_kv(qkv.double(), cos.double(), sin.double(), kr, vr, st, 32)
-        s_ = torch.einsum("bhd,bhld->bhl", q, kr[:, :, :slot + 1]) * 80 ** -0.5
-        ref = torch.einsum("bhl,bhld->bhd", s_.softmax(-1), vr[:, :, :slot + 1])
-        def two_kernels(k, v, plan):
-            qq = td.rope_kv(qkv, cos, sin, k, v, st, 32)
-            return td.launch_attention(qq, k, v, mask, nk, 80 ** -0.5, sms, plan)
-        def rope_sdpa(k, v):
-            qq = td.rope_kv(qkv, cos, sin, k, v, st, 32)
-            return F.scaled_dot_product_attention(qq[:, :, None], k, v, attn_mask=bias, scale=80 ** -0.5)[:, :, 0]
-        def timed(fn):
-            out = fn(Ks[0], Vs[0])
-            err = ((out.double() - ref).norm() / ref.norm()).item()
-            t = graph_time(lambda: [fn(k, v) for k, v in zip(Ks, Vs)], reps=10) / copies
-            return t * 1e3, err
-        row = {"L": L, "B": B, "GB": nbytes / 1e9}
-        row["rope_sdpa_us"], row["rope_sdpa_err"] = timed(rope_sdpa)
+        c = AttendCase(B, 32, 32, 80, L, 32)
+        row = {"L": L, "B": B, "GB": c.nbytes / 1e9}
+        row["rope_sdpa_us"], row["rope_sdpa_err"] = c.timed(c.rope_sdpa)
         row["default_plan"] = td.attention_plan(B, 32, L, sms)
-        row["rope_split_us"], row["rope_split_err"] = timed(lambda k, v: two_kernels(k, v, None))
-        row["attend_us"], row["attend_err"] = timed(lambda k, v: td.launch_attend(qkv, cos, sin, k, v, mask, st, 32,
-                                                                                80 ** -0.5, sms))
+        row["rope_split_us"], row["rope_split_err"] = c.timed(lambda k, v: c.rope_split(k, v, sms))
+        row["attend_us"], row["attend_err"] = c.timed(lambda k, v: c.attend(k, v, sms))
         rows = []
         lens = (64, 128, 256, 512, 1024) if B == 1 else (256, 512, 1024)
         for split_len in lens:
@@ -294,8 +310,7 @@ def attend_sweep():
                         continue
                     plan = {"split_len": split_len, "block_l": BL, "warps": nw_}
                     try:
-                        t, err = timed(lambda k, v: td.launch_attend(qkv, cos, sin, k, v, mask, st, 32, 80 ** -0.5,
-                                                                     sms, plan))
+                        t, err = c.timed(lambda k, v: c.attend(k, v, sms, plan))
                     except Exception as e:
                         print("plan failed", plan, repr(e)[:200], flush=True)
                         continue
@@ -304,14 +319,13 @@ def attend_sweep():
         if B == 1:                      # the default plan under each software-pipelining depth
             for stages in (1, 2, 3, 4):
                 plan = {**row["default_plan"], "stages": stages}
-                row[f"attend_stages{stages}_us"] = timed(lambda k, v: td.launch_attend(
-                    qkv, cos, sin, k, v, mask, st, 32, 80 ** -0.5, sms, plan))[0]
+                row[f"attend_stages{stages}_us"] = c.timed(lambda k, v: c.attend(k, v, sms, plan))[0]
         for k_ in ("rope_sdpa_us", "rope_split_us", "attend_us"):
-            row[k_.replace("_us", "_GBps")] = nbytes / row[k_] / 1e3
-        row["best"] = [{"us": t, "GBps": nbytes / t / 1e3, **plan, "err": err} for t, plan, err in rows[:8]]
+            row[k_.replace("_us", "_GBps")] = c.nbytes / row[k_] / 1e3
+        row["best"] = [{"us": t, "GBps": c.nbytes / t / 1e3, **plan, "err": err} for t, plan, err in rows[:8]]
         row["worst_err"] = max(r[2] for r in rows)
         rec(**row)
-        del Ks, Vs
+        del c
 
 
 def attend_shapes():
@@ -320,43 +334,20 @@ def attend_shapes():
     2, and 32 x 128 without grouping; batch 1 at 1 280 / 4 352 / 8 448 positions, with the warps and
     key blocks around the default."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rounded = (lambda r: (round(r[0], 2), round(r[1], 5)))
     for H, KV, D in ((32, 8, 128), (14, 2, 64), (32, 32, 128)):
         for L in (1280, 4352, 8448):
-            copies = max(2, math.ceil(300e6 / (KV * L * D * 4)))
-            qkv = torch.randn(1, (H + 2 * KV) * D, device=dev).bfloat16()
-            ang = torch.rand(1, D // 2, device=dev) * 6.3
-            cos, sin = torch.cat([ang.cos()] * 2, -1).bfloat16(), torch.cat([ang.sin()] * 2, -1).bfloat16()
-            Ks = [torch.randn(1, KV, L, D, device=dev).bfloat16() for _ in range(copies)]
-            Vs = [torch.randn(1, KV, L, D, device=dev).bfloat16() for _ in range(copies)]
-            slot = L - 200
-            mask = torch.zeros(1, L, dtype=torch.bool, device=dev); mask[:, :slot + 1] = True
-            st = torch.tensor(slot, device=dev)
-            bias = ops.mask_bias(mask, torch.bfloat16)
-            kr, vr = Ks[0].double().clone(), Vs[0].double().clone()
-            q = ops.rope_kv(qkv.double(), cos.double(), sin.double(), kr, vr, st, H)
-            g = H // KV
-            s_ = torch.einsum("bhd,bhld->bhl", q, kr[:, :, :slot + 1].repeat_interleave(g, 1)) * D ** -0.5
-            ref = torch.einsum("bhl,bhld->bhd", s_.softmax(-1), vr[:, :, :slot + 1].repeat_interleave(g, 1))
-            def rope_sdpa(k, v):
-                qq = td.rope_kv(qkv, cos, sin, k, v, st, H)
-                return F.scaled_dot_product_attention(qq[:, :, None], k, v, attn_mask=bias, scale=D ** -0.5,
-                                                      enable_gqa=g > 1)[:, :, 0]
-            def timed(fn):
-                out = fn(Ks[0], Vs[0])
-                err = ((out.double() - ref).norm() / ref.norm()).item()
-                t = graph_time(lambda: [fn(k, v) for k, v in zip(Ks, Vs)], reps=10) / copies
-                return round(t * 1e3, 2), round(err, 5)
+            c = AttendCase(1, H, KV, D, L, D)
             default = td.attention_plan(1, H, L, sms)
-            row = {"H": H, "KV": KV, "D": D, "L": L, "default_plan": default, "rope_sdpa": timed(rope_sdpa),
-                   "attend_default": timed(lambda k, v: td.launch_attend(qkv, cos, sin, k, v, mask, st, H, D ** -0.5,
-                                                                          sms))}
+            row = {"H": H, "KV": KV, "D": D, "L": L, "default_plan": default,
+                   "rope_sdpa": rounded(c.timed(c.rope_sdpa)),
+                   "attend_default": rounded(c.timed(lambda k, v: c.attend(k, v, sms)))}
             for BL in (32, 64):
                 for nw_ in (1, 2, 4):
                     plan = {**default, "block_l": BL, "warps": nw_}
-                    row[f"b{BL}w{nw_}"] = timed(lambda k, v: td.launch_attend(qkv, cos, sin, k, v, mask, st, H,
-                                                                              D ** -0.5, sms, plan))
+                    row[f"b{BL}w{nw_}"] = rounded(c.timed(lambda k, v: c.attend(k, v, sms, plan)))
             rec(**row)
-            del Ks, Vs
+            del c
 
 
 def mamba_sweep():
@@ -393,17 +384,13 @@ def mamba_sweep():
         rec(**row)
 
 
+SWEEPS = {"gemv": gemv_sweep, "fused": fused_kernels, "attention": attention_sweep, "attend": attend_sweep,
+          "attend-shapes": attend_shapes, "mamba": mamba_sweep}
+
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "all"
-    if what in ("gemv", "all"):
-        gemv_sweep()
-    if what in ("fused", "all"):
-        fused_kernels()
-    if what in ("attention", "all"):
-        attention_sweep()
-    if what in ("attend", "all"):
-        attend_sweep()
-    if what in ("attend-shapes", "all"):
-        attend_shapes()
-    if what in ("mamba", "all"):
-        mamba_sweep()
+    if what != "all" and what not in SWEEPS:
+        sys.exit(f"unknown sweep {what!r}; expected one of {', '.join(SWEEPS)} or all")
+    for name, sweep in SWEEPS.items():
+        if what in (name, "all"):
+            sweep()

@@ -134,6 +134,26 @@ def check_step_and_norm() -> dict:
     return {"step_y": rel(y_t, y_r), "step_state": rel(s_t, s_r), "gated_norm": rel(n_t, n_r)}
 
 
+def rotary_inputs(bsz: int, heads: int, kv: int, d: int, rdim: int, generator=None, device="cuda"):
+    """A random attention projection qkv (B, (H + 2 KV) D) and the cos, sin (B, rdim) of random angles,
+    all bf16: the inputs of `rope_kv` and `attend_step`."""
+    qkv = torch.randn(bsz, (heads + 2 * kv) * d, device=device, generator=generator).bfloat16()
+    ang = torch.rand(bsz, rdim // 2, device=device, generator=generator) * 6.3
+    return qkv, torch.cat([ang.cos(), ang.cos()], -1).bfloat16(), torch.cat([ang.sin(), ang.sin()], -1).bfloat16()
+
+
+def attention_f64(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, n_keys: int,
+                  scale: float) -> torch.Tensor:
+    """The float64 reference of one-query attention: q (B, H, D) over the first n_keys positions of
+    keys, values (B, KV, L, D) (H a multiple of KV) where mask (B, L) is True."""
+    group = q.shape[1] // keys.shape[1]
+    kr = keys[:, :, :n_keys].double().repeat_interleave(group, 1)
+    vr = values[:, :, :n_keys].double().repeat_interleave(group, 1)
+    s = torch.einsum("bhd,bhld->bhl", q.double(), kr) * scale
+    s = s.masked_fill(~mask[:, None, :n_keys], float("-inf"))
+    return torch.einsum("bhl,bhld->bhd", s.softmax(-1), vr)
+
+
 def check_decode_kernels() -> dict:
     """The decode step's Triton kernels (`ops.triton_decode`) against float64 on fresh random inputs:
     the matrix-vector product for 1-16 rows (TinyLLaVA's fused shapes and ragged ones, with and without
@@ -181,9 +201,7 @@ def check_decode_kernels() -> dict:
         out["gemv"].append({"shape": [m, n, k1, kt], "norm": kind if k1 else None, "act": act, "out_act": out_act,
                             "rel": rel(got, ref)})
     for bsz, heads, kv, d, rdim in [(1, 32, 32, 80, 32), (3, 32, 8, 128, 128)]:
-        qkv = torch.randn(bsz, (heads + 2 * kv) * d, device="cuda", generator=g).bfloat16()
-        ang = torch.rand(bsz, rdim // 2, device="cuda", generator=g) * 6.3
-        cos, sin = torch.cat([ang.cos(), ang.cos()], -1).bfloat16(), torch.cat([ang.sin(), ang.sin()], -1).bfloat16()
+        qkv, cos, sin = rotary_inputs(bsz, heads, kv, d, rdim, g)
         caches = [torch.randn(bsz, kv, 64, d, device="cuda", generator=g).bfloat16() for _ in range(2)]
         slot = torch.tensor(37, device="cuda")
         refs = [c.double() for c in caches]
@@ -202,11 +220,7 @@ def check_decode_kernels() -> dict:
         mask[:, n_keys:] = False
         mask[:, n_keys - 1] = True
         scale = d ** -0.5
-        kr = keys[:, :, :n_keys].double().repeat_interleave(heads // kv, 1)
-        vr = values[:, :, :n_keys].double().repeat_interleave(heads // kv, 1)
-        s = torch.einsum("bhd,bhld->bhl", q.double(), kr) * scale
-        s = s.masked_fill(~mask[:, None, :n_keys], float("-inf"))
-        ref = torch.einsum("bhl,bhld->bhd", s.softmax(-1), vr)
+        ref = attention_f64(q, keys, values, mask, n_keys, scale)
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         for plan in (None, {"split_len": 256, "block_l": 64, "warps": 4}):
             got = td.launch_attention(q, keys, values, mask, torch.tensor(n_keys, device="cuda"), scale, sms, plan)
@@ -214,9 +228,7 @@ def check_decode_kernels() -> dict:
                                      "rel": rel(got, ref)})
     for bsz, heads, kv, d, rdim, length, slot in [(1, 32, 32, 80, 32, 4352, 4000), (1, 32, 8, 128, 128, 1280, 1023),
                                                   (2, 8, 8, 64, 64, 200, 13)]:
-        qkv = torch.randn(bsz, (heads + 2 * kv) * d, device="cuda", generator=g).bfloat16()
-        ang = torch.rand(bsz, rdim // 2, device="cuda", generator=g) * 6.3
-        cos, sin = torch.cat([ang.cos(), ang.cos()], -1).bfloat16(), torch.cat([ang.sin(), ang.sin()], -1).bfloat16()
+        qkv, cos, sin = rotary_inputs(bsz, heads, kv, d, rdim, g)
         caches = [torch.randn(bsz, kv, length, d, device="cuda", generator=g).bfloat16() for _ in range(2)]
         mask = torch.rand(bsz, length, device="cuda", generator=g) < 0.8
         mask[:, slot:] = False
@@ -228,10 +240,7 @@ def check_decode_kernels() -> dict:
                              d ** -0.5)
         q = ops.rope_kv(qkv.double(), cos.double(), sin.double(), refs[0], refs[1],
                         torch.tensor(slot, device="cuda"), heads)
-        kr = refs[0][:, :, :slot + 1].repeat_interleave(heads // kv, 1)
-        vr = refs[1][:, :, :slot + 1].repeat_interleave(heads // kv, 1)
-        s = torch.einsum("bhd,bhld->bhl", q, kr) * d ** -0.5
-        ref = torch.einsum("bhl,bhld->bhd", s.masked_fill(~mask[:, None, :slot + 1], float("-inf")).softmax(-1), vr)
+        ref = attention_f64(q, refs[0], refs[1], mask, slot + 1, d ** -0.5)
         out["attention"].append({"attend_step": [bsz, heads, kv, d, rdim, length, slot], "rel": rel(got, ref),
                                  "k_written": rel(caches[0][:, :, slot], refs[0][:, :, slot]),
                                  "v_written": rel(caches[1][:, :, slot], refs[1][:, :, slot])})

@@ -220,10 +220,10 @@ def run(model: str, vs: str | None, contexts: list[int], batches: list[int], gen
         fuse: list[bool | None] = (None,), hf_static_batches: list[int] = (1,)) -> dict:
     """Measure every cell for the model and the teacher; `hf_static_contexts` and `hf_static_batches`
     limit the (slow to compile) static+compiled transformers runs to those contexts (None: all) and batch
-    sizes; `compile` and `fuse` list the engine
-    variants (decode step eager-captured and/or compiled; the model's own layers and/or the fused step,
-    None: the engine's default) each system is measured with; for each context in `max_batch_contexts`
-    the largest batch that fits is searched (engine, first variant)."""
+    sizes; `compile` and `fuse` list the engine variants (decode step eager-captured and/or compiled;
+    the model's own layers and/or the fused step, None: the engine's default) each system is measured
+    with; for each context in `max_batch_contexts` the largest batch that fits is searched (engine,
+    first variant)."""
     from ..engine.engine import Engine
     from .kernels import ceilings
 

@@ -18,6 +18,9 @@ in minutes), and all are checked against float64 references by `python -m matvlm
   once serves every step while reading only the keys written so far.
 - `rope_kv(qkv, cos, sin, keys, values, slot, heads)`: rotary embedding of the queries and keys, and
   the keys and values written into the cache at `slot`.
+- `attend_step(qkv, cos, sin, keys, values, mask, slot, heads, scale)`: both of the above in the
+  split-KV kernel: queries and the new key rotated in registers, the new key and value written at
+  `slot` and attended to from registers.
 - `mamba_step(zxbcdt, conv_state, ssm_state, ...)`: a Mamba-2 layer's step after its input
   projection (conv update, SSM state update, gated RMSNorm), one program per (sequence, group).
 
@@ -267,12 +270,11 @@ def _attention_split(q_ptr, k_ptr, v_ptr, mask_ptr, n_ptr, cos_ptr, sin_ptr, m_b
     row = q_ptr + b * sq_b
     cs_row = cos_ptr + b * s_cs
     sn_row = sin_ptr + b * s_cs
+    n_keys = tl.load(n_ptr)                        # APPEND: the slot; cache positions below it are read
     if APPEND:
-        n_keys = tl.load(n_ptr)                    # the slot: cache positions below it are read
-        q_a = _rope_lanes(row + h * D, cs_row, sn_row, ra, R, D)
-        q_b = _rope_lanes(row + h * D, cs_row, sn_row, rb, R, D)
+        q_a = _rope_lanes(row + h * sq_h, cs_row, sn_row, ra, R, D)
+        q_b = _rope_lanes(row + h * sq_h, cs_row, sn_row, rb, R, D)
     else:
-        n_keys = tl.load(n_ptr)
         q_a = tl.load(row + h * sq_h + ra).to(tl.float32)
         q_b = tl.load(row + h * sq_h + rb, mask=rb < D, other=0.0).to(tl.float32)
     # the queries as the cache stores keys (what the two-kernel path computes with), then scaled
@@ -417,7 +419,7 @@ def launch_attention(q, keys, values, mask, n_keys, scale, sms: int, plan: dict 
 
 @decode_attention.register_fake
 def _(q, keys, values, mask, n_keys, scale):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)
 
 
 @triton.jit
