@@ -298,7 +298,7 @@ def time_prefill(T: int) -> dict:
     pos = torch.arange(T, device="cuda")[None]
     pe = rope(u, pos)
     out = {"T": T}
-    out["mamba_prefill_ms"] = timed(lambda: mixer(u, past_key_values=Cache(layers=[MambaLayerState()])))
+    out["mamba_prefill_ms"] = timed(lambda: mixer(u, cache=Cache(layers=[MambaLayerState()])))
     out["attention_prefill_ms"] = timed(lambda: attn(u, position_embeddings=pe, attention_mask=None))
     with kernels_env("torch"):
         out["mamba_prefill_torch_ref_ms"] = timed(lambda: mixer(u), warmup=2, rep=5) if T <= 4096 else None
@@ -313,18 +313,18 @@ def time_decode(copy_GBps: float) -> dict:
     mixer = phi2_mixer()
     state = MambaLayerState()
     cache = Cache(layers=[state])
-    mixer(torch.randn(1, 16, 2560, device="cuda", dtype=torch.bfloat16), past_key_values=cache)   # prefill
+    mixer(torch.randn(1, 16, 2560, device="cuda", dtype=torch.bfloat16), cache=cache)   # prefill
     u1 = torch.randn(1, 1, 2560, device="cuda", dtype=torch.bfloat16)
-    eager_ms = timed(lambda: mixer(u1, past_key_values=cache), rep=50)
+    eager_ms = timed(lambda: mixer(u1, cache=cache), rep=50)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(3):
-            mixer(u1, past_key_values=cache)
+            mixer(u1, cache=cache)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        mixer(u1, past_key_values=cache)
+        mixer(u1, cache=cache)
     graph_ms = timed(graph.replay, rep=200)
     weight_bytes = sum(p.numel() * p.element_size() for p in mixer.parameters())
     state_bytes = 2 * (state.ssm.numel() * state.ssm.element_size() + state.conv.numel() * state.conv.element_size())

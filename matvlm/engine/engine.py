@@ -30,7 +30,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..errors import MatvlmError
 from ..distill.data import has_own_bos
-from ..model.cache import MambaLayerState
+from ..model.cache import MambaLayerState, cache_kwarg
 from ..model.hybrid import decoder_stack, text_config
 from ..model.vlm import embed, is_vlm, vision_features
 from .fused import fused_decoder
@@ -272,6 +272,7 @@ class Engine:
         self._compiled_ok = False          # the compiled step has run once (compiled or fell back)
         fuse = self.device.type == "cuda" and not compile if fuse is None else fuse
         self.fused = fused_decoder(self.model, self.stack, self.norm) if fuse else None
+        self._cache_kw = cache_kwarg(self.stack.layers[0])   # `cache` (transformers >= 5.24) or `past_key_values`
         # dynamic shapes: one compilation serves every cache length (and every batch size above 1)
         self._decode_forward = torch.compile(self._step_forward, dynamic=True) if compile else self._step_forward
 
@@ -296,8 +297,8 @@ class Engine:
         pe = self.stack.rotary_emb(embeds, position)
         h = embeds
         for layer in self.stack.layers:
-            h = layer(h, attention_mask=mask4d, position_ids=position, past_key_values=cache, use_cache=True,
-                      position_embeddings=pe, mamba_padding_mask=pad2d)
+            h = layer(h, attention_mask=mask4d, position_ids=position, use_cache=True, position_embeddings=pe,
+                      mamba_padding_mask=pad2d, **{self._cache_kw: cache})
             h = h[0] if isinstance(h, tuple) else h
         return self.model.get_output_embeddings()(self.norm(h[:, -1:]))[:, -1].float()
 

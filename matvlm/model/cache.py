@@ -15,9 +15,21 @@ as a linear-attention layer.
 `mamba_state_for(cache, i)` also accepts a cache that was built without knowing the
 layout (e.g. the `DynamicCache()` that `generate` makes by default): it installs a
 `MambaLayerState` at index i on first use.
+
+The cache's keyword: transformers 5.24 renamed the `past_key_values` argument of every
+model, decoder layer and attention module to `cache` (the old name still works with a
+FutureWarning until 5.40). A mixer that kept reading `past_key_values` got no cache from
+5.24's decoder layers and ran every decode step as a fresh one-token sequence. So the
+name is never hard-coded: `cache_kwarg(module)` reads it off the module's own `forward`
+signature (a documented interface), `cache_from(...)` takes the cache under either name,
+and a cache that arrives under a name matvlm does not know is an error, not a silent
+cache-less decode.
 """
 
 from __future__ import annotations
+
+import functools
+import inspect
 
 import torch
 from torch import Tensor
@@ -173,3 +185,36 @@ def mamba_state_for(cache, layer_idx: int) -> MambaLayerState | None:
     if not isinstance(layers[layer_idx], MambaLayerState):
         layers[layer_idx] = MambaLayerState()
     return layers[layer_idx]
+
+
+CACHE_KWARGS = ("cache", "past_key_values")   # transformers >= 5.24, and before
+
+
+def cache_kwarg(module) -> str:
+    """The keyword under which `module.forward` (a transformers model, decoder layer or attention)
+    takes the generation cache: `cache` from transformers 5.24 on, `past_key_values` before."""
+    return _cache_kwarg(type(module))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg(cls: type) -> str:
+    params = inspect.signature(cls.forward).parameters
+    for name in CACHE_KWARGS:
+        if name in params:
+            return name
+    raise TypeError(f"{cls.__name__}.forward takes neither `cache` nor `past_key_values`: "
+                    f"this transformers release passes the cache in a way matvlm does not know")
+
+
+def cache_from(cache, past_key_values, kwargs: dict, where: str):
+    """The cache a module was called with, under whichever name the caller used (`cache` or
+    `past_key_values`); a transformers `Cache` under any other keyword raises, naming it."""
+    if cache is None:
+        cache = past_key_values
+    if cache is None:
+        for name, value in kwargs.items():
+            if isinstance(value, Cache):
+                raise TypeError(f"{where} got the generation cache as `{name}`, a keyword matvlm does not know "
+                                f"(expected `cache` or `past_key_values`); use a transformers release in the "
+                                f"range matvlm's install pins")
+    return cache

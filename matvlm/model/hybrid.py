@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..config import HybridConfig
-from .cache import HybridCache
+from .cache import CACHE_KWARGS, HybridCache, cache_kwarg
 from .mixer import Mamba2Mixer
 
 
@@ -107,9 +107,17 @@ class HybridModelMixin:
         return HybridCache(self.hybrid_config)
 
     def generate(self, *args, **kwargs):
-        if (kwargs.get("past_key_values") is None and kwargs.get("use_cache", True) is not False
-                and kwargs.get("cache_implementation") is None):
-            kwargs["past_key_values"] = self.new_cache()
+        """transformers' `generate`, with a `HybridCache` unless the caller passes a cache (as `cache`
+        or `past_key_values`), turns caching off or names a `cache_implementation`. A cache passed under
+        the other release's name is handed on under this release's (no deprecation warning)."""
+        name = cache_kwarg(self)
+        given = next((kwargs.pop(k) for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
+        for k in CACHE_KWARGS:
+            kwargs.pop(k, None)
+        if given is None and kwargs.get("use_cache", True) is not False and kwargs.get("cache_implementation") is None:
+            given = self.new_cache()
+        if given is not None:
+            kwargs[name] = given
         return super().generate(*args, **kwargs)
 
     def save_pretrained(self, save_directory, **kwargs):

@@ -11,8 +11,9 @@ Parameterisation (standard Mamba-2, parameter names as in MaTVLM's checkpoints):
     out      = out_proj(y)
 
 It is called exactly like the attention module it replaces,
-`mixer(hidden_states, attention_mask=..., past_key_values=..., **kwargs)` and returns
-`(output, None)`, so the unchanged transformers decoder layer runs it.
+`mixer(hidden_states, attention_mask=..., cache=..., **kwargs)` and returns
+`(output, None)`, so the unchanged transformers decoder layer runs it. The cache keyword is
+`cache` from transformers 5.24 on and `past_key_values` before; the mixer takes either.
 
 Padding: positions whose padding-mask entry is 0 feed zeros into the conv and get
 dt = 0, so they neither add to the state nor decay it. The padding mask is the 2-D
@@ -113,13 +114,15 @@ class Mamba2Mixer(nn.Module):
 
     # --- forward ---------------------------------------------------------------------
 
-    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None,
+    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, cache=None,
                 past_key_values=None, **kwargs) -> tuple[Tensor, None]:
-        """hidden_states: (B, T, d_model). Returns ((B, T, d_model), None)."""
-        from .cache import mamba_state_for   # late import: cache imports this module's config
+        """hidden_states: (B, T, d_model); `cache` (or, before transformers 5.24, `past_key_values`):
+        the generation cache or None. Returns ((B, T, d_model), None)."""
+        from .cache import cache_from, mamba_state_for   # late import: cache imports this module's config
 
         b, t, _ = hidden_states.shape
-        state = mamba_state_for(past_key_values, self.layer_idx) if past_key_values is not None else None
+        cache = cache_from(cache, past_key_values, kwargs, f"the Mamba-2 mixer of layer {self.layer_idx}")
+        state = mamba_state_for(cache, self.layer_idx) if cache is not None else None
         if state is not None and state.initialized and t == 1:      # decode: the new token is real
             # (no padding check here: it would cost a device sync per layer and step; callers that
             # continue a prefill in chunks keep chunks holding padding longer than one token)

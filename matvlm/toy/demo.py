@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import random
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..model.cache import cache_kwarg
+from ..model.io import atomic_write_text
 from . import shapes
 from .teacher import TEMPLATE, question_of
 
@@ -78,7 +79,7 @@ def evaluate(model, processor, records: list[dict], root: Path, batch_size: int 
     result = shapes.accuracy(preds, records)
     one = build_inputs(processor, [question_of(records[0])], [root / records[0]["image"]], TEMPLATE)
     cache = model.new_cache()
-    model.generate(**one, max_new_tokens=16, min_new_tokens=16, do_sample=False, past_key_values=cache,
+    model.generate(**one, max_new_tokens=16, min_new_tokens=16, do_sample=False, **{cache_kwarg(model): cache},
                    pad_token_id=tok.pad_token_id)
     result["tokens_per_s"] = generated / max(seconds, 1e-9)
     result["cache_bytes"] = cache_bytes(cache)
@@ -102,9 +103,13 @@ def table(teacher: dict, student: dict, n_mamba: int, n_layer: int) -> str:
     return "\n".join(lines)
 
 
+DEFAULT_OUT = Path("runs/demo")
+
+
 def run(out: Path | None = None, budget: str = "default", teacher: Path | None = None, seed: int = 0,
         log=print) -> dict:
-    """Run the demo; returns the two evaluations and where things were written."""
+    """Run the demo, writing everything under `out` (default `runs/demo`, relative to the working directory):
+    data/, student-init/, student/ and demo.json (the two evaluations). Returns what demo.json holds."""
     import matvlm
 
     from ..convert import convert
@@ -116,9 +121,10 @@ def run(out: Path | None = None, budget: str = "default", teacher: Path | None =
         raise MatvlmError(f"--budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
     b = BUDGETS[budget]
     teacher = Path(teacher) if teacher else ASSET
-    work = Path(out) if out else Path(tempfile.mkdtemp(prefix="matvlm-demo-"))
+    work = Path(out) if out else DEFAULT_OUT
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
+    log(f"writing everything under {work}{'' if out else ' (choose with --out)'}")
 
     log(f"[1/5] Shapes-VQA data: {b.train_images} training images, {b.eval_images} held-out images -> {work / 'data'}")
     splits = shapes.make_splits(work / "data", n_train=b.train_images, n_test=b.eval_images, seed=1000 + seed,
@@ -156,5 +162,5 @@ def run(out: Path | None = None, budget: str = "default", teacher: Path | None =
     log(f"done in {time.time() - t_start:.0f} s; teacher: {teacher}; student: {student_dir}")
     summary = {"teacher": t_res, "student": s_res, "student_dir": str(student_dir), "fresh_image": str(image_path),
                "fresh_answer": answer, "fresh_truth": shapes.describe(scene), "seconds": time.time() - t_start}
-    (work / "demo.json").write_text(json.dumps(summary, indent=1))
+    atomic_write_text(work / "demo.json", json.dumps(summary, indent=1) + "\n")
     return summary

@@ -88,3 +88,21 @@ def test_a_plain_dynamic_cache_gets_mamba_states_installed(hybrids):
         default = model.generate(**inputs, max_new_tokens=4, do_sample=False)
         plain = model.generate(**inputs, max_new_tokens=4, do_sample=False, past_key_values=DynamicCache())
     assert torch.equal(default, plain)
+
+
+@pytest.mark.parametrize("keyword", ["cache", "past_key_values"])
+def test_generate_takes_a_cache_under_either_name_without_a_deprecation_warning(hybrids, keyword):
+    """Callers written for transformers < 5.24 pass `past_key_values`, newer ones `cache`: both get the same
+    greedy tokens as uncached full forwards, the given cache is the one filled, and no FutureWarning is raised."""
+    import warnings
+
+    path = hybrids["llama-gqa-25"]
+    model = matvlm.load(path).double()
+    inputs = text_inputs(hybrids["text-all-mamba"], ["hello there", "a"])
+    inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+    cache = model.new_cache()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        got = generate(model, inputs, 5, **{keyword: cache})
+    assert torch.equal(got, greedy_by_full_forwards(model, inputs, 5))
+    assert cache.get_seq_length() == inputs["input_ids"].shape[1] + 4          # the last token is not fed back

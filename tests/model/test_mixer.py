@@ -25,7 +25,7 @@ def test_forward_over_T_equals_T_single_steps(ngroups):
     u = torch.randn(3, 13, 16, dtype=torch.float64)
     full, _ = mixer(u)
     state = MambaLayerState()
-    steps = [mixer(u[:, i:i + 1], past_key_values=_CacheOf(state))[0] for i in range(13)]
+    steps = [mixer(u[:, i:i + 1], cache=_CacheOf(state))[0] for i in range(13)]
     assert max_err(torch.cat(steps, 1), full) < 1e-10
 
 
@@ -33,10 +33,10 @@ def test_two_pieces_carrying_state_equal_one_piece():
     mixer = make_mixer()
     u = torch.randn(2, 29, 16, dtype=torch.float64)
     whole_state = MambaLayerState()
-    whole, _ = mixer(u, past_key_values=_CacheOf(whole_state))
+    whole, _ = mixer(u, cache=_CacheOf(whole_state))
     state = MambaLayerState()
-    a, _ = mixer(u[:, :11], past_key_values=_CacheOf(state))
-    b, _ = mixer(u[:, 11:], past_key_values=_CacheOf(state))
+    a, _ = mixer(u[:, :11], cache=_CacheOf(state))
+    b, _ = mixer(u[:, 11:], cache=_CacheOf(state))
     assert max_err(torch.cat([a, b], 1), whole) < 1e-10
     assert max_err(state.ssm, whole_state.ssm) < 1e-10 and max_err(state.conv, whole_state.conv) < 1e-12
     assert state.seen == whole_state.seen == 29
@@ -46,28 +46,28 @@ def test_left_padding_gives_the_unpadded_outputs_and_state():
     mixer = make_mixer()
     u = torch.randn(1, 9, 16, dtype=torch.float64)
     ref_state = MambaLayerState()
-    ref, _ = mixer(u, past_key_values=_CacheOf(ref_state))
+    ref, _ = mixer(u, cache=_CacheOf(ref_state))
     padded = torch.cat([torch.randn(1, 4, 16, dtype=torch.float64) * 50, u], 1)   # junk in the pads
     mask = torch.tensor([[0] * 4 + [1] * 9])
     state = MambaLayerState()
-    out, _ = mixer(padded, past_key_values=_CacheOf(state), mamba_padding_mask=mask)
+    out, _ = mixer(padded, cache=_CacheOf(state), mamba_padding_mask=mask)
     assert max_err(out[:, 4:], ref) < 1e-10
     assert max_err(state.ssm, ref_state.ssm) < 1e-10 and max_err(state.conv, ref_state.conv) < 1e-12
     # ... and the next decode step continues identically
     nxt = torch.randn(1, 1, 16, dtype=torch.float64)
-    assert max_err(mixer(nxt, past_key_values=_CacheOf(state))[0],
-                   mixer(nxt, past_key_values=_CacheOf(ref_state))[0]) < 1e-10
+    assert max_err(mixer(nxt, cache=_CacheOf(state))[0],
+                   mixer(nxt, cache=_CacheOf(ref_state))[0]) < 1e-10
 
 
 def test_right_padding_leaves_the_final_ssm_state_untouched():
     mixer = make_mixer()
     u = torch.randn(1, 9, 16, dtype=torch.float64)
     ref_state = MambaLayerState()
-    ref, _ = mixer(u, past_key_values=_CacheOf(ref_state))
+    ref, _ = mixer(u, cache=_CacheOf(ref_state))
     padded = torch.cat([u, torch.randn(1, 5, 16, dtype=torch.float64)], 1)
     mask = torch.tensor([[1] * 9 + [0] * 5])
     state = MambaLayerState()
-    out, _ = mixer(padded, past_key_values=_CacheOf(state), mamba_padding_mask=mask)
+    out, _ = mixer(padded, cache=_CacheOf(state), mamba_padding_mask=mask)
     assert max_err(out[:, :9], ref) < 1e-10
     assert max_err(state.ssm, ref_state.ssm) < 1e-10
 
@@ -95,3 +95,29 @@ def _CacheOf(state):
     from transformers.cache_utils import Cache
 
     return Cache(layers=[state])
+
+
+def test_the_cache_is_taken_under_either_keyword_and_refused_under_an_unknown_one():
+    """transformers 5.24 renamed the cache argument `past_key_values` -> `cache`; the mixer takes both (the same
+    state either way) and a cache under any other name is an error rather than a silent cache-less step."""
+    mixer = make_mixer()
+    u = torch.randn(2, 5, 16, dtype=torch.float64)
+    a, b = MambaLayerState(), MambaLayerState()
+    out_a = [mixer(u[:, :4], cache=_CacheOf(a))[0], mixer(u[:, 4:], cache=_CacheOf(a))[0]]
+    out_b = [mixer(u[:, :4], past_key_values=_CacheOf(b))[0], mixer(u[:, 4:], past_key_values=_CacheOf(b))[0]]
+    assert torch.equal(torch.cat(out_a, 1), torch.cat(out_b, 1)) and torch.equal(a.ssm, b.ssm)
+    assert max_err(torch.cat(out_a, 1), mixer(u)[0]) < 1e-10
+    with pytest.raises(TypeError, match="`kv_cache`, a keyword matvlm does not know"):
+        mixer(u[:, :1], kv_cache=_CacheOf(MambaLayerState()))
+
+
+def test_cache_kwarg_reads_the_installed_transformers_signature():
+    import inspect
+
+    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer
+
+    from matvlm.model.cache import cache_kwarg
+
+    for cls in (LlamaDecoderLayer, LlamaAttention):
+        name = cache_kwarg(cls.__new__(cls))
+        assert name in inspect.signature(cls.forward).parameters and name in ("cache", "past_key_values")
