@@ -143,6 +143,13 @@ def _top_help() -> str:
     return "\n".join(lines)
 
 
+def _group_help(name: str, entry: dict[str, tuple[str, str]]) -> str:
+    lines = [f"usage: matvlm {name} <{'|'.join(entry)}> [options]   (matvlm {name} <subcommand> --help for its options)",
+             "", "subcommands:"]
+    lines += [f"  {sub:<16}{summary}" for sub, (_, summary) in entry.items()]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -158,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         if not rest or rest[0] not in entry:
             subs = ", ".join(entry)
             if rest and rest[0] in ("-h", "--help"):
-                print(f"usage: matvlm {name} <{'|'.join(entry)}> [options]")
+                print(_group_help(name, entry))
                 return 0
             print(f"matvlm: error: 'matvlm {name}' needs one of: {subs}", file=sys.stderr)
             return 2

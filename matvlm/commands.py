@@ -388,7 +388,8 @@ def demo(out: Path | None = None, budget: Literal["default", "tiny"] = "default"
     a question about a freshly drawn image.
 
     Args:
-        out: keep everything here (OUT/data, OUT/student-init, OUT/student); default: a temporary directory.
+        out: write everything here (OUT/data, OUT/student-init, OUT/student, OUT/demo.json with both
+            evaluations); default: runs/demo in the working directory.
         budget: default (about 4 minutes on 2 CPU cores) or tiny (seconds; a smoke test).
         teacher: another teacher directory instead of the shipped one.
         seed: seed of data, conversion and distillation (0: the fresh image is drawn at random).
@@ -449,7 +450,7 @@ def evaluate(model: str | None = None, benchmark: list[str] | None = None, data:
     """
     from .errors import MatvlmError
     from .eval.benchmarks import compare_table, headline
-    from .eval.run import default_predictions_path, evaluate as run_eval, read_results, write_results
+    from .eval.run import default_predictions_path, evaluate as run_eval, load_samples, read_results, write_results
 
     if compare:
         if len(compare) != 2:
@@ -463,15 +464,18 @@ def evaluate(model: str | None = None, benchmark: list[str] | None = None, data:
         raise MatvlmError("several benchmarks take --data-root (one sub-directory each), not --data/--predictions")
     if data is None and data_root is None:
         raise MatvlmError("give --data DIR (one benchmark) or --data-root DIR")
+    dirs = {name: data if data is not None else Path(data_root) / name for name in benchmark}
+    # names and data first (seconds), the model after (it can take a minute to load)
+    samples = {name: load_samples(name, d, limit) for name, d in dirs.items()}
     engine = None
     if model is not None:
         # images prepared as the checkpoint says (TinyLLaVA / MaTVLM: pad to square, as their eval does)
         engine = _engine(model, device, dtype)
     records = []
-    for name in benchmark:
-        d = data if data is not None else Path(data_root) / name
+    for name, d in dirs.items():
         answers = predictions or default_predictions_path(output, name)
         rec = run_eval(name, d, predictions=answers, limit=limit, batch_size=batch, template=template, engine=engine,
+                       samples=samples[name],
                        progress=lambda i, n, name=name: print(f"\r{name}: {i}/{n} answered", end="", flush=True))
         print()
         records.append(rec)
@@ -509,7 +513,7 @@ def _engine(model: str, device: str | None, dtype: str | None, image_aspect: str
 
 
 def chat(model: str, image: Path | None = None, temperature: float = 0.0, top_p: float = 1.0,
-         max_new_tokens: int = 512, seed: int | None = None,
+         max_new_tokens: int | None = None, seed: int | None = None,
          template: Literal["phi", "vicuna", "chatml", "plain"] | None = None, device: str | None = None,
          dtype: str | None = None, compile: bool = False) -> None:
     """Chat with a model in the terminal, streaming its answers (multi-turn; images with /image PATH).
@@ -519,7 +523,8 @@ def chat(model: str, image: Path | None = None, temperature: float = 0.0, top_p:
         image: an image to ask about from the start.
         temperature: 0 is greedy.
         top_p: nucleus sampling mass.
-        max_new_tokens: answer length limit.
+        max_new_tokens: answer length limit (default: 512 tokens or what is left of the model's context,
+            whichever is less; a given limit is also shortened to fit, with a note).
         seed: sampling seed.
         template: force a matvlm chat template instead of the model's own.
         device: cuda or cpu (default: cuda when available).
@@ -529,8 +534,9 @@ def chat(model: str, image: Path | None = None, temperature: float = 0.0, top_p:
     from .engine.sampling import SamplingParams
     from .serve.chat import chat_loop
 
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    chat_loop(_engine(model, device, dtype, compile=compile), params, image=image, template=template)
+    params = SamplingParams(max_new_tokens=max_new_tokens or 512, temperature=temperature, top_p=top_p, seed=seed)
+    chat_loop(_engine(model, device, dtype, compile=compile), params, image=image, template=template,
+              note_shortened=max_new_tokens is not None)
 
 
 def ui(model: str, host: str = "127.0.0.1", port: int = 7860, share: bool = False,

@@ -92,3 +92,43 @@ def test_toy_commands_take_out_as_a_required_flag(capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["toy", "data", "--n", "3"])
     assert e.value.code == 2 and "--out" in capsys.readouterr().err
+
+
+def test_group_help_lists_its_subcommands(capsys):
+    rc, out, _ = run(capsys, "toy", "--help")
+    assert rc == 0
+    for sub in ("tiny-teacher", "data", "train-teacher"):
+        assert f"  {sub} " in out
+    assert "Shapes-VQA" in out                      # with their summaries, not only a usage line
+
+
+def _no_model_loading(monkeypatch):
+    """Make any model load fail loudly: a check that needs it did not come first."""
+    from matvlm.convert import formats
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the cheap inputs were checked")
+    monkeypatch.setattr(formats, "load", refuse)
+
+
+@pytest.mark.parametrize("case", ["missing-data", "bad-json", "missing-student"])
+def test_distill_checks_its_inputs_before_loading_the_model(capsys, teacher_dirs, tmp_path, monkeypatch, case):
+    _no_model_loading(monkeypatch)
+    data = tmp_path / "train.json"
+    data.write_text("[{\"id\": 1" if case == "bad-json" else "[]")
+    args = ["distill", "--teacher", teacher_dirs["phi"], "--out", tmp_path / "run",
+            "--data", tmp_path / "nope.json" if case == "missing-data" else data]
+    args += ["--student", tmp_path / "no-student"] if case == "missing-student" else ["--mamba-ratio", "0.5"]
+    rc, _, err = run(capsys, *args)
+    expected = {"missing-data": "no such data file", "bad-json": "not valid JSON",
+                "missing-student": "no such file or directory"}[case]
+    assert rc == 2 and expected in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_checks_benchmark_names_and_data_before_loading_the_model(capsys, teacher_dirs, tmp_path, monkeypatch):
+    _no_model_loading(monkeypatch)
+    rc, _, err = run(capsys, "eval", teacher_dirs["phi"], "--benchmark", "popee", "--data", tmp_path)
+    assert rc == 2 and "unknown benchmark 'popee'" in err
+    rc, _, err = run(capsys, "eval", teacher_dirs["phi"], "--benchmark", "pope", "--data", tmp_path / "nope")
+    assert rc == 2 and "matvlm: error:" in err and "pope" in err.lower()

@@ -13,6 +13,8 @@ import json
 import logging
 import math
 import os
+import re
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -121,6 +123,32 @@ def make_dataset(cfg: DistillConfig, processor, model_config):
     return TextJsonlDataset(cfg.data, processor, text_template(processor, model_config, cfg.template), cfg.max_length)
 
 
+def remove_leftovers(out: Path) -> list[Path]:
+    """Delete what an interrupted run leaves behind (a process killed while it wrote a checkpoint or the
+    final model): `checkpoints/.step-N.tmp-*` / `.old-*` and `.final-*` staging directories. Complete
+    checkpoints are renamed into place atomically, so nothing here is ever needed again. Returns them."""
+    found = [p for p in (out / "checkpoints").glob(".step-*") if re.match(r"^\.step-\d+\.(tmp|old)-", p.name)]
+    found += [p for p in out.glob(".final-*")] if out.is_dir() else []
+    for p in found:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return found
+
+
+def check_inputs(cfg: DistillConfig) -> None:
+    """The cheap checks of a run's inputs: model directories that exist and are of a known layout, a data
+    file that reads and holds entries, an image root that is a directory."""
+    from ..convert.formats import detect_format
+    from .data import read_records
+
+    detect_format(cfg.teacher)
+    if cfg.student:
+        detect_format(cfg.student)
+    if not read_records(cfg.data):
+        raise MatvlmError(f"{cfg.data}: the data file holds no entries")
+    if cfg.image_root and not Path(cfg.image_root).is_dir():
+        raise MatvlmError(f"--image-root {cfg.image_root}: no such directory")
+
+
 def _check_out_dir(out: Path, resume: bool) -> None:
     if resume:
         if not (out / CONFIG_NAME).is_file():
@@ -159,7 +187,13 @@ class _Loggers:
             return
         from ..model.io import atomic_write_text
 
-        keep = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):   # a line the interrupted run did not finish
+                continue
         atomic_write_text(self.path, "".join(l + "\n" for l in keep))
 
     def write(self, rec: dict) -> None:
@@ -214,7 +248,12 @@ def run(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Path
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
+    if main and out.is_dir():
+        for p in remove_leftovers(out):
+            log.info("removed %s, left by an interrupted run", p)
+    accelerator.wait_for_everyone()
     _check_out_dir(out, resume)
+    check_inputs(cfg)                # seconds, before the model loads (which can take a minute)
     accelerator.wait_for_everyone()  # every process checks before the main one writes there
 
     frozen_dtype = torch.bfloat16 if mp == "bf16" else (torch.float16 if mp == "fp16" else torch.float32)
@@ -243,10 +282,11 @@ def run(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Path
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, wsd_lambda(total, cfg.warmup_ratio, cfg.decay_ratio))
     loggers = _Loggers(out, cfg, main)
     start = 0
-    if resume:
-        found = ckpt.list_checkpoints(out / "checkpoints")
-        if not found:
-            raise MatvlmError(f"--resume {out}: no checkpoints/step-N there yet; start the run again without --resume")
+    found = ckpt.list_checkpoints(out / "checkpoints") if resume else []
+    if resume and not found:      # stopped before its first checkpoint: nothing to continue, start over
+        log.info("%s has no checkpoint yet; starting the run from step 0", out)
+        loggers.truncate_after(0)
+    elif resume:
         weights, opt_t, rng_t, st = ckpt.load_checkpoint(found[-1])
         if st["optimizer"] is None:
             raise MatvlmError(f"checkpoint {found[-1]} was written under DeepSpeed ZeRO or FSDP, which shard the "

@@ -22,7 +22,7 @@ def default_predictions_path(output: Path | None, benchmark: str) -> Path:
 
 def evaluate(benchmark: str, data: Path, model=None, processor=None, predictions: Path | None = None,
              limit: int | None = None, batch_size: int = 16, template: str | None = None, engine=None,
-             progress=None) -> dict:
+             progress=None, samples: list | None = None) -> dict:
     """Answer (if a model or engine is given) and score one benchmark; returns its results record.
 
     Args:
@@ -34,13 +34,14 @@ def evaluate(benchmark: str, data: Path, model=None, processor=None, predictions
         batch_size: questions per engine batch.
         template: force a matvlm chat template instead of the model's own.
         progress: callable(done, total) for progress reporting.
+        samples: the benchmark's samples if already read (`load_samples`); read from `data` otherwise.
     """
     from ..engine.engine import Engine, Request
     from ..engine.prompts import render, stop_strings
     from ..engine.sampling import SamplingParams
 
     bench = get_benchmark(benchmark)
-    samples = bench.load(Path(data), limit)
+    samples = samples if samples is not None else load_samples(benchmark, data, limit)
     if predictions is None:
         raise MatvlmError("an answer file path is needed (--predictions)")
     done = read_predictions(predictions, missing_ok=True)
@@ -66,6 +67,11 @@ def evaluate(benchmark: str, data: Path, model=None, processor=None, predictions
                 progress(min(i + batch_size, len(todo)), len(todo))
     answers = read_predictions(predictions, missing_ok=True)
     return results_json(bench.name, len(samples), bench.score(samples, answers))
+
+
+def load_samples(benchmark: str, data: Path, limit: int | None = None) -> list:
+    """A benchmark's samples from its data directory (an unknown name or a wrong layout raise)."""
+    return get_benchmark(benchmark).load(Path(data), limit)
 
 
 def _multi_image(engine) -> bool:

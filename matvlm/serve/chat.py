@@ -10,16 +10,28 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from ..engine.engine import Engine, Request
+from ..engine.engine import Engine, Request, context_limit
 from ..engine.prompts import render, stop_strings
 from ..engine.sampling import SamplingParams
+from ..errors import MatvlmError
 
 HELP = "commands: /image PATH, /reset, /quit"
 
 
+def answer_length(engine: Engine, prompt_tokens: int, wanted: int) -> int:
+    """Tokens an answer may take: `wanted`, or what is left of the model's context if that is less
+    (0: the conversation already fills it)."""
+    limit = context_limit(engine.model)
+    return wanted if limit is None else max(0, min(wanted, limit - prompt_tokens))
+
+
 def chat_loop(engine: Engine, params: SamplingParams, image: Path | None = None, template: str | None = None,
-              read=input, write=print) -> None:
-    """Read questions with `read`, stream answers with `write` (injectable for tests)."""
+              read=input, write=print, note_shortened: bool = True) -> None:
+    """Read questions with `read`, stream answers with `write` (injectable for tests).
+
+    Each answer may take `params.max_new_tokens` tokens or what is left of the model's context, whichever
+    is less (with a note if `note_shortened`); a turn that leaves no room, or that fails (an image the model
+    cannot take, ...), gets a one-line message and is dropped from the conversation, and the chat goes on."""
     messages: list[dict] = []
     images: list[Image.Image] = []
     stops = stop_strings(engine.processor, engine.model.config, template)
@@ -55,12 +67,35 @@ def chat_loop(engine: Engine, params: SamplingParams, image: Path | None = None,
             attach(line[len("/image"):].strip())
             continue
         messages.append({"role": "user", "content": line})
+        answer = _turn(engine, params, messages, images, template, stops, write, note_shortened)
+        if answer is None:
+            messages.pop()
+        else:
+            messages.append({"role": "assistant", "content": answer.strip()})
+
+
+def _turn(engine: Engine, params: SamplingParams, messages: list[dict], images: list, template: str | None,
+          stops: list[str], write, note_shortened: bool) -> str | None:
+    """Stream one answer; None (after a one-line message) when the turn cannot be answered."""
+    try:
         prompt = render(engine.processor, engine.model.config, messages, len(images), template)
-        p = SamplingParams(**{**params.__dict__, "stop": list(params.stop) + stops})
+        request = Request(prompt, list(images), SamplingParams(**{**params.__dict__, "stop": list(params.stop) + stops}))
+        n_prompt = len(engine.encode(request)[0])
+        room = answer_length(engine, n_prompt, params.max_new_tokens)
+        if room < 1:
+            write(f"[this turn does not fit: the conversation is {n_prompt} tokens and the model's context "
+                  f"{context_limit(engine.model)}; /reset starts a new one]")
+            return None
+        if room < params.max_new_tokens and note_shortened:
+            write(f"[answer limited to {room} tokens, what is left of the model's context]")
+        request.params.max_new_tokens = room
         write("model> ", end="", flush=True)
         answer = ""
-        for piece in engine.stream(Request(prompt, list(images), p)):
+        for piece in engine.stream(request):
             answer += piece
             write(piece, end="", flush=True)
         write("")
-        messages.append({"role": "assistant", "content": answer.strip()})
+        return answer
+    except MatvlmError as e:
+        write(f"[cannot answer: {e}]")
+        return None

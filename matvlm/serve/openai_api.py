@@ -23,6 +23,7 @@ from fastapi import Request as HTTPRequest
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from PIL import Image, UnidentifiedImageError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.engine import Request
 from ..engine.prompts import render, stop_strings
@@ -151,6 +152,15 @@ def create_app(service: BatchingService, model_name: str, api_key: str | None = 
     def fail(e: RequestError):
         return JSONResponse(error_body(e.message, e.code, e.param), status_code=e.status)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(req: HTTPRequest, exc: StarletteHTTPException):
+        """Unknown paths and methods get the OpenAI error shape, not FastAPI's {"detail": ...}."""
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request_error")
+        message = {404: f"no endpoint {req.method} {req.url.path}; this server has POST /v1/chat/completions, "
+                        "GET /v1/models and GET /health",
+                   405: f"{req.url.path} does not take {req.method}"}.get(exc.status_code, str(exc.detail))
+        return JSONResponse(error_body(message, code), status_code=exc.status_code, headers=exc.headers)
+
     def authorised(req: HTTPRequest) -> bool:
         return api_key is None or req.headers.get("authorization", "") == f"Bearer {api_key}"
 
@@ -169,6 +179,10 @@ def create_app(service: BatchingService, model_name: str, api_key: str | None = 
         try:
             if not authorised(req):
                 raise RequestError(401, "invalid or missing API key", code="invalid_api_key")
+            kind = req.headers.get("content-type", "").split(";")[0].strip().lower()
+            if kind != "application/json":
+                raise RequestError(415, f"Content-Type must be application/json, got {kind or 'none'}",
+                                   code="unsupported_media_type")
             raw = await req.body()
             if len(raw) > limits.max_body_bytes:
                 raise RequestError(413, f"request body over {limits.max_body_bytes} bytes", code="request_too_large")

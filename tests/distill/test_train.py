@@ -125,6 +125,40 @@ def test_resume_reproduces_the_uninterrupted_run(teacher_dirs, data, tmp_path, m
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0(teacher_dirs, data, tmp_path, monkeypatch):
+    """kill -9 before the first checkpoint leaves the config, a log line and the partial files of a checkpoint
+    and of the final model; --resume starts over (same result as an uninterrupted run) and removes them."""
+    full = run(cfg(teacher_dirs, data, tmp_path / "full", max_steps=3, save_every=2), progress=False)
+    real_forward, calls = DistillStep.forward, {"n": 0}
+
+    def crash_in_step_2(self, **kw):
+        calls["n"] += 1
+        if calls["n"] > 4:                               # 4 micro-batches per step: die inside step 2
+            raise KeyboardInterrupt
+        return real_forward(self, **kw)
+
+    monkeypatch.setattr(DistillStep, "forward", crash_in_step_2)
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg(teacher_dirs, data, cut, max_steps=3, save_every=2), progress=False)
+    monkeypatch.setattr(DistillStep, "forward", real_forward)
+    assert not (cut / "checkpoints").exists() and [r["step"] for r in read_log(cut)] == [1]
+    partial = cut / "checkpoints" / ".step-2.tmp-0123abcd"    # what a kill inside save_checkpoint leaves
+    partial.mkdir(parents=True)
+    (partial / "trainable.safetensors").write_bytes(b"\0" * 1000)
+    (cut / ".final-89abcdef").mkdir()                         # ... and one inside save_final
+    with open(cut / "log.jsonl", "a") as f:
+        f.write('{"step": 2, "lo')                             # a line cut by the kill
+    with pytest.raises(MatvlmError, match="not empty; pass --resume"):
+        run(cfg(teacher_dirs, data, cut, max_steps=3, save_every=2), progress=False)
+    run(cfg(teacher_dirs, data, cut, max_steps=3, save_every=2), resume=True, progress=False)
+    assert not partial.exists() and not list(cut.glob(".final-*"))
+    assert [r["step"] for r in read_log(cut)] == [1, 2, 3]
+    assert [r["loss"] for r in read_log(full)] == [r["loss"] for r in read_log(cut)]
+    sa, sb = matvlm.load(full).state_dict(), matvlm.load(cut).state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -107,6 +107,22 @@ def test_malformed_requests_get_4xx_json_and_the_server_keeps_serving(server, sc
     assert ok.status_code == 200
 
 
+def test_non_json_bodies_unknown_paths_and_methods_get_openai_errors(server):
+    auth = {"Authorization": "Bearer secret"}
+    body = '{"messages": [{"role": "user", "content": "hi"}]}'
+    r = httpx.post(server + "/v1/chat/completions", headers={**auth, "Content-Type": "text/plain"}, content=body,
+                   timeout=60)
+    assert r.status_code == 415 and "application/json" in r.json()["error"]["message"], r.text
+    ok = httpx.post(server + "/v1/chat/completions", content=body, timeout=60,
+                    headers={**auth, "Content-Type": "application/json; charset=utf-8"})
+    assert ok.status_code == 200, ok.text
+    r = httpx.post(server + "/v1/completions", headers=auth, json={"prompt": "hi"}, timeout=60)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found" and "detail" not in r.json()
+    assert "/v1/chat/completions" in r.json()["error"]["message"]
+    r = httpx.get(server + "/v1/chat/completions", headers=auth, timeout=60)
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+
+
 def test_oversized_image_is_refused(server):
     from PIL import Image
 
@@ -175,3 +191,22 @@ def test_terminal_chat_multi_turn_with_image_and_reset(service, scene_png, tmp_p
               write=lambda *a, **k: out.append(" ".join(map(str, a))))
     text = "".join(out)
     assert "[image attached" in text and "red" in text and "[conversation reset]" in text
+
+
+def test_terminal_chat_fits_answers_to_the_context_and_goes_on_after_a_turn_that_cannot_fit(service):
+    """The toy model's context is 512 tokens: the default answer length (512) is shortened to what is left,
+    a question longer than the context gets a one-line message, and the next question is answered."""
+    from matvlm.engine.sampling import SamplingParams
+    from matvlm.serve.chat import chat_loop
+
+    long = " ".join(["the"] * 600)
+    lines = iter(["How many shapes are there?", long, "What color is the circle?", "/quit"])
+    out = []
+    chat_loop(service.engine, SamplingParams(max_new_tokens=512), read=lambda prompt: next(lines),
+              write=lambda *a, **k: out.append(" ".join(map(str, a))), note_shortened=True)
+    text = "\n".join(out)
+    assert text.count("[answer limited to") == 2, text
+    assert text.count("[this turn does not fit") == 1, text
+    assert text.count("model>") == 2, text            # both fitting questions answered, the long one not
+    after = text.split("[this turn does not fit")[1]
+    assert "model>" in after                          # the chat went on after the refused turn
