@@ -80,31 +80,64 @@ def import_gguf(out: Path, gguf: Path | None = None, dtype: Literal["float32", "
           f"{cfg.num_attention_heads} query / {cfg.num_key_value_heads} key-value heads, {dtype}")
 
 
-def self_generate(teacher: Path, prompts: str, out: Path, max_new_tokens: int = 256, temperature: float = 0.0,
-                  top_p: float = 1.0, seed: int = 0, batch_size: int = 32, device: str | None = None,
+def self_generate(teacher: Path, out: Path, prompts: str | None = None, kind: Literal["chat", "text"] = "chat",
+                  tokens: int | None = None, max_new_tokens: int | None = None, temperature: float | None = None,
+                  top_p: float | None = None, chat_fraction: float = 0.3, document_fraction: float = 0.2,
+                  seed: int = 0, batch_size: int | None = None, device: str | None = None,
                   dtype: str | None = None) -> None:
-    """Write distillation data from the teacher's own answers (sequence-level distillation): each
-    prompt with the teacher's answer as a chat JSONL line that `matvlm distill --data` reads.
-    Resumable: a rerun continues after the answers already written.
-    Example: matvlm self-generate smollm2/ --prompts prompts.txt --out train.jsonl
+    """Write distillation data from the teacher's own outputs, as a JSONL that `matvlm distill --data` reads.
+    Resumable: a rerun continues after what is already written.
+
+    --kind chat (sequence-level distillation): the teacher answers each prompt (greedy by default).
+    --kind text (general text, for keeping what the teacher knows beyond chat answers): sampled
+    continuations from the document start and from seed texts of many kinds, and chats on the synthetic
+    training prompts (half greedy, half sampled), long sequences, duplicates and loops dropped, until
+    --tokens training tokens are kept.
+    Examples:
+      matvlm self-generate smollm2/ --prompts prompts.txt --out train.jsonl
+      matvlm self-generate smollm2/ --kind text --tokens 20000000 --out general.jsonl --batch-size 256
 
     Args:
         teacher: the teacher model directory (text model).
-        prompts: .txt (one prompt a line), .jsonl ({"prompt"} or {"messages"}), or synthetic:N / synthetic-heldout:N
-            (N built-in prompts; held-out ones use topics the training ones do not).
-        out: the chat JSONL to write.
-        max_new_tokens: answer length limit.
-        temperature: 0 = greedy answers (sequence-level KD); > 0 samples.
-        top_p: nucleus sampling mass when sampling.
-        seed: sampling seed.
-        batch_size: prompts per engine batch.
+        out: the JSONL to write.
+        prompts: --kind chat: .txt (one prompt a line), .jsonl ({"prompt"} or {"messages"}), or synthetic:N /
+            synthetic-heldout:N (N built-in prompts; held-out ones use topics the training ones do not).
+        kind: chat (answers to --prompts) or text (general text from the teacher itself).
+        tokens: --kind text: stop once this many generated tokens are kept.
+        max_new_tokens: length limit of each answer or sequence (default 256 for chat, 1024 for text).
+        temperature: 0 = greedy (default 0 for chat, 1.0 for text).
+        top_p: nucleus sampling mass when sampling (default 1.0 for chat, 0.95 for text).
+        chat_fraction: --kind text: share of chat items (default 0.3).
+        document_fraction: --kind text: share of continuations from the document start; the rest start from
+            seed texts (default 0.2).
+        seed: sampling seed (and, for text, which items are drawn).
+        batch_size: sequences per engine batch (default 32 for chat, 128 for text).
         device: cuda or cpu (default: cuda when available).
         dtype: e.g. bfloat16 (default: bfloat16 on CUDA, float32 on CPU).
     """
+    from .errors import MatvlmError
+
+    if kind == "text":
+        from .lm.textgen import generate_text_corpus
+
+        if prompts is not None or tokens is None:
+            raise MatvlmError("--kind text takes --tokens N (the amount to generate) and no --prompts")
+        r = generate_text_corpus(_engine(str(teacher), device, dtype), out, tokens,
+                                 max_new_tokens=max_new_tokens or 1024,
+                                 temperature=1.0 if temperature is None else temperature,
+                                 top_p=0.95 if top_p is None else top_p, chat_fraction=chat_fraction,
+                                 document_fraction=document_fraction, batch_size=batch_size or 128, seed=seed)
+        rate = f", {r['generated_tokens'] / r['seconds']:.0f} generated tokens/s" if r["seconds"] else ""
+        print(f"wrote {r['path']}: {r['rows']} sequences, {r['tokens']} tokens ({r['kinds']}; dropped {r['dropped']}"
+              f"{rate})")
+        return
     from .lm.selfgen import self_generate as run
 
-    r = run(_engine(str(teacher), device, dtype), prompts, out, max_new_tokens=max_new_tokens,
-            temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size)
+    if prompts is None or tokens is not None:
+        raise MatvlmError("--kind chat takes --prompts (a file or synthetic:N) and no --tokens")
+    r = run(_engine(str(teacher), device, dtype), prompts, out, max_new_tokens=max_new_tokens or 256,
+            temperature=temperature or 0.0, top_p=1.0 if top_p is None else top_p, seed=seed,
+            batch_size=batch_size or 32)
     rate = f", {r['tokens'] / r['seconds']:.0f} tokens/s" if r["seconds"] else ""
     print(f"wrote {r['path']}: {r['n']} conversations ({r['generated']} prompts answered now, {r['tokens']} tokens, "
           f"{r['truncated']} answers cut at --max-new-tokens, {r['empty']} empty answers left out{rate})")
@@ -178,6 +211,8 @@ def distill(config: Path | None = None, teacher: Path | None = None, student: Pa
             global_batch_size: int | None = None, micro_batch_size: int | None = None, lr: float | None = None,
             alpha: float | None = None, beta: float | None = None, gamma: float | None = None,
             temperature: float | None = None, loss_reduction: Literal["mean", "sum"] | None = None,
+            stage: Literal["e2e", "align", "both"] | None = None, align_steps: int | None = None,
+            align_lr: float | None = None,
             template: Literal["phi", "vicuna", "chatml", "plain"] | None = None, max_length: int | None = None,
             image_aspect: Literal["pad", "square"] | None = None, save_every: int | None = None,
             keep_last: int | None = None, seed: int | None = None, gradient_checkpointing: bool | None = None,
@@ -220,6 +255,11 @@ def distill(config: Path | None = None, teacher: Path | None = None, student: Pa
         gamma: weight of the cross-entropy loss (default 0).
         temperature: softmax temperature of the KL loss (default 1).
         loss_reduction: mean per real token (default) or sum (MaTVLM's unnormalised sums).
+        stage: e2e = the paper's single stage (default); align = attention transfer only (each Mamba layer
+            learns to reproduce its teacher layer from the teacher's hidden states: layer loss alone, no LM
+            head); both = align for --align-steps, then e2e.
+        align_steps: steps of the align stage under --stage both (default: a quarter of --max-steps).
+        align_lr: peak learning rate of the align stage (default: --lr).
         template: chat template of the data (default: by decoder family; phi = TinyLLaVA's).
         max_length: maximum tokens per sample; longer ones are truncated, never inside an image (default 2048).
         image_aspect: pad to square with the mean colour, or square resize (default: the teacher's setting).
@@ -245,6 +285,7 @@ def distill(config: Path | None = None, teacher: Path | None = None, student: Pa
                      mamba_ratio=mamba_ratio, placement=placement, train=train, max_steps=max_steps, epochs=epochs,
                      global_batch_size=global_batch_size, micro_batch_size=micro_batch_size, lr=lr, alpha=alpha,
                      beta=beta, gamma=gamma, temperature=temperature, loss_reduction=loss_reduction,
+                     stage=stage, align_steps=align_steps, align_lr=align_lr,
                      template=template, max_length=max_length, image_aspect=image_aspect, save_every=save_every,
                      keep_last=keep_last, seed=seed, gradient_checkpointing=gradient_checkpointing,
                      mixed_precision=mixed_precision, strict=strict, num_workers=num_workers,
@@ -493,7 +534,7 @@ def headline_text(rec: dict) -> str:
 
 evaluate.cli_positional = ("model",)
 import_gguf.cli_required = ("out",)
-self_generate.cli_required = ("prompts", "out")
+self_generate.cli_required = ("out",)
 eval_lm.cli_required = ("data",)
 toy_data.cli_required = ("out",)
 train_teacher.cli_required = ("out",)

@@ -13,6 +13,7 @@ from pathlib import Path
 from ..errors import MatvlmError
 
 TRAINABLE_GROUPS = ("mamba", "connector", "mlp", "all")
+STAGES = ("e2e", "align", "both")
 
 
 @dataclass
@@ -35,6 +36,12 @@ class DistillConfig:
     warmup_ratio, decay_ratio: warmup-stable-decay schedule fractions (10 % / 10 %), linear both ways.
     max_grad_norm: gradient clipping (not stated in the paper; 1.0).
     alpha, beta, gamma: weights of L_layer, L_prob, L_ce (1, 1, 0).
+    stage: "e2e" (the paper's single stage: alpha/beta/gamma as set), "align" (attention transfer only:
+        each Mamba layer learns, alone, to reproduce its teacher layer's output from the teacher's hidden
+        state, L_layer with weight 1; no LM head, no student forward through other layers) or "both"
+        (align for align_steps, then e2e). matvlm's addition, after LoLCATs' attention transfer.
+    align_steps: optimizer steps of the align stage under stage "both" (default: a quarter of the run).
+    align_lr: peak learning rate of the align stage (default: lr); each stage has its own warmup-stable-decay.
     temperature: softmax temperature of L_prob (1).
     loss_reduction: "mean" (per real token, matvlm's default) or "sum" (MaTVLM's unnormalised sums).
     train: parameter groups to train: mamba, connector (paper), mlp (the MLPs of the Mamba layers), all.
@@ -72,6 +79,9 @@ class DistillConfig:
     beta: float = 1.0
     gamma: float = 0.0
     temperature: float = 1.0
+    stage: str = "e2e"
+    align_steps: int | None = None
+    align_lr: float | None = None
     loss_reduction: str = "mean"
     train: list[str] = field(default_factory=lambda: ["mamba", "connector"])
     save_every: int = 500
@@ -114,6 +124,13 @@ class DistillConfig:
             bad(f"warmup_ratio + decay_ratio must lie in [0, 1], got {self.warmup_ratio} + {self.decay_ratio}")
         if min(self.alpha, self.beta, self.gamma) < 0 or self.alpha + self.beta + self.gamma == 0:
             bad(f"loss weights must be >= 0 and not all 0, got alpha={self.alpha} beta={self.beta} gamma={self.gamma}")
+        if self.stage not in STAGES:
+            bad(f"--stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
+        if self.align_steps is not None and (self.align_steps < 1 or self.stage != "both"):
+            bad(f"--align-steps takes a count >= 1 and goes with --stage both, got {self.align_steps} "
+                f"with --stage {self.stage}")
+        if self.align_lr is not None and self.align_lr <= 0:
+            bad(f"--align-lr must be > 0, got {self.align_lr}")
         if self.temperature <= 0:
             bad(f"--temperature must be > 0, got {self.temperature}")
         if self.loss_reduction not in ("mean", "sum"):

@@ -166,13 +166,15 @@ def _encode_by_segment(tok, segments) -> tuple[list[int], list[bool]]:
 
 
 def encode_segments(segments: list[tuple[str, bool]], processor_or_tokenizer,
-                    n_image_tokens: int = 0, by_segment: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    n_image_tokens: int = 0, by_segment: bool | None = None,
+                    images: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and labels of templated pieces.
 
     Args:
         segments: `(text, is_answer)` pieces from `ChatTemplate.segments`.
         n_image_tokens: copies the image placeholder expands to (0: the text must hold none).
         by_segment: force piece-by-piece tokenisation (default: only when offsets are unavailable).
+        images: whether the image placeholder is reserved (VLM data); for a text model it is ordinary text.
     Returns:
         input_ids (T,) and labels (T,), int64; labels are -100 except on answer tokens.
     """
@@ -183,7 +185,7 @@ def encode_segments(segments: list[tuple[str, bool]], processor_or_tokenizer,
     if by_segment is None:
         by_segment = not getattr(tok, "is_fast", False)
     ids, mask = (_encode_by_segment if by_segment else _encode_with_offsets)(tok, segments)
-    if n_image_tokens or token in "".join(t for t, _ in segments):
+    if images and (n_image_tokens or token in "".join(t for t, _ in segments)):
         ids, mask = _expand_image(ids, mask, image_token_id(processor_or_tokenizer), n_image_tokens)
     input_ids = torch.tensor(ids, dtype=torch.long)
     labels = torch.where(torch.tensor(mask, dtype=torch.bool), input_ids, IGNORE_INDEX)
@@ -247,14 +249,15 @@ def _entry_id(entry, index: int) -> str:
     return f"at index {index}"
 
 
-def _turns(messages: list[tuple[str, str]], has_image: bool, fail) -> list[tuple[str, str]]:
-    """[(role, text), ...] alternating user/assistant -> [(question, answer), ...], checked."""
+def _turns(messages: list[tuple[str, str]], has_image: bool, fail, placeholder: bool = True) -> list[tuple[str, str]]:
+    """[(role, text), ...] alternating user/assistant -> [(question, answer), ...], checked. `placeholder`:
+    the image placeholder is reserved (VLM data); for a text model it is ordinary text."""
     for k, (role, text) in enumerate(messages):
         expected = _USER if k % 2 == 0 else _ASSISTANT
         if role != expected:
             raise fail(f"message {k} is from the {role}, expected the {expected} "
                        "(turns alternate user, assistant, starting with the user)")
-        if IMAGE_PLACEHOLDER in text and not (has_image and k == 0):
+        if placeholder and IMAGE_PLACEHOLDER in text and not (has_image and k == 0):
             where = "the sample has no image" if not has_image else "only the first user message may hold it"
             raise fail(f"message {k} contains {IMAGE_PLACEHOLDER!r} but {where}")
         if not text.strip() and not (has_image and k == 0):
@@ -428,8 +431,6 @@ class TextJsonlDataset(_ChatDataset):
             text = entry["text"]
             if not isinstance(text, str) or not text.strip():
                 raise fail(f"'text' must be a non-empty string, got {text!r:.40}")
-            if IMAGE_PLACEHOLDER in text:
-                raise fail(f"'text' contains {IMAGE_PLACEHOLDER!r} but text-only samples have no image")
             return {"id": sid, "where": where, "text": text}
         if self.template is None:
             raise fail("is a chat ('messages') but no chat template was given")
@@ -442,7 +443,8 @@ class TextJsonlDataset(_ChatDataset):
             raise fail("a system message may only come first")
         if not messages:
             raise fail("has a system message but no conversation")
-        return {"id": sid, "where": where, "turns": _turns(messages, False, fail), "system": system}
+        # a text model has no image token: "<image>" is ordinary text here
+        return {"id": sid, "where": where, "turns": _turns(messages, False, fail, placeholder=False), "system": system}
 
     def _encode(self, sample: dict):
         if "text" in sample:
@@ -453,7 +455,7 @@ class TextJsonlDataset(_ChatDataset):
             input_ids = torch.tensor(ids[:self.max_length], dtype=torch.long)
             return input_ids, input_ids.clone()
         segments = self.template.segments(sample["turns"], False, system=sample["system"])
-        return truncate(*encode_segments(segments, self.tokenizer), self.max_length)
+        return truncate(*encode_segments(segments, self.tokenizer, images=False), self.max_length)
 
     def __getitem__(self, i: int) -> dict:
         sample = self.samples[i]

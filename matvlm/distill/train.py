@@ -94,6 +94,34 @@ def wsd_lambda(total: int, warmup_ratio: float, decay_ratio: float):
     return factor
 
 
+def align_steps(cfg: DistillConfig, total: int) -> int:
+    """Optimizer steps of the align stage (the first ones of the run): all under stage "align", none under
+    "e2e", `cfg.align_steps` (default a quarter of the run) under "both", always leaving one e2e step."""
+    if cfg.stage == "align":
+        return total
+    if cfg.stage == "e2e":
+        return 0
+    n = cfg.align_steps if cfg.align_steps is not None else max(1, round(total / 4))
+    if n >= total:
+        raise MatvlmError(f"--align-steps {n} leaves no end-to-end step of the {total}; lower it or raise --max-steps")
+    return n
+
+
+def staged_lambda(cfg: DistillConfig, total: int):
+    """The learning-rate factor per step: each stage its own warmup-stable-decay, the align stage's peak
+    at align_lr (a factor of lr)."""
+    n = align_steps(cfg, total)
+    first = wsd_lambda(n, cfg.warmup_ratio, cfg.decay_ratio) if n else None
+    second = wsd_lambda(total - n, cfg.warmup_ratio, cfg.decay_ratio) if n < total else None
+    scale = (cfg.align_lr or cfg.lr) / cfg.lr
+    return lambda step: scale * first(step) if step < n or second is None else second(step - n)
+
+
+def loss_weights(cfg: DistillConfig, stage: str) -> tuple[float, float, float]:
+    """(alpha, beta, gamma) of a stage: the align stage is L_layer alone."""
+    return (1.0, 0.0, 0.0) if stage == "align" else (cfg.alpha, cfg.beta, cfg.gamma)
+
+
 def param_groups(model: torch.nn.Module, names: list[str], weight_decay: float) -> list[dict]:
     """AdamW groups: decay on matrices, none on 1-D parameters (biases, norms, dt_bias, A_log, D)."""
     params = dict(model.named_parameters())
@@ -215,18 +243,20 @@ class _Loggers:
             self.wandb.finish()
 
 
-def _mean_mode_loss(o: dict, cfg: DistillConfig, n_tok: torch.Tensor, n_ans: torch.Tensor) -> torch.Tensor:
-    loss = (cfg.alpha * o["layer_sum"] + cfg.beta * o["prob_sum"]) / n_tok
-    if cfg.gamma:
-        loss = loss + cfg.gamma * o["ce_sum"] / n_ans.clamp_min(1)
+def _mean_mode_loss(o: dict, w: tuple[float, float, float], n_tok: torch.Tensor, n_ans: torch.Tensor) -> torch.Tensor:
+    alpha, beta, gamma = w
+    loss = (alpha * o["layer_sum"] + beta * o["prob_sum"]) / n_tok
+    if gamma:
+        loss = loss + gamma * o["ce_sum"] / n_ans.clamp_min(1)
     return loss
 
 
-def _sum_mode_loss(o: dict, cfg: DistillConfig, batch_size: int) -> torch.Tensor:
+def _sum_mode_loss(o: dict, w: tuple[float, float, float], batch_size: int) -> torch.Tensor:
     """MaTVLM's micro-batch loss: Frobenius layer norms, KL 'batchmean', mean CE."""
-    loss = cfg.alpha * o["layer_sq"].clamp_min(0).sqrt().sum() + cfg.beta * o["prob_sum"] / batch_size
-    if cfg.gamma:
-        loss = loss + cfg.gamma * o["ce_sum"] / o["n_answer"].clamp_min(1)
+    alpha, beta, gamma = w
+    loss = alpha * o["layer_sq"].clamp_min(0).sqrt().sum() + beta * o["prob_sum"] / batch_size
+    if gamma:
+        loss = loss + gamma * o["ce_sum"] / o["n_answer"].clamp_min(1)
     return loss
 
 
@@ -279,7 +309,8 @@ def run(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Path
 
     optimizer = torch.optim.AdamW(param_groups(model, trainable_names, cfg.weight_decay), lr=cfg.lr,
                                   betas=tuple(cfg.adam_betas))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, wsd_lambda(total, cfg.warmup_ratio, cfg.decay_ratio))
+    n_align = align_steps(cfg, total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, staged_lambda(cfg, total))
     loggers = _Loggers(out, cfg, main)
     start = 0
     found = ckpt.list_checkpoints(out / "checkpoints") if resume else []
@@ -309,9 +340,8 @@ def run(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Path
     if start >= total:
         raise MatvlmError(f"the run in {out} already reached step {start} of {total}; raise --max-steps to go on")
 
-    need_logits = cfg.beta > 0 or cfg.gamma > 0
-    step_module = DistillStep(model, teacher, cfg.temperature, need_ce=need_logits, need_layer=cfg.alpha > 0,
-                              need_prob=cfg.beta > 0)
+    step_module = DistillStep(model, teacher, cfg.temperature, need_ce=False, need_layer=False, need_prob=False)
+    inner = step_module
     deepspeed = getattr(accelerator.state, "deepspeed_plugin", None) is not None
     if deepspeed:
         # matvlm's accumulation, micro-batch and clipping, told to DeepSpeed's engine (which steps the
@@ -364,6 +394,10 @@ def run(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Path
     t0, tokens_done = time.time(), 0
     try:
         for step in range(start, total):
+            stage = "align" if step < n_align else "e2e"
+            w = loss_weights(cfg, stage)
+            need_logits = w[1] > 0 or w[2] > 0         # the align stage runs no LM head and no student stack
+            inner.need_ce, inner.need_layer, inner.need_prob = need_logits, w[0] > 0, w[1] > 0
             micro = [next(batches) for _ in range(plan.accumulation)]
             counts = torch.tensor([[float(b["attention_mask"].sum()),
                                     float(((b["labels"][:, 1:] != -100) & (b["attention_mask"][:, :-1] > 0)).sum())]
@@ -377,12 +411,12 @@ def run(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Path
                 with sync, autocast():
                     o = step_module(**b)
                     if cfg.loss_reduction == "mean":
-                        loss = _mean_mode_loss(o, cfg, n_tok, n_ans)
+                        loss = _mean_mode_loss(o, w, n_tok, n_ans)
                         backward(loss * world, j == len(micro) - 1)       # DDP averages over processes
                         sums += torch.stack([loss.detach(), o["layer_sum"].detach() / n_tok,
                                              o["prob_sum"].detach() / n_tok, o["ce_sum"].detach() / n_ans.clamp_min(1)])
                     else:
-                        loss = _sum_mode_loss(o, cfg, b["input_ids"].shape[0])
+                        loss = _sum_mode_loss(o, w, b["input_ids"].shape[0])
                         backward(loss, j == len(micro) - 1)
                         n_mb = len(micro) * world
                         sums += torch.stack([loss.detach(), o["layer_sq"].detach().clamp_min(0).sqrt().sum(),
@@ -402,8 +436,8 @@ def run(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Path
             optimizer.zero_grad(set_to_none=True)
             tokens_done += int(n_tok)
             elapsed = time.time() - t0
-            rec = {"step": step + 1, "loss": loss_value, "loss_layer": float(sums[1]) if cfg.alpha > 0 else None,
-                   "loss_prob": float(sums[2]) if cfg.beta > 0 else None,
+            rec = {"step": step + 1, "stage": stage, "loss": loss_value,
+                   "loss_layer": float(sums[1]) if w[0] > 0 else None, "loss_prob": float(sums[2]) if w[1] > 0 else None,
                    "loss_ce": float(sums[3]) if need_logits else None, "lr": lr, "grad_norm": float(grad_norm),
                    "tokens": int(n_tok), "tokens_per_s": tokens_done / max(elapsed, 1e-9), "elapsed_s": elapsed}
             loggers.write(rec)

@@ -269,3 +269,50 @@ def test_resume_refuses_a_checkpoint_without_optimizer_state(teacher_dirs, data,
     (last / "trainer_state.json").write_text(json.dumps(state))
     with pytest.raises(MatvlmError, match="DeepSpeed ZeRO or FSDP"):
         run(cfg(teacher_dirs, data, out, max_steps=4, save_every=1), resume=True, progress=False)
+
+
+def test_staged_run_aligns_first_then_distils_end_to_end_and_resumes_across_the_boundary(
+        teacher_dirs, data, tmp_path, monkeypatch):
+    """--stage both: the first align_steps train on the layer loss alone (no LM head), each stage with its own
+    warmup-stable-decay at its own peak lr; the run resumes bit-exactly from a checkpoint inside stage 1."""
+    kw = dict(max_steps=5, save_every=2, stage="both", align_steps=3, align_lr=3e-3, warmup_ratio=0.0,
+              decay_ratio=0.5)
+    full = run(cfg(teacher_dirs, data, tmp_path / "full", **kw), progress=False)
+    rows = read_log(full)
+    assert [r["stage"] for r in rows] == ["align"] * 3 + ["e2e"] * 2
+    assert all(r["loss_prob"] is None and r["loss_ce"] is None and r["loss_layer"] > 0 for r in rows[:3])
+    assert all(r["loss_prob"] is not None for r in rows[3:])
+    # each stage decays linearly over its last round(0.5 * n) steps: 3 align steps at 3e-3, 2 e2e steps at 1e-3
+    assert [round(r["lr"], 12) for r in rows] == [3e-3, 3e-3, 1.5e-3, 1e-3, 1e-3]
+    assert json.loads((full / "distill_config.json").read_text())["stage"] == "both"
+
+    real_forward, calls = DistillStep.forward, {"n": 0}
+
+    def crash_in_step_4(self, **kw):
+        calls["n"] += 1
+        if calls["n"] > 3 * 4:
+            raise KeyboardInterrupt
+        return real_forward(self, **kw)
+
+    monkeypatch.setattr(DistillStep, "forward", crash_in_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg(teacher_dirs, data, tmp_path / "cut", **kw), progress=False)
+    monkeypatch.setattr(DistillStep, "forward", real_forward)
+    run(cfg(teacher_dirs, data, tmp_path / "cut", **kw), resume=True, progress=False)
+    assert [r["loss"] for r in read_log(tmp_path / "cut")] == [r["loss"] for r in rows]
+
+
+def test_the_align_stage_brings_each_mixer_closer_to_its_attention(teacher_dirs, data, tmp_path):
+    out = run(cfg(teacher_dirs, data, tmp_path / "align", max_steps=8, stage="align", lr=3e-3, warmup_ratio=0.0,
+                  decay_ratio=0.0), progress=False)
+    rows = read_log(out)
+    assert all(r["stage"] == "align" and r["loss_prob"] is None for r in rows)
+    first, last = rows[0]["loss_layer"], sum(r["loss_layer"] for r in rows[-2:]) / 2
+    assert last < 0.8 * first, (first, last)
+
+
+@pytest.mark.parametrize("bad", [dict(stage="twice"), dict(stage="e2e", align_steps=2),
+                                 dict(stage="both", align_steps=4), dict(stage="both", align_lr=-1.0)])
+def test_bad_stage_settings_are_refused(teacher_dirs, data, tmp_path, bad):
+    with pytest.raises(MatvlmError, match="stage|align"):
+        run(cfg(teacher_dirs, data, tmp_path / "x", max_steps=4, **bad), progress=False)
