@@ -25,7 +25,7 @@ from ..errors import MatvlmError
 from .prompts import read_prompts
 
 
-def _kept_rows(partial: Path) -> list[dict]:
+def complete_rows(partial: Path) -> list[dict]:
     """The complete lines of an interrupted run (a line cut by the interruption is dropped)."""
     rows = []
     if partial.exists():
@@ -76,7 +76,7 @@ def self_generate(engine, prompts: str | Path, out: str | Path, max_new_tokens: 
         raise MatvlmError(f"--batch-size must be >= 1, got {batch_size}")
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
-    kept = _kept_rows(partial)
+    kept = complete_rows(partial)
     known = {p["id"]: p for p in items}
     for row in kept:
         if row.get("id") not in known or row.get("fp") != fp:
@@ -104,7 +104,7 @@ def self_generate(engine, prompts: str | Path, out: str | Path, max_new_tokens: 
             f.flush()
             bar.update(len(chunk))
     bar.close()
-    rows = _kept_rows(partial)
+    rows = complete_rows(partial)
     empty = [r["id"] for r in rows if not r["messages"][-1]["content"]]   # nothing to learn from
     final = [{k: v for k, v in r.items() if k != "fp"} for r in rows if r["messages"][-1]["content"]]
     truncated = sum(r["finish_reason"] == "length" for r in final)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from ..errors import MatvlmError
 from .prompts import TASKS, TOPICS_TRAIN
+from .selfgen import complete_rows
 
 # Openings of documents of many kinds; a seeded item starts from one of them (the teacher continues).
 SEEDS = [
@@ -108,20 +109,6 @@ def repetitive(ids: list[int], n: int = 8) -> bool:
     return len(grams) >= 64 and len(set(grams)) < 0.5 * len(grams)
 
 
-def _rows(path: Path) -> list[dict]:
-    """The complete lines of a partial file (a line cut by an interruption is dropped)."""
-    rows = []
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
-            if not line.endswith("\n"):
-                break
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-    return rows
-
-
 def generate_text_corpus(engine, out: str | Path, tokens: int, max_new_tokens: int = 1024,
                          temperature: float = 1.0, top_p: float = 0.95, chat_fraction: float = 0.3,
                          document_fraction: float = 0.2, min_tokens: int = 32, batch_size: int = 128,
@@ -174,7 +161,7 @@ def generate_text_corpus(engine, out: str | Path, tokens: int, max_new_tokens: i
         return {**meta["result"], "generated_tokens": 0, "seconds": 0.0}
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
-    rows = _rows(partial)
+    rows = complete_rows(partial)
     if any(r.get("fp") != fp for r in rows):
         raise MatvlmError(f"{partial} was written with other settings; remove it to start over")
     partial.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
@@ -227,7 +214,7 @@ def generate_text_corpus(engine, out: str | Path, tokens: int, max_new_tokens: i
                 raise MatvlmError(f"the last {BARREN_LIMIT} batches kept nothing (every sequence a duplicate, a loop or "
                                   f"shorter than {min_tokens} tokens): is this a trained model? Rows so far: {partial}")
     bar.close()
-    rows = _rows(partial)
+    rows = complete_rows(partial)
     final = [r for r in rows if r["keep"]]
     dropped = {k: sum(r["why"] == k for r in rows) for k in ("duplicate", "repetitive", "short")}
     result = {"path": str(out), "rows": len(final), "tokens": sum(r["n"] for r in final), "dropped": dropped,
