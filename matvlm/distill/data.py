@@ -230,7 +230,7 @@ def read_records(path: str | Path) -> list:
         except json.JSONDecodeError as e:
             raise MatvlmError(f"{path}: not valid JSON: {e}") from e
     records = []
-    for n, line in enumerate(text.splitlines(), start=1):
+    for n, line in enumerate(text.split("\n"), start=1):     # not splitlines: text may hold U+2028
         if line.strip():
             try:
                 records.append(json.loads(line))

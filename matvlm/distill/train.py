@@ -216,7 +216,7 @@ class _Loggers:
         from ..model.io import atomic_write_text
 
         keep = []
-        for line in self.path.read_text().splitlines():
+        for line in self.path.read_text().split("\n"):
             try:
                 if json.loads(line)["step"] <= step:
                     keep.append(line)

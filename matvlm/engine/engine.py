@@ -34,7 +34,7 @@ from ..model.cache import MambaLayerState, cache_kwarg
 from ..model.hybrid import decoder_stack, text_config
 from ..model.vlm import embed, is_vlm, vision_features
 from .fused import fused_decoder
-from .sampling import SamplingParams, sample_row
+from .sampling import SamplingParams, sample_batch
 
 log = logging.getLogger("matvlm.engine")
 
@@ -430,7 +430,7 @@ class Engine:
         """Yield the text of one request as it is generated (pieces that concatenate to the full text)."""
         sent = ""
         with torch.no_grad():
-            for event in self._run([request]):
+            for event in self._run([request], stream=True):
                 final = not isinstance(event[0], str)
                 text = event[0].text if final else event[0]
                 if not final:                     # hold back a character whose bytes are still arriving
@@ -439,8 +439,9 @@ class Engine:
                     yield text[len(sent):]
                     sent = text
 
-    def _run(self, requests: list[Request]):
-        """Generator: yields [partial text per request] after each step, and finally [Output, ...]."""
+    def _run(self, requests: list[Request], stream: bool = False):
+        """Generator: yields [partial text per request] after each step (kept current only with `stream`
+        or for requests with stop strings), and finally [Output, ...]."""
         t0 = time.perf_counter()
         encoded = [self.encode(r) for r in requests]
         n = len(requests)
@@ -499,7 +500,9 @@ class Engine:
 
         params = [r.params for r in requests]
         greedy = _all_greedy(params)
-        gens = [torch.Generator(device=dev).manual_seed(p.seed) if p.seed is not None else None for p in params]
+        # per-request sampling keys: the request's seed, or a fresh draw from torch's generator
+        keys = torch.tensor([p.seed if p.seed is not None else int(torch.randint(0, 2 ** 31 - 1, ()))
+                             for p in params], dtype=torch.int64, device=dev)
         need_seen = any(p.repetition_penalty != 1.0 for p in params)
         seen = torch.zeros(n, logits.shape[-1], dtype=torch.bool, device=dev) if need_seen else None
         if need_seen:
@@ -509,6 +512,8 @@ class Engine:
         done = [False] * n
         reason = ["length"] * n
         texts = [""] * n
+        # the text so far is decoded each step only where it is read: streaming, or stop strings to find
+        live = [stream or bool(p.stop) for p in params]
 
         def accept(tokens: list[int]) -> None:
             for row, tok in enumerate(tokens):
@@ -521,6 +526,10 @@ class Engine:
                 out_ids[row].append(tok)
                 if seen is not None:
                     seen[row, tok] = True
+                if not live[row]:
+                    if len(out_ids[row]) >= p.max_new_tokens:
+                        done[row] = True
+                    continue
                 texts[row] = self.tokenizer.decode(out_ids[row], skip_special_tokens=True)
                 cut = _first_stop(texts[row], p.stop)
                 if cut is not None:
@@ -533,7 +542,7 @@ class Engine:
         # between steps. Either way a step's tokens are read back once, after it ran.
         st.feed.fill_(greedy)
         reader = _TokenReader(st.greedy, n)
-        tokens = self._sample(logits[:n], params, gens, seen)
+        tokens = self._sample(logits[:n], params, keys, 0, seen)
         _feed(st, tokens)
         t_first = time.perf_counter() - t0
         launched = steps = 0
@@ -550,7 +559,7 @@ class Engine:
                 tokens = reader.pop()
             else:
                 self._launch(st)
-                tokens = self._sample(st.logits[:n], params, gens, seen)
+                tokens = self._sample(st.logits[:n], params, keys, steps + 1, seen)
                 _feed(st, tokens)
             steps += 1
         t_last = time.perf_counter() - t0
@@ -560,6 +569,8 @@ class Engine:
         timings = {"prefill_s": t_prefill, "ttft_s": t_first, "total_s": total, "decode_steps": steps,
                    "decode_s_per_step": (t_last - t_first) / steps if steps else None, "batch_bucket": b,
                    "cache_length": length, "cache_bytes": st.cache.nbytes()}
+        texts = [t if live[i] else self.tokenizer.decode(out_ids[i], skip_special_tokens=True)
+                 for i, t in enumerate(texts)]
         yield [Output(texts[i], out_ids[i], reason[i], len(encoded[i][0]), timings) for i in range(n)]
 
     def _launch(self, st: _Static) -> None:
@@ -570,11 +581,12 @@ class Engine:
         else:
             self._decode_body(st)
 
-    def _sample(self, logits: Tensor, params: list[SamplingParams], gens, seen) -> list[int]:
+    def _sample(self, logits: Tensor, params: list[SamplingParams], keys: Tensor, step: int, seen) -> list[int]:
+        """The next tokens of a batch: `step` counts the tokens each request has drawn before (all rows of a
+        batch start together), so a request's draws depend on its seed and step alone."""
         if _all_greedy(params):
             return logits.argmax(-1).tolist()
-        return [sample_row(logits[i], p, seen[i] if seen is not None else None, gens[i])
-                for i, p in enumerate(params)]
+        return sample_batch(logits.float(), params, seen, keys, torch.full_like(keys, step)).tolist()
 
 
 def _feed(st: _Static, tokens: list[int]) -> None:

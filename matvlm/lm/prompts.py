@@ -101,7 +101,9 @@ def read_prompts(spec: str | Path) -> list[dict]:
     if not path.is_file():
         raise MatvlmError(f"prompt file {path} does not exist (expected .txt with one prompt a line, .jsonl, "
                           "or synthetic:N)")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    text = path.read_text(encoding="utf-8")
+    # JSONL lines end at "\n" alone (str.splitlines would also cut inside text holding U+2028)
+    lines = text.split("\n") if path.suffix == ".jsonl" else text.splitlines()
     out: list[dict] = []
     if path.suffix == ".jsonl":
         for i, line in enumerate(lines, 1):

@@ -26,12 +26,11 @@ from .prompts import read_prompts
 
 
 def complete_rows(partial: Path) -> list[dict]:
-    """The complete lines of an interrupted run (a line cut by the interruption is dropped)."""
+    """The complete lines of an interrupted run (a line cut by the interruption is dropped). Lines end at
+    "\n" only: str.splitlines would also cut at U+2028 and other separators that text may hold."""
     rows = []
     if partial.exists():
-        for line in partial.read_text(encoding="utf-8").splitlines(keepends=True):
-            if not line.endswith("\n"):
-                break
+        for line in partial.read_text(encoding="utf-8").split("\n")[:-1]:   # the last piece has no newline
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:

@@ -78,7 +78,7 @@ class BatchingService:
                     h.events.put(_DONE)
 
     def _run_batch(self, batch: list[Handle]) -> None:
-        for event in self.engine._run([h.request for h in batch]):
+        for event in self.engine._run([h.request for h in batch], stream=True):
             if isinstance(event[0], str):                 # after each step: the text so far
                 for h, text in zip(batch, event):
                     h.events.put(text)

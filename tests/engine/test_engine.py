@@ -358,3 +358,43 @@ def test_a_model_whose_weights_the_fused_step_shares_still_saves_and_reloads(phi
     again = matvlm.load(tmp_path / "saved", dtype="float32")
     for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+# --- batched sampling on the device ---------------------------------------------------------------
+
+def test_batched_sampling_follows_the_filtered_softmax():
+    """Gumbel-max over counter-based noise draws from softmax(logits / T) restricted to the top-k / top-p set:
+    empirical frequencies over 20 000 steps match within 1.5 %, and filtered-out tokens never appear."""
+    from matvlm.engine.sampling import sample_batch
+
+    logits = torch.tensor([2.0, 1.5, 0.5, 0.0, -1.0, -3.0])
+    cases = [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=3),
+             SamplingParams(temperature=1.3, top_p=0.8)]
+    steps = 20000
+    for p in cases:
+        rows = logits.repeat(steps, 1)
+        drawn = sample_batch(rows, [p] * steps, None, torch.full((steps,), 11, dtype=torch.int64),
+                             torch.arange(steps))
+        freq = torch.bincount(drawn, minlength=6).float() / steps
+        want = torch.softmax(filter_top_k_top_p(logits / p.temperature, p.top_k, p.top_p), 0)
+        assert (freq - want).abs().max() < 0.015, (p, freq, want)
+        assert (freq[want == 0] == 0).all()
+
+
+def test_batched_sampling_depends_on_a_rows_seed_and_step_only():
+    from matvlm.engine.sampling import counter_uniform, sample_batch
+
+    torch.manual_seed(0)
+    logits = torch.randn(5, 300)
+    params = [SamplingParams(temperature=1.0, top_p=0.9), SamplingParams(), SamplingParams(temperature=2.0, top_k=20),
+              SamplingParams(temperature=1.0), SamplingParams(temperature=0.5, repetition_penalty=1.3)]
+    seen = torch.rand(5, 300) < 0.1
+    keys, counters = torch.tensor([1, 2, 3, 4, 5]), torch.tensor([0, 7, 7, 9, 3])
+    together = sample_batch(logits, params, seen, keys, counters)
+    for i in range(5):
+        alone = sample_batch(logits[i:i + 1], params[i:i + 1], seen[i:i + 1], keys[i:i + 1], counters[i:i + 1])
+        assert alone.item() == together[i].item()
+    assert together[1].item() == logits[1].argmax().item()                   # greedy rows stay greedy
+    u = counter_uniform(torch.tensor([1, 1, 2]), torch.tensor([0, 1, 0]), 50000)
+    assert 0 < u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.01
+    assert not torch.equal(u[0], u[1]) and not torch.equal(u[0], u[2])       # another step, another key

@@ -142,3 +142,19 @@ def test_a_teacher_whose_every_output_is_dropped_stops_with_an_error(engine, tmp
         generate_text_corpus(engine, tmp_path / "g.jsonl", tokens=100, min_tokens=4, batch_size=2, progress=False)
     with pytest.raises(MatvlmError, match="exceeds --max-new-tokens"):
         generate_text_corpus(engine, tmp_path / "h.jsonl", tokens=100, max_new_tokens=8, progress=False)
+
+
+def test_text_with_unicode_line_separators_survives_a_resume_and_reads_as_one_line(engine, tmp_path, monkeypatch):
+    """JSONL lines end at "\\n": generated text holding U+2028 / U+0085 once cut the partial file short
+    (str.splitlines splits there), silently keeping 11 % of an H200 run's tokens."""
+    from matvlm.distill.data import read_records
+
+    odd = "first\u2028second\u0085third\x1cfourth"
+    outs = iter([Output(f"{odd} {k}", list(range(50 * k, 50 * k + 40)), "length", prompt_tokens=1, timings={})
+                 for k in range(20)])
+    monkeypatch.setattr(Engine, "generate", lambda self, reqs: [next(outs) for _ in reqs])
+    monkeypatch.setattr("matvlm.lm.textgen.plan_item",
+                        lambda i, seed, c, d: {"id": f"d{i}", "kind": "document", "seed_text": "", "greedy": False})
+    r = generate_text_corpus(engine, tmp_path / "g.jsonl", tokens=200, min_tokens=8, batch_size=2, progress=False)
+    rows = read_records(tmp_path / "g.jsonl")
+    assert r["rows"] == len(rows) == 6 and rows[0]["text"] == f"{odd} 0"

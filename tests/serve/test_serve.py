@@ -137,9 +137,9 @@ def test_sixteen_concurrent_clients_all_get_answers(server, scene_png, service):
     batches = []
     real = service.engine._run
 
-    def spy(reqs):
+    def spy(reqs, **kw):
         batches.append(len(reqs))
-        return real(reqs)
+        return real(reqs, **kw)
 
     service.engine._run = spy
     try:

@@ -133,7 +133,7 @@ def read_jsonl(bench: str, path: Path, layout: str) -> list[dict]:
     """JSON objects, one per non-empty line."""
     require_file(bench, path, layout)
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):   # not splitlines: U+2028
         if not line.strip():
             continue
         try:

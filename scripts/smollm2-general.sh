@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# SmolLM2-135M-Instruct distilled on general text the teacher writes itself, scored on natural human-written
+# text (issue 16): the run behind docs/results.md ("Keeping what the teacher knows on natural text").
+#
+#   1. import the packaged GGUF (or $GGUF);
+#   2. held-out sets: natural text (scripts/natural-text.py: Python docs + licence texts, never trained on)
+#      and the teacher's greedy answers to held-out chat prompts;
+#   3. training data: `self-generate --kind text` ($TOKENS tokens: sampled continuations from the document
+#      start and from seeds, chats; long sequences);
+#   4. per Mamba ratio and per recipe ($STAGES: e2e = single stage, both = align then e2e): convert, distil
+#      $STEPS steps, score with eval-lm on both held-out sets.
+# Every stage is skipped when its output exists and distillation resumes from its checkpoints, so a run
+# cut by a time limit continues where it stopped when started again.
+#
+#   W=runs/smollm2g TOKENS=8000000 STEPS=120 RATIOS="0.25" STAGES="both e2e" bash scripts/smollm2-general.sh
+set -euo pipefail
+W=${W:-runs/smollm2g}
+OUT=${OUT:-$W/results}
+TOKENS=${TOKENS:-8000000}       # general-text training tokens to generate
+STEPS=${STEPS:-120}             # optimizer steps per run
+GB=${GB:-32}                    # global batch (sequences)
+MB=${MB:-16}                    # micro-batch
+MAXLEN=${MAXLEN:-1024}
+LR=${LR:-1e-3}
+ALIGN=${ALIGN:-30}              # align steps of --stage both
+RATIOS=${RATIOS:-"0.25"}
+STAGES=${STAGES:-"both e2e"}
+MATVLM=${MATVLM:-matvlm}
+PY=${PY:-python3}
+mkdir -p "$W" "$OUT"
+t() { echo "[$(date +%T)] $*"; }
+
+[ -d "$W/smollm2" ] || { t import; $MATVLM import-gguf --out "$W/smollm2" ${GGUF:+--gguf "$GGUF"}; }
+[ -f "$W/natural.jsonl" ] || $PY scripts/natural-text.py "$W/natural.jsonl"
+[ -f "$W/heldout.jsonl" ] || { t heldout; $MATVLM self-generate "$W/smollm2" --prompts "synthetic-heldout:${N_HELD:-200}" \
+    --out "$W/heldout.jsonl" --batch-size 64; }
+[ -f "$W/general.jsonl" ] || { t general; $MATVLM self-generate "$W/smollm2" --kind text --tokens "$TOKENS" \
+    --out "$W/general.jsonl" --batch-size "${GEN_BATCH:-256}" --max-new-tokens "$MAXLEN"; }
+cp "$W/general.jsonl.meta.json" "$OUT/general-meta.json"
+
+for r in $RATIOS; do
+  tag=h$($PY -c "print(f'{$r * 100:g}'.replace('.', 'p'))")
+  [ -d "$W/$tag" ] || $MATVLM convert "$W/smollm2" "$W/$tag" --mamba-ratio "$r"
+  for stage in $STAGES; do
+    run="$W/$tag-$stage"
+    if [ ! -f "$run/config.json" ]; then
+      t "distill $tag $stage"
+      extra=(); [ "$stage" = both ] && extra=(--align-steps "$ALIGN")
+      if [ -f "$run/distill_config.json" ]; then
+        $MATVLM distill --resume "$run"
+      else
+        $MATVLM distill --teacher "$W/smollm2" --student "$W/$tag" --data "$W/general.jsonl" --out "$run" \
+          --stage "$stage" "${extra[@]}" --max-steps "$STEPS" --global-batch-size "$GB" --micro-batch-size "$MB" \
+          --lr "$LR" --alpha 0.01 --max-length "$MAXLEN" --save-every 20 --keep-last 1 --no-tensorboard
+      fi
+    fi
+    cp "$run/log.jsonl" "$OUT/$tag-$stage-log.jsonl"
+    for set in natural heldout; do
+      [ -f "$OUT/$tag-$stage-$set.json" ] || { t "eval $tag $stage $set"; $MATVLM eval-lm "$run" --teacher "$W/smollm2" \
+          --data "$W/$set.jsonl" --max-length "$MAXLEN" --batch-size 16 ${LIMIT:+--limit "$LIMIT"} --output "$OUT/$tag-$stage-$set.json" \
+          > "$OUT/$tag-$stage-$set.txt"; }
+    done
+  done
+done
+t done
