@@ -12,17 +12,17 @@
 # Every stage is skipped when its output exists and distillation resumes from its checkpoints, so a run
 # cut by a time limit continues where it stopped when started again.
 #
-#   W=runs/smollm2g TOKENS=8000000 STEPS=120 RATIOS="0.25" STAGES="both e2e" bash scripts/smollm2-general.sh
+#   W=runs/smollm2g TOKENS=3000000 STEPS=240 RATIOS="0.25 0.5 0.75" STAGES="both e2e" bash scripts/smollm2-general.sh
 set -euo pipefail
 W=${W:-runs/smollm2g}
 OUT=${OUT:-$W/results}
-TOKENS=${TOKENS:-8000000}       # general-text training tokens to generate
-STEPS=${STEPS:-120}             # optimizer steps per run
+TOKENS=${TOKENS:-3000000}       # general-text training tokens to generate
+STEPS=${STEPS:-240}             # optimizer steps per run
 GB=${GB:-32}                    # global batch (sequences)
 MB=${MB:-16}                    # micro-batch
 MAXLEN=${MAXLEN:-1024}
 LR=${LR:-1e-3}
-ALIGN=${ALIGN:-30}              # align steps of --stage both
+ALIGN=${ALIGN:-40}              # align steps of --stage both
 RATIOS=${RATIOS:-"0.25"}
 STAGES=${STAGES:-"both e2e"}
 MATVLM=${MATVLM:-matvlm}
