@@ -10,8 +10,10 @@ from typing import Literal
 
 
 def convert(teacher: Path, out: Path, mamba_ratio: float | None = None,
-            placement: Literal["even", "begin", "middle", "end"] = "even", mamba_layers: list[int] | None = None,
-            dtype: str | None = None, seed: int = 0, overwrite: bool = False) -> None:
+            placement: Literal["even", "begin", "middle", "end", "auto"] = "even", mamba_layers: list[int] | None = None,
+            dtype: str | None = None, seed: int = 0, overwrite: bool = False, data: Path | None = None,
+            image_root: Path | None = None, template: Literal["phi", "vicuna", "chatml", "plain"] | None = None,
+            placement_steps: int = 100) -> None:
     """Replace a fraction of a teacher's attention layers with Mamba-2 mixers initialised from the
     attention weights (x<-W_V, B<-W_K, C<-W_Q, out_proj<-W_O; paper §3.2) and write a hybrid checkpoint.
 
@@ -22,19 +24,61 @@ def convert(teacher: Path, out: Path, mamba_ratio: float | None = None,
         teacher: teacher model directory.
         out: output directory for the hybrid checkpoint (must not exist unless --overwrite).
         mamba_ratio: fraction of decoder layers to replace, in (0, 1] (default 0.25, the paper's best).
-        placement: where the Mamba layers go: even = layer floor(i*L/m) (paper default), begin, middle, end.
+        placement: where the Mamba layers go: even = layer floor(i*L/m) (paper default), begin, middle, end, or
+            auto = by measured sensitivity: every layer's mixer is aligned to its attention on --data, each is
+            swapped in alone, and the layers whose swap changes the teacher's outputs least (KL) are chosen;
+            the scores go to OUT/placement.json.
         mamba_layers: explicit layer indices, e.g. 0,4,8 (overrides --mamba-ratio and --placement).
         dtype: store weights in this dtype (float32, bfloat16, float16); default: the teacher's.
         seed: seed for the randomly initialised parts (z, dt, conv, A).
         overwrite: replace the output directory if it exists.
+        data: --placement auto: the distillation data the layers are measured on (as for distill --data).
+        image_root: --placement auto: folder the data's image paths are relative to.
+        template: --placement auto: chat template of the data (default: by decoder family).
+        placement_steps: --placement auto: steps of the alignment run that precedes the scores (default 100).
     """
     from .convert import convert as run
     from .convert.formats import load
+    from .errors import MatvlmError
 
+    report = None
+    if placement == "auto":
+        if data is None or mamba_layers is not None:
+            raise MatvlmError("--placement auto takes --data (the text the layers are measured on) and no --mamba-layers")
+        if Path(out).exists() and not overwrite:
+            raise MatvlmError(f"output directory {out} already exists (pass --overwrite to replace it)")
+        report = _auto_placement(teacher, data, image_root, template, mamba_ratio or 0.25, placement_steps, seed,
+                                 Path(out).parent / f".{Path(out).name}.placement")
+        mamba_layers = report["layers"]
     path = run(teacher, out, mamba_ratio=mamba_ratio, placement=placement, mamba_layers=mamba_layers,
                dtype=dtype, seed=seed, overwrite=overwrite)
+    if report is not None:
+        from .distill.placement import write_report
+
+        write_report(report, path)
     cfg = load(path).hybrid_config
     print(f"wrote {path}: {len(cfg.mamba_layers)}/{cfg.n_layer} Mamba-2 layers at {cfg.mamba_layers}")
+
+
+def _auto_placement(teacher: Path, data: Path, image_root: Path | None, template: str | None, ratio: float,
+                    steps: int, seed: int, work: Path) -> dict:
+    """Layers for `ratio` by measured sensitivity (distill.placement), with the work directory removed after."""
+    import shutil
+
+    from .distill.config import DistillConfig
+    from .distill.placement import auto_layers
+
+    cfg = DistillConfig(teacher=str(teacher), data=str(data), out=str(work), mamba_ratio=ratio,
+                        image_root=str(image_root) if image_root else None, template=template, global_batch_size=16,
+                        micro_batch_size=8, lr=1e-3, max_length=1024, seed=seed, tensorboard=False)
+    cfg.validate()
+    try:
+        report = auto_layers(cfg, ratio, work, align_steps=steps)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"placement auto: layers {report['layers']} (per-layer KL when replaced alone: "
+          + ", ".join(f"{i}: {s:.3g}" for i, s in enumerate(report["scores"])) + ")")
+    return report
 
 
 def info(model: Path) -> None:
@@ -206,7 +250,8 @@ def tiny_teacher(out: Path, family: Literal["phi", "llama", "qwen2"] = "phi", la
 
 def distill(config: Path | None = None, teacher: Path | None = None, student: Path | None = None,
             data: Path | None = None, image_root: Path | None = None, out: Path | None = None,
-            mamba_ratio: float | None = None, placement: Literal["even", "begin", "middle", "end"] | None = None,
+            mamba_ratio: float | None = None,
+            placement: Literal["even", "begin", "middle", "end", "auto"] | None = None, placement_steps: int = 100,
             train: list[str] | None = None, max_steps: int | None = None, epochs: float | None = None,
             global_batch_size: int | None = None, micro_batch_size: int | None = None, lr: float | None = None,
             alpha: float | None = None, beta: float | None = None, gamma: float | None = None,
@@ -242,7 +287,10 @@ def distill(config: Path | None = None, teacher: Path | None = None, student: Pa
         image_root: folder the data's image paths are relative to (default: the data file's folder).
         out: output directory (must be new or empty unless --resume).
         mamba_ratio: fraction of layers to convert when --student is not given.
-        placement: where converted layers go when --student is not given (default even).
+        placement: where converted layers go when --student is not given (default even); auto = by measured
+            sensitivity on --data (see `matvlm convert --help`; the student it converts is kept in OUT/placement/
+            and the scores in OUT/placement.json).
+        placement_steps: --placement auto: steps of the alignment run that precedes the scores (default 100).
         train: parameter groups that train, comma-separated: mamba, connector, mlp (of the Mamba layers), all
             (default mamba,connector as in the paper).
         max_steps: optimizer steps (default: --epochs over the data).
@@ -300,8 +348,48 @@ def distill(config: Path | None = None, teacher: Path | None = None, student: Pa
             overrides["data"] = _self_generated_data(self_generate, teacher, data, out, self_generate_max_tokens,
                                                      config)
         cfg = DistillConfig.from_sources(config, **overrides)
+    report = None
+    if resume is None and cfg.student is None and cfg.placement == "auto":
+        report = _auto_student(cfg, placement_steps)
     path = run(cfg, resume=resume is not None)
+    if report is not None:
+        from .distill.placement import write_report
+
+        write_report(report, path)
     print(f"wrote {path}: final hybrid, checkpoints/ and log.jsonl")
+
+
+def _auto_student(cfg, steps: int) -> dict:
+    """distill --placement auto: measure the layers, convert the student into OUT/placement/student-init and
+    point the run at it (the run's config records it, so --resume continues the same student)."""
+    import os
+
+    from .convert import convert as run_convert
+    from .distill.placement import REPORT, auto_layers, write_report
+    from .distill.train import _check_out_dir, check_inputs
+    from .errors import MatvlmError
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise MatvlmError("--placement auto runs in one process; run `matvlm convert --placement auto` first and "
+                          "pass its output as --student to the multi-process run")
+    cfg.validate()
+    out = Path(cfg.out)
+    _check_out_dir(out, resume=False)
+    check_inputs(cfg)
+    work = out / "placement"
+    student = work / "student-init"
+    if (student / REPORT).is_file():                                  # measured by an earlier, interrupted call
+        import json
+
+        report = json.loads((student / REPORT).read_text())
+    else:
+        report = auto_layers(cfg, cfg.mamba_ratio or 0.25, work, align_steps=steps)
+        run_convert(cfg.teacher, student, mamba_ratio=cfg.mamba_ratio, placement="auto", mamba_layers=report["layers"],
+                    seed=cfg.seed, overwrite=True)
+        write_report(report, student)
+    print(f"placement auto: layers {report['layers']}")
+    cfg.student = str(student)
+    return report
 
 
 def _self_generated_data(prompts: str, teacher: Path | None, data: Path | None, out: Path | None,

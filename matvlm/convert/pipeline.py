@@ -23,7 +23,8 @@ def convert(teacher: str | Path, out: str | Path, mamba_ratio: float | None = No
         teacher: a llava-hf, TinyLLaVA or causal-LM directory.
         out: output directory (must not exist unless `overwrite`).
         mamba_ratio: fraction of layers to replace, in (0, 1]; default 0.25 (the paper's best).
-        placement: even (default), begin, middle or end.
+        placement: even (default), begin, middle or end; "auto" only labels explicit `mamba_layers` chosen by
+            measured sensitivity (`distill.placement`).
         mamba_layers: explicit layer indices (overrides ratio and placement).
         dtype: dtype to store, e.g. "bfloat16"; default: the teacher's.
         seed: seed of the random parts of the Mamba-2 init (z, dt, conv, A).
@@ -45,7 +46,7 @@ def convert(teacher: str | Path, out: str | Path, mamba_ratio: float | None = No
     layers = select_layers(n_layer, mamba_ratio, placement, mamba_layers)
     cfg = hybrid_config_for(model, layers, source={
         "teacher": str(Path(teacher).resolve()), "teacher_format": model.matvlm_format,
-        "placement": "explicit" if mamba_layers is not None else placement,
+        "placement": "explicit" if mamba_layers is not None and placement != "auto" else placement,
         "mamba_ratio": len(layers) / n_layer, "seed": seed})
     names = attention_names(model.config)
     heads, kv_heads, _ = attention_shape(model.config)

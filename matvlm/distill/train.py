@@ -182,7 +182,8 @@ def _check_out_dir(out: Path, resume: bool) -> None:
         if not (out / CONFIG_NAME).is_file():
             raise MatvlmError(f"--resume {out}: no {CONFIG_NAME} there; it is not a distillation output directory")
         return
-    own = {SELF_GENERATED + suffix for suffix in ("", ".partial", ".meta.json")} | {f".{SELF_GENERATED}.tmp"}
+    own = {SELF_GENERATED + suffix for suffix in ("", ".partial", ".meta.json")} | {f".{SELF_GENERATED}.tmp",
+                                                                                  "placement"}   # --placement auto
     if out.exists() and any(p.name not in own for p in out.iterdir()):
         raise MatvlmError(f"output directory {out} is not empty; pass --resume {out} to continue that run, "
                           "or choose another --out")
