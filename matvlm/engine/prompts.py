@@ -15,6 +15,29 @@ def has_chat_template(processor) -> bool:
     return bool(getattr(processor, "chat_template", None) or getattr(tok, "chat_template", None))
 
 
+_PROBE = "matvlm-probe-3f9c1a"
+
+
+def takes_parts(processor) -> bool:
+    """Whether the model's chat template reads a message's content as a list of parts (as llava-hf's
+    templates do: `{% for c in message['content'] %}`) rather than as a string. A string handed to such a
+    template renders as nothing, so the question would be lost: found by rendering a probe message."""
+    cached = getattr(processor, "_matvlm_takes_parts", None)
+    if cached is not None:
+        return cached
+    try:
+        text = processor.apply_chat_template([{"role": "user", "content": _PROBE}], add_generation_prompt=True,
+                                             tokenize=False)
+        parts = _PROBE not in text
+    except Exception:                     # noqa: BLE001 - a template that fails on a string wants parts
+        parts = True
+    try:
+        processor._matvlm_takes_parts = parts
+    except AttributeError:
+        pass
+    return parts
+
+
 def render(processor, model_config, messages: list[dict], n_images: int = 0, template: str | None = None) -> str:
     """The prompt for a conversation ending with a user turn.
 
@@ -22,17 +45,22 @@ def render(processor, model_config, messages: list[dict], n_images: int = 0, tem
         messages: [{"role": "system" | "user" | "assistant", "content": str}, ...].
         n_images: images attached to the first user turn (placeholders are added for them).
         template: a matvlm template name that overrides the model's chat template.
+    With the model's own chat template, contents go in the form it reads (`takes_parts`): a list of parts
+    (images first, then the text) for templates that iterate parts, else strings (with the processor's
+    image token and a newline before the text for each image).
     """
     tok = getattr(processor, "tokenizer", processor)
     if template is None and has_chat_template(processor):
+        parts = takes_parts(processor)
         msgs, first_user = [], True
         for m in messages:
+            images = n_images if m["role"] == "user" and first_user else 0
+            first_user = first_user and m["role"] != "user"
             content = m["content"]
-            if m["role"] == "user" and first_user and n_images:
-                content = [{"type": "image"}] * n_images + [{"type": "text", "text": content}]
-                first_user = False
-            elif m["role"] == "user":
-                first_user = False
+            if parts:
+                content = [{"type": "image"}] * images + [{"type": "text", "text": content}]
+            elif images:                  # a template that reads strings: the placeholders go in the text
+                content = f"{getattr(processor, 'image_token', None) or '<image>'}\n" * images + content
             msgs.append({"role": m["role"], "content": content})
         return processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     t = get_template(template, eos_token=tok.eos_token) if template else template_for(model_config)
