@@ -27,7 +27,7 @@ def test_convert_help_documents_every_flag(capsys):
     assert e.value.code == 0
     for flag in ("--mamba-ratio", "--placement", "--mamba-layers", "--dtype", "--seed", "--overwrite"):
         assert flag in out
-    assert "{even,begin,middle,end}" in out
+    assert "{even,begin,middle,end,auto}" in out
 
 
 def test_convert_then_info(capsys, teacher_dirs, tmp_path):
