@@ -66,3 +66,101 @@ def answer_mask(labels: Tensor) -> Tensor:
 def reduce_sum(per_token: Tensor, mask: Tensor) -> Tensor:
     """Sum of a (B, T) per-token loss over positions where mask is true (padding excluded)."""
     return (per_token * mask.to(per_token.dtype)).sum()
+
+
+# --- the LM head and its losses in chunks (no (B, T, V) tensor) ---------------------------------
+
+CHUNK_ELEMENTS = 1 << 27   # logits per chunk: 2^27 float32 = 512 MiB, whatever the vocabulary
+
+
+class _HeadLosses(torch.autograd.Function):
+    """Σ T²·KL(P_t ‖ P_s) and Σ CE over rows, from hidden states through the LM head, chunk by chunk.
+
+    The gradients are computed in the forward pass, chunk by chunk (d(T²·KL)/ds = T·(P_s − P_t),
+    dCE/ds = softmax(s) − onehot), so neither the logits of teacher and student nor their softmaxes
+    are ever held for the whole batch: the memory that dominated small models' steps (issue 16).
+    """
+
+    @staticmethod
+    def forward(ctx, h_s, h_t, w_s, b_s, w_t, b_t, target, temperature, chunk, want_kl, want_ce):
+        n, d = h_s.shape
+        need_w = w_s.requires_grad or (b_s is not None and b_s.requires_grad)
+        kl = torch.zeros((), dtype=torch.float32, device=h_s.device)
+        ce = torch.zeros((), dtype=torch.float32, device=h_s.device)
+        g_kl = torch.zeros(n, d, dtype=torch.float32, device=h_s.device) if want_kl else None
+        g_ce = torch.zeros(n, d, dtype=torch.float32, device=h_s.device) if want_ce else None
+        gw = {k: torch.zeros(w_s.shape, dtype=torch.float32, device=w_s.device) for k in ("kl", "ce")} if need_w else {}
+        gb = {k: torch.zeros(b_s.shape, dtype=torch.float32, device=b_s.device)
+              for k in ("kl", "ce")} if need_w and b_s is not None else {}
+        T = temperature
+        for lo in range(0, n, chunk):
+            hs = h_s[lo:lo + chunk].to(w_s.dtype)                                # (c, d)
+            s = F.linear(hs, w_s, b_s).float()                                  # (c, V)
+            grads = []
+            if want_kl:
+                t = F.linear(h_t[lo:lo + chunk].to(w_t.dtype), w_t, b_t).float()
+                log_ps, log_pt = F.log_softmax(s / T, -1), F.log_softmax(t / T, -1)
+                pt = log_pt.exp()
+                kl += T * T * (pt * (log_pt - log_ps)).sum()
+                grads.append(("kl", T * (log_ps.exp() - pt), g_kl))              # (c, V)
+                del t, log_pt, pt, log_ps
+            if want_ce:
+                tg = target[lo:lo + chunk]
+                valid = tg != -100
+                log_p = F.log_softmax(s, -1)
+                ce -= log_p.gather(1, tg.clamp_min(0)[:, None])[:, 0].masked_fill(~valid, 0).sum()
+                dce = log_p.exp_()
+                dce[valid, tg[valid]] -= 1
+                dce[~valid] = 0
+                grads.append(("ce", dce, g_ce))
+            for key, ds, g in grads:
+                ds = ds.to(w_s.dtype)
+                g[lo:lo + chunk] = (ds @ w_s).float()                           # (c, d)
+                if need_w:
+                    gw[key] += (ds.t() @ hs).float()                            # (V, d)
+                    if key in gb:
+                        gb[key] += ds.float().sum(0)
+        ctx.save_for_backward(*(x if x is not None else torch.empty(0) for x in (g_kl, g_ce)))
+        ctx.gw, ctx.gb, ctx.dtypes = gw, gb, (h_s.dtype, w_s.dtype)
+        return kl, ce
+
+    @staticmethod
+    def backward(ctx, d_kl, d_ce):
+        g_kl, g_ce = ctx.saved_tensors
+        h_dtype, w_dtype = ctx.dtypes
+        parts = [(d_kl, g_kl, "kl"), (d_ce, g_ce, "ce")]
+        dh = sum(dv * g for dv, g, _ in parts if g.numel())
+        dh = dh.to(h_dtype) if torch.is_tensor(dh) else None
+        dw = sum(dv * ctx.gw[k] for dv, g, k in parts if g.numel()).to(w_dtype) if ctx.gw else None
+        db = sum(dv * ctx.gb[k] for dv, g, k in parts if g.numel()) if ctx.gb else None
+        return dh, None, dw, db, None, None, None, None, None, None, None
+
+
+def head_losses(student_hidden: Tensor, teacher_hidden: Tensor | None, head: torch.nn.Linear,
+                teacher_head: torch.nn.Linear | None = None, labels: Tensor | None = None,
+                mask: Tensor | None = None, temperature: float = 1.0, want_kl: bool = True,
+                want_ce: bool = False, chunk: int | None = None) -> tuple[Tensor, Tensor]:
+    """(Σ T²·KL, Σ CE) of `kl_per_token` / `ce_per_token` summed over real tokens, without the (B, T, V)
+    logits: the LM head runs on chunks of the real tokens' hidden states only.
+
+    student_hidden, teacher_hidden: (B, T, D) final hidden states (after the last norm); head: the
+    student's LM head (teacher_head the teacher's, default the same); labels: (B, T) with -100 where no
+    CE is taken (CE at position t predicts labels[t+1]); mask: (B, T) real tokens (KL is taken at every
+    real position, CE at real positions whose next label is an answer). Gradients reach student_hidden
+    (and the head's parameters if they require grad).
+    """
+    b, t, d = student_hidden.shape
+    mask = torch.ones(b, t, dtype=torch.bool, device=student_hidden.device) if mask is None else mask.bool()
+    if want_ce:
+        target = torch.full_like(labels, -100)
+        target[:, :-1] = labels[:, 1:]
+        target = target.masked_fill(~mask, -100)
+    else:
+        target = torch.zeros(b, t, dtype=torch.long, device=student_hidden.device)
+    rows = mask.reshape(-1).nonzero().squeeze(1)                                 # real tokens only
+    h_s = student_hidden.reshape(b * t, d).index_select(0, rows)                 # (n, D)
+    h_t = teacher_hidden.reshape(b * t, d).index_select(0, rows) if want_kl else None
+    teacher_head = head if teacher_head is None else teacher_head
+    chunk = chunk or max(1, CHUNK_ELEMENTS // head.weight.shape[0])
+    return _HeadLosses.apply(h_s, h_t, head.weight, head.bias, teacher_head.weight, teacher_head.bias,
+                             target.reshape(-1).index_select(0, rows), temperature, chunk, want_kl, want_ce)

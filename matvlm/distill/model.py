@@ -163,11 +163,6 @@ def _mixer_names(model: nn.Module) -> set[str]:
 
 # --- the step ---------------------------------------------------------------------------------
 
-def lm_logits(model: nn.Module, embeds: Tensor, attention_mask: Tensor) -> Tensor:
-    hidden = decoder_stack(model)(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
-    return model.get_output_embeddings()(hidden.last_hidden_state)
-
-
 @contextmanager
 def capture_layers(model: nn.Module, indices: list[int], store: dict):
     """Record (input hidden states, output hidden states) of decoder layers `indices` into `store`."""
@@ -215,26 +210,25 @@ class DistillStep(nn.Module):
         with torch.no_grad():
             feats = vision_features(model, pixel_values) if pixel_values is not None else None
         captured: dict = {}
-        t_logits = None
+        t_hidden = t_head = None
         if self.need_prob or self.need_layer:
             # Inside `active()` the decoder stack, its layers and the connector resolve to the teacher's.
             with torch.no_grad(), self.teacher.active(), \
                     capture_layers(model, mamba if self.need_layer else [], captured):
                 t_hidden = decoder_stack(model)(inputs_embeds=embed(model, input_ids, feats),
                                                 attention_mask=attention_mask, use_cache=False).last_hidden_state
-                if self.need_prob:
-                    t_logits = model.get_output_embeddings()(t_hidden)
+                t_head = model.get_output_embeddings()
         out = {"n_tokens": mask.sum().float(), "n_answer": losses.answer_mask(labels).logical_and(mask).sum().float()}
         zero = torch.zeros((), device=input_ids.device)
         out["prob_sum"] = out["ce_sum"] = out["layer_sum"] = zero
         out["layer_sq"] = torch.zeros(len(mamba), device=input_ids.device)
         if self.need_prob or self.need_ce:
-            s_logits = lm_logits(model, embed(model, input_ids, feats), attention_mask)
-            if self.need_prob:
-                out["prob_sum"] = losses.reduce_sum(losses.kl_per_token(s_logits, t_logits, self.temperature), mask)
-            if self.need_ce:
-                ce_mask = losses.answer_mask(labels).logical_and(mask)
-                out["ce_sum"] = losses.reduce_sum(losses.ce_per_token(s_logits, labels), ce_mask)
+            s_hidden = decoder_stack(model)(inputs_embeds=embed(model, input_ids, feats),
+                                            attention_mask=attention_mask, use_cache=False).last_hidden_state
+            # the LM head and both losses in chunks of real tokens: no (B, T, V) logits (losses.head_losses)
+            kl, ce = losses.head_losses(s_hidden, t_hidden, model.get_output_embeddings(), t_head, labels, mask,
+                                        self.temperature, want_kl=self.need_prob, want_ce=self.need_ce)
+            out["prob_sum"], out["ce_sum"] = (kl if self.need_prob else zero), (ce if self.need_ce else zero)
         if self.need_layer:
             layers = decoder_layers(model)
             sums, sqs = [], []

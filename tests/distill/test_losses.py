@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from matvlm.distill import losses
@@ -55,3 +56,51 @@ def test_upstream_sum_form_equals_kl_div_batchmean():
     a, b = torch.randn(3, 5, 7, generator=g), torch.randn(3, 5, 7, generator=g)
     frob = losses.reduce_sum(losses.layer_sq_distance_per_token(a, b), torch.ones(3, 5, dtype=torch.bool)).sqrt()
     assert torch.allclose(frob, torch.norm(a - b, p=2), atol=1e-5)
+
+
+@pytest.mark.parametrize("trainable_head", [False, True], ids=["frozen-head", "trainable-head-with-bias"])
+def test_chunked_head_losses_equal_the_full_logits_losses_and_their_gradients_in_float64(trainable_head):
+    torch.manual_seed(0)
+    B, T, D, V, temp = 3, 7, 5, 11, 2.0
+    head = torch.nn.Linear(D, V, bias=trainable_head).double()
+    t_head = torch.nn.Linear(D, V, bias=trainable_head).double()
+    head.requires_grad_(trainable_head)
+    h_s = torch.randn(B, T, D, dtype=torch.float64, requires_grad=True)
+    h_t = torch.randn(B, T, D, dtype=torch.float64)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 4:] = False                                              # padding
+    labels = torch.randint(0, V, (B, T))
+    labels[:, :3] = -100                                             # prompt tokens
+    labels[~mask] = -100
+
+    def reference():
+        s, t = head(h_s), t_head(h_t)
+        kl = losses.reduce_sum(losses.kl_per_token(s, t, temp).double(), mask)
+        ce = losses.reduce_sum(losses.ce_per_token(s.double(), labels).double(), losses.answer_mask(labels) & mask)
+        return kl, ce
+
+    def chunked():
+        return losses.head_losses(h_s, h_t, head, t_head, labels, mask, temp, want_kl=True, want_ce=True, chunk=4)
+
+    results = []
+    for fn in (reference, chunked):
+        kl, ce = fn()
+        params = [h_s] + ([head.weight, head.bias] if trainable_head else [])
+        grads = torch.autograd.grad(0.7 * kl + 1.3 * ce, params)
+        results.append((kl.detach(), ce.detach(), grads))
+    (kl_r, ce_r, g_r), (kl_c, ce_c, g_c) = results
+    assert torch.allclose(kl_c.double(), kl_r, atol=1e-5), (kl_c, kl_r)    # sums kept in float32
+    assert torch.allclose(ce_c.double(), ce_r, atol=1e-5), (ce_c, ce_r)
+    for a, b in zip(g_c, g_r):
+        assert torch.allclose(a.double(), b, atol=1e-5), (a - b).abs().max()
+    assert g_c[0][1, 4:].abs().max() == 0                            # padding gets no gradient
+
+
+def test_chunked_head_losses_take_kl_alone_without_labels():
+    torch.manual_seed(1)
+    head = torch.nn.Linear(4, 9, bias=False)
+    h = torch.randn(2, 5, 4)
+    kl, _ = losses.head_losses(h, h, head, want_kl=True, want_ce=False, chunk=3)
+    assert kl.abs().item() < 1e-6                                    # a model against itself
+    kl, _ = losses.head_losses(h, torch.randn(2, 5, 4), head, want_kl=True, want_ce=False)
+    assert kl.item() > 0
