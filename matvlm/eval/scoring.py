@@ -10,7 +10,8 @@ computed here is the number that scorer would print. Sources, read and re-implem
   branch Evaluation).
 - POPE: LLaVA's ``llava/eval/eval_pope.py``.
 - ScienceQA: LLaVA's ``llava/eval/eval_science_qa.py``.
-- MMBench: VLMEvalKit's ``can_infer_option`` / ``can_infer_text`` (exact-matching mode).
+- MMBench: VLMEvalKit's ``can_infer_option`` / ``can_infer_text`` (exact-matching mode), at commit
+  2cf2a36c6e79b51faf676a7011b3a0f5b579814d of ``vlmeval/utils/matching_util.py``.
 - MMMU: ``mmmu/utils/eval_utils.py`` of MMMU-Benchmark/MMMU.
 """
 
@@ -181,36 +182,61 @@ def sqa_letter(answer: str, n_choices: int) -> str | None:
     return letter if letter and letter in _SQA_LETTERS[:n_choices] else None
 
 
-_OPTION_MARKS = re.compile(r"[.()\[\],:;!*#{}\"']")
+# VLMEvalKit vlmeval/utils/matching_util.py at commit 2cf2a36c6e79b51faf676a7011b3a0f5b579814d (its latest
+# change, June 2026): these marks become spaces before the answer is cut into words ...
+_OPTION_SEPARATORS = str.maketrans(dict.fromkeys(".()[],:;!*#{}", " "))
+# ... an answer holding one of these texts is a refusal, read as "Z" (none of the options) ...
+_REFUSALS = ("Sorry, I can't help with images of people yet.", "I can't process this file.",
+             "I'm sorry, but without the image provided", "Cannot determine the answer")
+_API_FAILURE = "Failed to obtain answer via API"
+# ... and a chain-of-thought answer may name its letter as "(the correct) answer is **B**", any case.
+_ANSWER_IS = re.compile(r"(?:correct\s+)?answer\s+is\s+\**([ABCD])\**", re.IGNORECASE)
 
 
 def infer_option(answer: str, options: Mapping[str, str]) -> str | None:
-    """The option letter an MMBench answer names, or None, after VLMEvalKit's can_infer_option /
-    can_infer_text (exact-matching mode: no GPT fallback). A re-statement of their rules, not a
-    copy; answers on which the two differ may exist (UNVERIFIED beyond the tests' cases).
+    """The option an MMBench answer names: a letter of ``options``, "Z" (a refusal, or "Z" alone: none
+    of them), or None (nothing inferred; VLMEvalKit's exact-matching mode then records "Z"). Both of
+    the last two count as wrong.
+
+    A re-statement of VLMEvalKit's default matching, can_infer = can_infer_option, else
+    can_infer_text (vlmeval/utils/matching_util.py, commit 2cf2a36c6e79b51faf676a7011b3a0f5b579814d),
+    with the VERBOSE environment variable unset (its default); not a copy of its code.
 
     Args:
         answer: the model's text.
         options: {letter: option text} of the options shown ("A".."D").
 
-    1. Letters: split the answer into words; a word names letter L when it is L once brackets and
-       punctuation are stripped ("B", "(B)", "B.", "B:"). Exactly one letter named -> that letter,
-       except a bare "A" in an answer of more than 3 words, which may be the article.
-    2. Otherwise the option texts: exactly one option text (lower case) inside the answer -> it.
+    1. "Failed to obtain answer via API" -> None; one of VLMEvalKit's four refusal texts -> "Z".
+    2. Letters: ".()[],:;!*#{}" become spaces and the answer is cut at whitespace. Exactly one option
+       letter among the words, and its first occurrence among the last four words -> that letter
+       ("The answer is A" -> A, "B.cat" -> B); no letter but a word "Z" -> "Z".
+    3. Otherwise "(correct) answer is X" (any case, X in A-D, "**" allowed around it) -> X if an option.
+    4. Option texts, only for answers at most twice as long as all option texts together: exactly one
+       option text (lower case) inside the lower-cased answer -> it.
     """
-    words = answer.split()
-    named = {}  # letter -> [word, ...]
-    for word in words:
-        core = _OPTION_MARKS.sub("", word)
-        if core in options:
-            named.setdefault(core, []).append(word)
-    if len(named) == 1:
-        (letter, spellings), = named.items()
-        article = letter == "A" and len(words) > 3 and all(w == "A" for w in spellings)
-        if not article:
-            return letter
-    text = answer.lower()
-    hits = [k for k, v in options.items() if str(v).lower() in text]
+    text = str(answer)
+    if _API_FAILURE in text:
+        return None
+    if any(refusal in text for refusal in _REFUSALS):
+        return "Z"
+    words = text.translate(_OPTION_SEPARATORS).split()
+    named = [letter for letter in options if letter in words]
+    if len(named) == 1 and words.index(named[0]) > len(words) - 5:
+        return named[0]
+    if not named and "Z" in words:
+        return "Z"
+    said = _ANSWER_IS.search(text)
+    if said and said.group(1).upper() in options:
+        return said.group(1).upper()
+    return _infer_option_text(text, options)
+
+
+def _infer_option_text(answer: str, options: Mapping[str, str]) -> str | None:
+    """Step 4 of infer_option (VLMEvalKit's can_infer_text)."""
+    if len(answer) > 2 * sum(len(str(v)) for v in options.values()):
+        return None
+    said = answer.lower()
+    hits = [letter for letter, option in options.items() if str(option).lower() in said]
     return hits[0] if len(hits) == 1 else None
 
 

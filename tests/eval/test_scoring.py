@@ -100,13 +100,25 @@ OPTIONS = {"A": "cat", "B": "dog", "C": "bird"}
 
 @pytest.mark.parametrize("raw,expected", [
     ("B", "B"), ("(C)", "C"), ("A.", "A"), ("The answer is C", "C"),
-    ("A dog is sitting there", "B"),          # a bare "A" in a long answer is the article: match texts
-    ("It is a bird", "C"),
+    ("The answer is A", "A"),                 # VLMEvalKit's default keeps a bare "A" near the end
+    ("B.cat", "B"), ("(B)cat", "B"),          # its marks become spaces, not nothing
+    ("B:dog", "B"), ("**C**", "C"), ("[A]", "A"),
+    ('"B"', None),                            # quotes are not among its marks; '"b"' is no option text
+    ("A dog is sitting there", None),         # the letter is not among the last 4 words; answer too long for texts
+    ("It is a bird", "C"),                    # no letter: the one option text it holds
     ("A or B", None),                         # two letters named and no option text
     ("D", None),                              # not an option
     ("cat and dog", None),                    # two option texts
+    ("Z", "Z"), ("I think Z.", "Z"),          # "Z" alone: none of the options
+    ("Cannot determine the answer", "Z"),     # one of its refusal texts
+    ("Failed to obtain answer via API", None),
+    ("B is my guess but the correct answer is **C**", "C"),   # B too early; "answer is X" names C
+    ("the answer is c", "C"),                 # that pattern ignores case
+    ("A, B or C, all of them maybe", None),   # several letters and no single option text
+    ("dog", "B"), ("DOG!", "B"),              # option texts ignore case
+    ("a very long answer that mentions a dog somewhere", None),   # longer than twice the option texts
 ])
-def test_infer_option(raw, expected):
+def test_infer_option_follows_vlmevalkit_default(raw, expected):
     assert infer_option(raw, OPTIONS) == expected
 
 
