@@ -551,7 +551,9 @@ def toy_data(out: Path, n: int = 20000, n_test: int = 1000, seed: int = 1, quest
 def evaluate(model: str | None = None, benchmark: list[str] | None = None, data: Path | None = None,
              data_root: Path | None = None, limit: int | None = None, batch: int = 16, output: Path | None = None,
              predictions: Path | None = None, template: Literal["phi", "vicuna", "chatml", "plain"] | None = None,
-             device: str | None = None, dtype: str | None = None, compare: list[str] | None = None) -> None:
+             device: str | None = None, dtype: str | None = None, compare: list[str] | None = None,
+             allow_missing: bool = False, judge_url: str | None = None, judge_model: str | None = None,
+             judge_api_key_env: str | None = None, judge_prompt: Path | None = None) -> None:
     """Score a model (teacher or student, the same way) on benchmarks from their published files, offline;
     or score saved answers (no MODEL, --predictions FILE); or print two results files side by side.
 
@@ -560,8 +562,11 @@ def evaluate(model: str | None = None, benchmark: list[str] | None = None, data:
       matvlm eval MODEL --benchmark mme,pope,sqa-img,textvqa,gqa,vqav2,mmbench,mmmu --data-root ~/data --output all.json
       matvlm eval --benchmark mme --data DIR --predictions answers.jsonl       (score saved answers)
       matvlm eval --compare teacher.json student.json                          (paper-style table)
+      matvlm eval --benchmark mmvet --data DIR --predictions a.jsonl --judge-url URL --judge-model NAME  (LLM judge)
     Benchmarks: mme, pope, sqa-img, textvqa, gqa, vqav2, mmbench, mmmu, mmvet, shapes. Answers are written
     to an answer file as they come (LLaVA's {"question_id", "text"} lines); a rerun skips answered ids.
+    --predictions also reads the answer files of LLaVA's evaluation scripts (their question ids) and
+    MME's folder of <category>.txt results. A question without an answer is an error unless --allow-missing.
 
     Args:
         model: model directory (omit it to score an existing answer file).
@@ -571,11 +576,17 @@ def evaluate(model: str | None = None, benchmark: list[str] | None = None, data:
         limit: at most this many questions per benchmark.
         batch: questions per generation batch.
         output: results JSON (one record per benchmark: benchmark, n, metrics).
-        predictions: answer file (one benchmark; default: next to --output).
+        predictions: answer file, or MME's folder of <category>.txt (one benchmark; default: next to --output).
         template: force a matvlm chat template instead of the model's own.
         device: cuda or cpu (default: cuda when available).
         dtype: e.g. bfloat16 (default: bfloat16 on CUDA, float32 on CPU).
         compare: two results JSON files to print side by side (teacher first).
+        allow_missing: score questions without an answer as unanswered (counted in the results) instead of failing.
+        judge_url: MM-Vet grader: an OpenAI-compatible API base (e.g. http://127.0.0.1:8000/v1 of `matvlm serve`
+            or vLLM); without it MM-Vet is scored by the offline containment heuristic.
+        judge_model: the grader's model name (with --judge-url).
+        judge_api_key_env: environment variable holding the grader's API key (sent as a Bearer token).
+        judge_prompt: grading prompt file with {question}, {answer}, {prediction} (default: matvlm's own prompt).
     """
     from .errors import MatvlmError
     from .eval.benchmarks import compare_table, headline
@@ -593,6 +604,17 @@ def evaluate(model: str | None = None, benchmark: list[str] | None = None, data:
         raise MatvlmError("several benchmarks take --data-root (one sub-directory each), not --data/--predictions")
     if data is None and data_root is None:
         raise MatvlmError("give --data DIR (one benchmark) or --data-root DIR")
+    options = {name: {} for name in benchmark}
+    if judge_url is not None or judge_model is not None:
+        if judge_url is None or judge_model is None:
+            raise MatvlmError("an MM-Vet judge needs both --judge-url and --judge-model")
+        if "mmvet" not in benchmark:
+            raise MatvlmError("--judge-url grades MM-Vet only; add mmvet to --benchmark")
+        from .eval.judge import load_judge
+
+        options["mmvet"] = {"judge": load_judge(judge_url, judge_model, judge_prompt, judge_api_key_env)}
+    elif judge_prompt is not None or judge_api_key_env is not None:
+        raise MatvlmError("--judge-prompt / --judge-api-key-env need --judge-url and --judge-model")
     dirs = {name: data if data is not None else Path(data_root) / name for name in benchmark}
     # names and data first (seconds), the model after (it can take a minute to load)
     samples = {name: load_samples(name, d, limit) for name, d in dirs.items()}
@@ -604,11 +626,12 @@ def evaluate(model: str | None = None, benchmark: list[str] | None = None, data:
     for name, d in dirs.items():
         answers = predictions or default_predictions_path(output, name)
         rec = run_eval(name, d, predictions=answers, limit=limit, batch_size=batch, template=template, engine=engine,
-                       samples=samples[name],
+                       samples=samples[name], allow_missing=allow_missing, options=options[name],
                        progress=lambda i, n, name=name: print(f"\r{name}: {i}/{n} answered", end="", flush=True))
         print()
         records.append(rec)
-        print(f"{name}: n={rec['n']} {headline_text(rec)}  (answers: {answers})")
+        print(f"{name}: n={rec['n']} {headline_text(rec)}  (answers: {answers}; "
+              f"{rec['missing_answers']} questions without an answer)")
     if output is not None:
         write_results(Path(output), records)
         print(f"wrote {output}")

@@ -2,7 +2,8 @@
 
 Answers go to a LLaVA-convention answer file as they are produced, so an interrupted run resumes
 where it stopped (answered ids are skipped); scoring reads that file, so saved answers can be scored
-without a model.
+without a model, and so can the answer files LLaVA's evaluation scripts write (results.match_answers).
+A question without an answer is an error unless allowed; the record counts them either way.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import json
 from pathlib import Path
 
 from ..errors import MatvlmError
-from .benchmarks import get_benchmark, load_images, read_predictions, results_json, write_predictions
+from .benchmarks import get_benchmark, load_images, results_json, write_predictions
+from .benchmarks.results import match_answers, missing_answers_error, read_answer_rows
 
 
 def default_predictions_path(output: Path | None, benchmark: str) -> Path:
@@ -22,7 +24,8 @@ def default_predictions_path(output: Path | None, benchmark: str) -> Path:
 
 def evaluate(benchmark: str, data: Path, model=None, processor=None, predictions: Path | None = None,
              limit: int | None = None, batch_size: int = 16, template: str | None = None, engine=None,
-             progress=None, samples: list | None = None) -> dict:
+             progress=None, samples: list | None = None, allow_missing: bool = False,
+             options: dict | None = None) -> dict:
     """Answer (if a model or engine is given) and score one benchmark; returns its results record.
 
     Args:
@@ -35,16 +38,19 @@ def evaluate(benchmark: str, data: Path, model=None, processor=None, predictions
         template: force a matvlm chat template instead of the model's own.
         progress: callable(done, total) for progress reporting.
         samples: the benchmark's samples if already read (`load_samples`); read from `data` otherwise.
+        allow_missing: score questions without an answer as unanswered instead of raising (their
+            count is the record's "missing_answers" either way). No answer at all always raises.
+        options: benchmark options (get_benchmark), e.g. {"judge": ...} for mmvet.
     """
     from ..engine.engine import Engine, Request
     from ..engine.prompts import render, stop_strings
     from ..engine.sampling import SamplingParams
 
-    bench = get_benchmark(benchmark)
+    bench = get_benchmark(benchmark, **(options or {}))
     samples = samples if samples is not None else load_samples(benchmark, data, limit)
     if predictions is None:
         raise MatvlmError("an answer file path is needed (--predictions)")
-    done = read_predictions(predictions, missing_ok=True)
+    done, _ = match_answers(samples, read_answer_rows(predictions, missing_ok=True))
     todo = [s for s in samples if s.id not in done]
     if todo and engine is None and model is None:
         if not Path(predictions).is_file():
@@ -65,8 +71,14 @@ def evaluate(benchmark: str, data: Path, model=None, processor=None, predictions
             write_predictions(predictions, {s.id: o.text.strip() for s, o in zip(chunk, outs)})
             if progress:
                 progress(min(i + batch_size, len(todo)), len(todo))
-    answers = read_predictions(predictions, missing_ok=True)
-    return results_json(bench.name, len(samples), bench.score(samples, answers))
+    rows = read_answer_rows(predictions, missing_ok=True)
+    answers, unmatched = match_answers(samples, rows)
+    error = missing_answers_error(bench.name, samples, answers, rows, predictions, allow_missing)
+    if error is not None:
+        raise error
+    record = results_json(bench.name, len(samples), bench.score(samples, answers))
+    record.update(missing_answers=len(samples) - len(answers), answers_not_matched=len(unmatched))
+    return record
 
 
 def load_samples(benchmark: str, data: Path, limit: int | None = None) -> list:

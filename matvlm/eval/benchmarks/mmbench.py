@@ -12,6 +12,10 @@ rows the rotations are generated here the way LLaVA's model_vqa_mmbench.py --all
 (option texts shifted left by one per round; copy k gets index + k·1e6). Answers are read with
 scoring.infer_option (VLMEvalKit's exact matching; its GPT fallback cannot run offline, so an
 answer it cannot match counts as wrong, as in VLMEvalKit's exact-matching mode).
+
+Answer ids: matvlm's own index (rotated copies included); LLaVA's model_vqa_mmbench.py writes the TSV
+row's index as question_id and the rotation as round_id (0 without --all-rounds, as its mmbench.sh
+runs), matched to the row and rotation they name.
 """
 
 from __future__ import annotations
@@ -92,7 +96,7 @@ class MMBench:
             images=[ImageBytes(row["image"], source=f"{path} index {row['index']}")],
             max_new_tokens=self.max_new_tokens,
             meta={"answer": row["answer"], "options": options, "group": row["index"] % ROTATION,
-                  "category": row["category"]},
+                  "category": row["category"], "answer_keys": (f"{row['source']}\t#{row['round']}",)},
         )
 
     def score(self, samples: list[Sample], predictions: dict[str, str]) -> dict:
@@ -141,7 +145,8 @@ def _read_tsv(path: Path) -> list[dict]:
         if answer is not None and answer not in options:
             raise layout_error("mmbench", path, f"line {n}: answer {answer!r} is not one of the options "
                                f"{list(options)}", LAYOUT)
-        rows.append({"index": index, "question": str(rec["question"]), "hint": rec.get("hint"),
+        rows.append({"index": index, "source": index, "round": 0, "question": str(rec["question"]),
+                     "hint": rec.get("hint"),
                      "options": options, "answer": answer, "category": rec.get("category") or "",
                      "image": str(rec["image"])})
     return rows
@@ -168,7 +173,7 @@ def _rotations(row: dict) -> list[dict]:
         shifted = texts[k:] + texts[:k]
         answer = None if row["answer"] is None else letters[(letters.index(row["answer"]) - k) % len(letters)]
         copies.append({**row, "index": row["index"] + k * ROTATION, "options": dict(zip(letters, shifted)),
-                       "answer": answer})
+                       "answer": answer, "round": k})
     return copies
 
 

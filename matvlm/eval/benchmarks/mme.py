@@ -8,6 +8,11 @@ Layout of the release (``MME_Benchmark_release_version``), one folder per catego
 Scoring per MME's ``eval_tool/calculation.py``: per category, acc = % of questions right and
 acc+ = % of images with both questions right; category score = acc + acc+ (0..200); perception =
 sum over the 10 perception categories (MaTVLM's "MME-P"), cognition = sum over the 4 others.
+
+Answer ids: matvlm's own "<category>/<image>/<0|1>"; LLaVA's llava_mme.jsonl gives both questions of
+an image one id, the image path under the release folder ("code_reasoning/0020.png",
+"artwork/images/14777.jpg"), told apart by the question in the answer's "prompt"; MME's eval_tool
+result files name "<category>.txt" and the image (or LLaVA's "<stem>.txt") beside the question.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import ClassVar
 from matvlm.eval.scoring import mme_yes_no
 
 from .base import SHORT_ANSWER, ImageFile, Sample, answer_of, layout_error, n_missing, percent, take_groups
+from .results import question_key
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene",
               "landmark", "artwork", "OCR")
@@ -48,6 +54,10 @@ class MME:
         if not present:
             raise layout_error("mme", root, "none of the 14 MME category folders found", LAYOUT)
         groups = [group for c in present for group in self._category(root / c)]
+        for s in (s for group in groups for s in group):
+            image, question = s.meta["path"], question_key(s.prompt)
+            short = f"{s.meta['category']}/{Path(s.meta['image']).stem}"
+            s.meta["answer_keys"] = (f"{image}\t{question}", f"{short}\t{question}", image, short)
         return take_groups(groups, limit)
 
     def _category(self, folder: Path) -> list[list[Sample]]:
@@ -66,7 +76,8 @@ class MME:
                     prompt=question.replace("Please answer yes or no.", "").strip() + "\n" + SHORT_ANSWER,
                     images=[ImageFile(image)],
                     max_new_tokens=self.max_new_tokens,
-                    meta={"category": folder.name, "image": image.name, "answer": answer, "question": question},
+                    meta={"category": folder.name, "image": image.name, "answer": answer, "question": question,
+                          "path": image.relative_to(folder.parent).as_posix()},
                 )
                 for k, (question, answer) in enumerate(_read_pair(txt))
             ])

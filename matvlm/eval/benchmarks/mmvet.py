@@ -3,11 +3,17 @@
 Layout (yuweihao/MM-Vet release ``mm-vet.zip``): ``<data_dir>/mm-vet.json`` ({"v1_0": {imagename,
 question, answer, capability: [...]}, ...}) + ``<data_dir>/images/<imagename>``.
 
-MM-Vet's official score is the mean of a GPT-4 grader's 0..1 marks (× 100), overall and per
-capability; that grader cannot run offline. Scores here come from a pluggable ``judge`` (default:
-scoring by containment of the reference answer, honouring MM-Vet's "<AND>" / "<OR>" markers) and
-are labelled ``comparable_to_published: False``. The prompt is the bare question (LLaVA's mmvet.sh
+MM-Vet's official score (mm-vet_evaluator.py) is the mean of a GPT-4 grader's 0..1 marks (× 100),
+overall, per capability (rec, ocr, know, gen, spat, math: the mean over the questions that need it)
+and per capability integration (each question's exact set of capabilities). Marks here come from a
+pluggable ``judge``: an LLM behind an OpenAI-compatible endpoint (matvlm.eval.judge.LLMJudge, which
+says which prompt it used and whether its numbers are comparable to published ones), or, offline,
+containment of the reference answer honouring MM-Vet's "<AND>" / "<OR>" markers (the default,
+``comparable_to_published: False``). The prompt is the bare question (LLaVA's mmvet.sh
 uses model_vqa.py without a suffix, max_new_tokens 1024).
+
+Answer ids: matvlm's own "v1_<n>" (mm-vet.json's keys, also those of LLaVA's convert_mmvet_for_eval.py
+output); LLaVA's llava-mm-vet.jsonl numbers the questions as integers <n>.
 """
 
 from __future__ import annotations
@@ -42,13 +48,19 @@ def containment_judge(question: str, answer: str, prediction: str) -> float:
 
     return float(any(all(present(p) for p in alt.split("<AND>")) for alt in answer.split("<OR>")))
 
+def _llava_id(key: str) -> tuple[str, ...]:
+    """"v1_12" -> ("12",): the integer question_id of LLaVA's llava-mm-vet.jsonl."""
+    tail = key.rsplit("_", 1)[-1]
+    return (str(int(tail)),) if key.startswith("v1_") and tail.isdigit() else ()
+
+
 @dataclass
 class MMVet:
     """MM-Vet reader and (non-official) scorer.
 
     Attributes:
         judge: grader of one answer, (question, reference, prediction) -> [0, 1]; default
-            containment_judge. Any judge here is not MM-Vet's GPT-4 grader.
+            containment_judge. One with a ``describe()`` (LLMJudge) says what the results record.
     """
 
     judge: Judge | None = None
@@ -71,7 +83,7 @@ class MMVet:
                 prompt=question.strip(),
                 images=[existing_image("mmvet", data_dir / "images" / str(field("imagename")), LAYOUT)],
                 max_new_tokens=self.max_new_tokens,
-                meta={"answer": answer, "question": question,
+                meta={"answer": answer, "question": question, "answer_keys": _llava_id(str(key)),
                       "capability": [capability] if isinstance(capability, str) else list(capability)},
             ))
         return samples
@@ -79,15 +91,20 @@ class MMVet:
     def score(self, samples: list[Sample], predictions: dict[str, str]) -> dict:
         judge = self.judge or containment_judge
         marks = {s.id: float(judge(s.meta["question"], s.meta["answer"], answer_of(predictions, s))) for s in samples}
-        capabilities = defaultdict(list)
+        capabilities, integrations = defaultdict(list), defaultdict(list)
         for s in samples:
-            for cap in s.meta["capability"]:
+            for cap in sorted(set(s.meta["capability"])):
                 capabilities[cap].append(marks[s.id])
+            integrations["_".join(sorted(set(s.meta["capability"])))].append(marks[s.id])
+        about = judge.describe() if hasattr(judge, "describe") else {
+            "kind": "containment" if judge is containment_judge else "custom",
+            "name": getattr(judge, "__name__", type(judge).__name__), "comparable_to_published": False}
         return {
             "score": percent(marks.values()),
             "capabilities": {c: percent(v) for c, v in sorted(capabilities.items())},
-            "comparable_to_published": False,
-            "judge": getattr(judge, "__name__", type(judge).__name__),
+            "capability_integrations": {c: percent(v) for c, v in sorted(integrations.items())},
+            "comparable_to_published": about["comparable_to_published"],
+            "judge": about,
             "n": len(samples),
             "missing_predictions": n_missing(samples, predictions),
         }

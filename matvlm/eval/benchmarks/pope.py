@@ -8,6 +8,11 @@ Scoring per LLaVA's ``llava/eval/eval_pope.py``: answers parsed by scoring.pope_
 the positive class; per split accuracy, precision, recall, F1 and yes-ratio (share of "yes"
 answers), and their means over the splits. The headline is the mean F1: LLaVA-1.5, TinyLLaVA and
 MaTVLM report POPE as F1 averaged over the three splits (UNVERIFIED for MaTVLM's own table).
+
+Answer ids: matvlm's own "<split>/<question_id>"; LLaVA's llava_pope_test.jsonl (haotian-liu/LLaVA,
+playground/data/eval/pope) numbers its questions as integers, the split's question_id plus
+LLAVA_ID_OFFSET[split] (adversarial 1.., random 10000001.., popular 20000001..); with one split
+present, that split's bare question_id (model_vqa_loader.py run on a coco_pope file) also matches.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from .base import (SHORT_ANSWER, Sample, answer_of, existing_image, get_field, l
                    n_missing, read_jsonl)
 
 SPLITS = ("random", "popular", "adversarial")
+LLAVA_ID_OFFSET = {"adversarial": 0, "random": 10_000_000, "popular": 20_000_000}  # llava_pope_test.jsonl
 LAYOUT = ("<data_dir>/coco_pope_{random,popular,adversarial}.json (JSON lines: question_id, image, "
           "text, label yes|no; also accepted under <data_dir>/coco/) + <data_dir>/val2014/<image>")
 
@@ -50,6 +56,8 @@ class POPE:
         for split, path in files.items():
             rows = read_jsonl("pope", path, LAYOUT)[:per_split]
             samples += [self._sample(split, row, path, image_dir, n) for n, row in enumerate(rows, 1)]
+        for s in samples:
+            s.meta["answer_keys"] = _llava_ids(s, alone=len(files) == 1)
         return samples if limit is None else samples[:limit]
 
     def _sample(self, split: str, row: dict, path: Path, image_dir: Path, n: int) -> Sample:
@@ -94,6 +102,15 @@ def binary_metrics(pairs: list[tuple[str, str]]) -> dict:
         "yes_ratio": 100 * ratio(tp + fp, len(pairs)),
         "tp": tp, "fp": fp, "tn": tn, "fn": fn, "n": len(pairs),
     }
+
+
+def _llava_ids(sample: Sample, alone: bool) -> tuple[str, ...]:
+    """The ids LLaVA's answer files give a sample (see the module doc); () for a non-integer id."""
+    qid = sample.id.split("/", 1)[1]
+    if not qid.lstrip("-").isdigit():
+        return ()
+    llava = str(int(qid) + LLAVA_ID_OFFSET[sample.meta["split"]])
+    return (llava, str(int(qid))) if alone and llava != str(int(qid)) else (llava,)
 
 
 def _find(data_dir: Path, split: str) -> Path | None:

@@ -10,6 +10,7 @@ from matvlm.eval.scoring import textvqa_accuracy
 
 from .base import (SHORT_ANSWER, Sample, answer_of, existing_image, expect_type, get_field,
                    layout_error, n_missing, percent, read_json, require_file, take)
+from .results import question_key
 
 LAYOUT = ("<data_dir>/TextVQA_0.5.1_val.json ({'data': [{question_id, question, image_id, answers[10]}]}) "
           "+ <data_dir>/train_images/<image_id>.jpg [+ OCR tokens: 'ocr_tokens' in each entry or "
@@ -23,6 +24,10 @@ class TextVQA:
     Prompt, as in LLaVA's llava_textvqa_val_v051_ocr.jsonl (the layout its eval_textvqa.py parses):
     question, then "Reference OCR token: t1, t2, ..." when OCR tokens are used and the image has
     any, then the short-answer suffix. Scoring: scoring.textvqa_accuracy (m4c_evaluator.py).
+
+    Answer ids: matvlm's own question_id; LLaVA's llava_textvqa_val_v051_ocr.jsonl uses the image_id as
+    question_id, and its eval_textvqa.py finds the question by (image_id, lower-cased question of the
+    prompt); so does match_answers.
 
     Attributes:
         ocr: put OCR tokens in the prompt: True (required; error if the data has none), False, or
@@ -59,7 +64,8 @@ class TextVQA:
                 prompt="\n".join(lines + [SHORT_ANSWER]),
                 images=[existing_image("textvqa", image_dir / f"{image_id}.jpg", LAYOUT)],
                 max_new_tokens=self.max_new_tokens,
-                meta={"answers": answers, "ocr": tokens is not None},
+                meta={"answers": answers, "ocr": tokens is not None,
+                      "answer_keys": (f"{image_id}\t{question_key(str(field('question')))}",)},
             ))
         return samples
 
