@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
     "self-generate": ("matvlm.commands:self_generate", "distillation data from a teacher's own answers to prompts"),
     "eval-lm": ("matvlm.commands:eval_lm", "text models: perplexity, KL and greedy agreement of student vs teacher"),
     "info": ("matvlm.commands:info", "describe a model directory (format, layers, parameters)"),
+    "export": ("matvlm.commands:export", "write a hybrid as a transformers-native Bamba model (loads without matvlm)"),
     "toy": {
         "tiny-teacher": ("matvlm.commands:tiny_teacher", "write a tiny random-weight teacher (for trying things)"),
         "data": ("matvlm.commands:toy_data", "write the Shapes-VQA benchmark (LLaVA JSON + PNG)"),

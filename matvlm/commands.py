@@ -101,6 +101,33 @@ def info(model: Path) -> None:
     print(f"parameters:    {n_params / 1e6:.2f} M ({n_mamba / 1e6:.2f} M in Mamba-2 mixers)")
 
 
+def export(hybrid: Path, out: Path, format: Literal["bamba"] = "bamba", overwrite: bool = False) -> None:
+    """Write a hybrid so that plain transformers loads it (no matvlm needed), with the same logits.
+
+    bamba: a Llama-, Mistral- or Qwen2-family hybrid becomes BambaForCausalLM (transformers' Mamba-2 +
+    attention hybrid); a llava-hf VLM becomes LlavaForConditionalGeneration with a Bamba text model.
+    Phi-family hybrids are refused (no native hybrid matches them).
+    Example: matvlm export hybrid/ hybrid-bamba/ --format bamba
+
+    Args:
+        hybrid: hybrid (or teacher) model directory.
+        out: output directory (must not exist unless --overwrite).
+        format: target layout (bamba).
+        overwrite: replace the output directory if it exists.
+    """
+    import json
+
+    from .convert.export import export as run
+
+    path = run(hybrid, out, format=format, overwrite=overwrite)
+    cfg = json.loads((path / "config.json").read_text())
+    text = cfg.get("text_config", cfg)
+    attn = text.get("attn_layer_indices") or []
+    print(f"wrote {path}: {cfg['architectures'][0]}"
+          + (f" with a {text['architectures'][0]} text model" if "text_config" in cfg else "")
+          + f", attention at layers {attn}, Mamba-2 at the other {text['num_hidden_layers'] - len(attn)}")
+
+
 def import_gguf(out: Path, gguf: Path | None = None, dtype: Literal["float32", "bfloat16", "float16"] = "float32",
                 overwrite: bool = False) -> None:
     """Write a GGUF model as a normal transformers directory (safetensors, tokenizer, chat template),

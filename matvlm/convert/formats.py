@@ -7,6 +7,7 @@
 | `causal-lm`       | config.json of a Phi / Llama / Mistral / Qwen2 LM    | teacher (0 Mamba layers)   |
 | `tinyllava`       | config.json `model_type: tinyllava`                  | teacher, keys mapped       |
 | `matvlm-upstream` | `tinyllava` + MaTVLM's mamba_config.json             | hybrid, keys mapped        |
+| `bamba`           | `model_type: bamba`, or llava with a Bamba text model | hybrid (`convert.bamba`)   |
 
 TinyLLaVA key names (TinyLLaVA_Factory's `TinyLlavaForConditionalGeneration`; MaTVLM's
 release uses the same with `layers.{i}.mamba.*` for its Mamba layers):
@@ -49,13 +50,15 @@ def read_config(path: Path) -> dict:
 
 
 def detect_format(path: str | Path) -> str:
-    """One of 'matvlm', 'llava-hf', 'causal-lm', 'tinyllava', 'matvlm-upstream' (see module doc)."""
+    """One of 'matvlm', 'llava-hf', 'causal-lm', 'tinyllava', 'matvlm-upstream', 'bamba' (see module doc)."""
     path = Path(path)
     cfg = read_config(path)
     mt = cfg.get("model_type")
     has_mamba = (path / io.MAMBA_CONFIG).is_file()
     if mt == "tinyllava":
         return "matvlm-upstream" if has_mamba else "tinyllava"
+    if mt == "bamba" or (mt == "llava" and (cfg.get("text_config") or {}).get("model_type") == "bamba"):
+        return "bamba"
     if mt == "llava" or mt in ATTENTION_NAMES:
         if mt == "llava":
             text_mt = (cfg.get("text_config") or {}).get("model_type", "llama")
@@ -224,6 +227,10 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
         model = io.load_hybrid_dir(path, dtype, attn_implementation)
     elif fmt in ("tinyllava", "matvlm-upstream"):
         model = load_tinyllava_dir(path, fmt, dtype, attn_implementation)
+    elif fmt == "bamba":
+        from .bamba import load_bamba_dir
+
+        model = load_bamba_dir(path, dtype, attn_implementation)
     else:
         model = load_transformers_dir(path, fmt, dtype, attn_implementation)
     model.matvlm_source_dir = path
