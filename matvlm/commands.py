@@ -748,9 +748,12 @@ def ui(model: str, host: str = "127.0.0.1", port: int = 7860, share: bool = Fals
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           name: str | None = None, allow_local_images: bool = False, max_batch: int = 16,
           max_image_pixels: int = 4096 * 4096, template: Literal["phi", "vicuna", "chatml", "plain"] | None = None,
-          device: str | None = None, dtype: str | None = None, compile: bool = False) -> None:
+          device: str | None = None, dtype: str | None = None, compile: bool = False,
+          scheduler: Literal["continuous", "static"] = "continuous", max_waiting: int = 256) -> None:
     """Serve the model over an OpenAI-compatible HTTP API: /v1/chat/completions (stream: true for SSE;
-    images as data: URLs), /v1/models, /health. Concurrent requests are batched together.
+    images as data: URLs), /v1/models, /health, /metrics (Prometheus text). Concurrent requests are
+    batched: by default continuously (a request joins the running batch at the next decode step and
+    leaves it when done, so a short answer never waits for a long one); a full queue answers 429.
 
     Example: matvlm serve hybrid/ --port 8000 --api-key secret
              (then: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="secret"))
@@ -767,7 +770,11 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         template: force a matvlm chat template instead of the model's own.
         device: cuda or cpu (default: cuda when available).
         dtype: e.g. bfloat16.
-        compile: compile the decode step (faster decoding; the first request of each batch size waits for it).
+        compile: compile the decode step (faster decoding; the first request of each batch size waits for it;
+            static scheduler only).
+        scheduler: continuous (iteration-level batching, the default) or static (a batch runs to its end
+            before the next starts).
+        max_waiting: most requests queued; more get 429 with Retry-After.
     """
     from .errors import MatvlmError
     try:
@@ -776,11 +783,18 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         from .serve.openai_api import Limits, create_app
     except ImportError as e:
         raise MatvlmError("matvlm serve needs fastapi and uvicorn: pip install 'matvlm[serve]'") from e
-    from .serve.service import BatchingService
+    from .serve.service import BatchingService, ContinuousService
 
-    service = BatchingService(_engine(model, device, dtype, compile=compile), max_batch=max_batch)
+    if max_batch < 1 or max_waiting < 1:
+        raise MatvlmError(f"--max-batch and --max-waiting must be >= 1; got {max_batch} and {max_waiting}")
+    engine = _engine(model, device, dtype, compile=compile and scheduler == "static")
+    if scheduler == "continuous":
+        service = ContinuousService(engine, max_batch=max_batch, max_waiting=max_waiting)
+    else:
+        service = BatchingService(engine, max_batch=max_batch, max_waiting=max_waiting)
     app = create_app(service, name or Path(model).name, api_key=api_key,
                      limits=Limits(max_image_pixels=max_image_pixels), allow_local_images=allow_local_images,
                      template=template)
-    print(f"serving {model} as {name or Path(model).name} on http://{host}:{port}/v1")
+    print(f"serving {model} as {name or Path(model).name} on http://{host}:{port}/v1 ({scheduler} batching, "
+          f"{max_batch} at a time)")
     uvicorn.run(app, host=host, port=port, log_level="warning")

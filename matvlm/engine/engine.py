@@ -439,11 +439,12 @@ class Engine:
                     yield text[len(sent):]
                     sent = text
 
-    def _run(self, requests: list[Request], stream: bool = False):
+    def _run(self, requests: list[Request], stream: bool = False, encoded: list | None = None):
         """Generator: yields [partial text per request] after each step (kept current only with `stream`
-        or for requests with stop strings), and finally [Output, ...]."""
+        or for requests with stop strings), and finally [Output, ...]. `encoded`: the requests' `encode`
+        results where the caller has them already."""
         t0 = time.perf_counter()
-        encoded = [self.encode(r) for r in requests]
+        encoded = encoded if encoded is not None else [self.encode(r) for r in requests]
         n = len(requests)
         b = _bucket(n)
         prompt_len = max(len(ids) for ids, _ in encoded)

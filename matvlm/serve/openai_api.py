@@ -2,9 +2,12 @@
 
 Endpoints: POST /v1/chat/completions (OpenAI message format; images as `image_url` parts with
 `data:` URLs, or local paths when --allow-local-images; `stream: true` gives server-sent events),
-GET /v1/models, GET /health (this module needs the `serve` extra: fastapi, uvicorn). Binds 127.0.0.1 unless told otherwise; an optional API key is checked
+GET /v1/models, GET /health, GET /metrics (Prometheus text; this module needs the `serve` extra:
+fastapi, uvicorn). Binds 127.0.0.1 unless told otherwise; an optional API key is checked
 as `Authorization: Bearer KEY`. Bad requests get OpenAI-style JSON errors with a 4xx status and the
-server keeps serving; requests and images are size-limited.
+server keeps serving; requests and images are size-limited. Parameters this server cannot honour
+(`n` > 1, `logprobs`, `tools`, ...) get a 400 naming them rather than being ignored; a full queue
+gets a 429 with `Retry-After`; a client that disconnects frees its request's slot.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import base64
 import binascii
 import io
 import json
+import asyncio
 import time
 import uuid
 from dataclasses import dataclass
@@ -29,7 +33,8 @@ from ..engine.engine import Request
 from ..engine.prompts import render, stop_strings
 from ..engine.sampling import SamplingParams
 from ..errors import MatvlmError
-from .service import BatchingService
+from .metrics import Metrics
+from .service import QueueFull, Service
 
 
 @dataclass
@@ -116,6 +121,35 @@ def parse_messages(body: dict, limits: Limits, allow_local: bool) -> tuple[list[
     return out, images
 
 
+# what a request may carry: parameters this server honours, and ones that change nothing here
+SUPPORTED = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+             "repetition_penalty", "seed", "stop", "stream", "stream_options", "ignore_eos"}
+HARMLESS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
+# parameters accepted only at the value that asks for nothing this server lacks
+NEUTRAL = {"n": lambda v: v == 1, "logprobs": lambda v: v is False,
+           "presence_penalty": lambda v: v == 0, "frequency_penalty": lambda v: v == 0,
+           "logit_bias": lambda v: not v, "tools": lambda v: not v, "functions": lambda v: not v,
+           "tool_choice": lambda v: v == "none", "function_call": lambda v: v == "none",
+           "response_format": lambda v: isinstance(v, dict) and v.get("type") == "text",
+           "modalities": lambda v: v == ["text"]}
+
+
+def check_parameters(body: dict) -> None:
+    """400 naming every parameter the request sets that this server would otherwise silently ignore."""
+    bad = sorted(k for k, v in body.items() if v is not None and k not in SUPPORTED | HARMLESS
+                 and not (k in NEUTRAL and NEUTRAL[k](v)))
+    if bad:
+        listed = ", ".join(f"{k}={json.dumps(body[k])[:40]}" if k in NEUTRAL else k for k in bad)
+        raise RequestError(400, f"unsupported parameter{'s' if len(bad) > 1 else ''}: {listed}; this server "
+                                "generates one text choice per request (n=1) without logprobs, tools, penalties "
+                                "other than repetition_penalty, or response formats other than text",
+                           bad[0], "unsupported_parameter")
+    opts = body.get("stream_options")
+    if opts is not None and not (isinstance(opts, dict) and set(opts) <= {"include_usage"}):
+        raise RequestError(400, "'stream_options' supports only {\"include_usage\": bool}", "stream_options",
+                           "unsupported_parameter")
+
+
 def sampling_from(body: dict, limits: Limits, stops: list[str]) -> SamplingParams:
     def num(name, default, kind=float):
         v = body.get(name, default)
@@ -137,17 +171,19 @@ def sampling_from(body: dict, limits: Limits, stops: list[str]) -> SamplingParam
         return SamplingParams(max_new_tokens=max_tokens, temperature=num("temperature", 1.0),
                               top_p=num("top_p", 1.0), top_k=num("top_k", 0, int),
                               repetition_penalty=num("repetition_penalty", 1.0),
-                              seed=int(seed) if isinstance(seed, int) else None, stop=list(stop) + stops)
+                              seed=int(seed) if isinstance(seed, int) else None, stop=list(stop) + stops,
+                              ignore_eos=body.get("ignore_eos") is True)
     except MatvlmError as e:
         raise RequestError(400, str(e)) from None
 
 
-def create_app(service: BatchingService, model_name: str, api_key: str | None = None, limits: Limits = Limits(),
+def create_app(service: Service, model_name: str, api_key: str | None = None, limits: Limits = Limits(),
                allow_local_images: bool = False, template: str | None = None):
     app = FastAPI(title="matvlm", docs_url=None, redoc_url=None)
     engine = service.engine
     context = getattr(engine.model.config.get_text_config(), "max_position_embeddings", None)
     stops = stop_strings(engine.processor, engine.model.config, template)
+    metrics = Metrics(service)
 
     def fail(e: RequestError):
         return JSONResponse(error_body(e.message, e.code, e.param), status_code=e.status)
@@ -167,6 +203,12 @@ def create_app(service: BatchingService, model_name: str, api_key: str | None = 
     @app.get("/health")
     def health():
         return {"status": "ok", "model": model_name}
+
+    @app.get("/metrics")
+    def prometheus():
+        from fastapi.responses import PlainTextResponse
+
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     def models(req: HTTPRequest):
@@ -195,6 +237,7 @@ def create_app(service: BatchingService, model_name: str, api_key: str | None = 
             if body.get("model", model_name) != model_name:
                 raise RequestError(404, f"model {body.get('model')!r} does not exist; this server serves "
                                         f"{model_name!r}", "model", "model_not_found")
+            check_parameters(body)
             messages, images = parse_messages(body, limits, allow_local_images)
             if images and not engine.vlm:
                 raise RequestError(400, "this model takes no images", "messages")
@@ -208,33 +251,65 @@ def create_app(service: BatchingService, model_name: str, api_key: str | None = 
                                    "context_length_exceeded")
         except RequestError as e:
             return fail(e)
-        handle = service.submit(request)
+        try:
+            handle = service.submit(request)
+        except QueueFull as e:
+            return JSONResponse(error_body(str(e), "rate_limit_exceeded"), status_code=429,
+                                headers={"Retry-After": "1"})
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        base = {"id": cid, "created": created, "model": model_name}
         if body.get("stream"):
-            def events():
-                base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name}
-                yield _sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]})
+            usage_chunk = bool((body.get("stream_options") or {}).get("include_usage"))
+
+            async def events():
+                chunk = {**base, "object": "chat.completion.chunk"}
+                extra = {"usage": None} if usage_chunk else {}
+                pieces = handle.stream()
                 try:
-                    for piece in handle.stream():
-                        yield _sse({**base, "choices": [{"index": 0, "delta": {"content": piece},
-                                                         "finish_reason": None}]})
-                    finish = handle.output.finish_reason if handle.output else "stop"
-                    yield _sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
+                    yield _sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                      "finish_reason": None}], **extra})
+                    while (piece := await run_in_threadpool(next, pieces, None)) is not None:
+                        yield _sse({**chunk, "choices": [{"index": 0, "delta": {"content": piece},
+                                                          "finish_reason": None}], **extra})
+                    out = handle.output
+                    yield _sse({**chunk, "choices": [{"index": 0, "delta": {},
+                                                      "finish_reason": out.finish_reason}], **extra})
+                    if usage_chunk:
+                        yield _sse({**chunk, "choices": [], "usage": _usage(out)})
                 except Exception as e:             # noqa: BLE001 - the stream reports it and ends
                     yield _sse(error_body(str(e), "server_error"))
+                finally:                           # also when the client went away (cancellation)
+                    handle.cancel()
                 yield "data: [DONE]\n\n"
             return StreamingResponse(events(), media_type="text/event-stream")
         try:
-            out = await run_in_threadpool(handle.result)   # never block the event loop: others keep arriving
+            out = await _result_unless_gone(handle, req)
         except Exception as e:                     # noqa: BLE001
             return JSONResponse(error_body(str(e), "server_error"), status_code=500)
-        return {"id": cid, "object": "chat.completion", "created": created, "model": model_name,
+        return {**base, "object": "chat.completion",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
                              "finish_reason": out.finish_reason}],
-                "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": len(out.token_ids),
-                          "total_tokens": out.prompt_tokens + len(out.token_ids)}}
+                "usage": _usage(out)}
 
     return app
+
+
+async def _result_unless_gone(handle, req: HTTPRequest):
+    """The request's output; if the client disconnects first, the request is cancelled (its slot freed)."""
+    task = asyncio.ensure_future(run_in_threadpool(handle.result))
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.25)
+            if not task.done() and await req.is_disconnected():
+                handle.cancel()
+        return task.result()
+    finally:
+        handle.cancel()
+
+
+def _usage(out) -> dict:
+    return {"prompt_tokens": out.prompt_tokens, "completion_tokens": len(out.token_ids),
+            "total_tokens": out.prompt_tokens + len(out.token_ids)}
 
 
 def _sse(obj: dict) -> str:

@@ -1,21 +1,37 @@
 """A thread that owns the engine and batches concurrent requests (the HTTP server's and the web UI's core).
 
-Callers `submit` a request from any thread and iterate its text as it is generated. The worker takes
-the first waiting request, waits `window_s` for more (up to `max_batch`), and runs them as one batch;
-every decode step hands each request its new text. The engine itself is used by this thread only.
+Callers `submit` a request from any thread and iterate its text as it is generated. Two schedulers:
+
+- `ContinuousService` (the default): iteration-level scheduling (`engine.scheduler.ContinuousBatcher`):
+  a request joins the running batch at the next decode step and leaves it when done; newcomers'
+  prefill is chunked between decode steps, so running streams keep flowing.
+- `BatchingService` (static): the worker takes the first waiting request, waits `window_s` for more
+  (up to `max_batch`) and runs them as one batch to the end; newcomers wait for the next batch.
+
+Both queue first come first served, at most `max_waiting` requests (`submit` then raises `QueueFull`);
+a request's failure (its image, prompt or generation) is its own error, the others finish; a cancelled
+request (a client that went away) frees its place. The engine is used by the worker thread only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
-
-import torch
+import time
 from dataclasses import dataclass, field
 
+import torch
+
 from ..engine.engine import Engine, Output, Request
+from ..engine.scheduler import ContinuousBatcher, Sequence
+from ..errors import MatvlmError
 
 _DONE = object()
+
+
+class QueueFull(MatvlmError):
+    """The service has `max_waiting` requests waiting already."""
 
 
 @dataclass
@@ -24,6 +40,24 @@ class Handle:
     events: "queue.Queue" = field(default_factory=queue.Queue)
     output: Output | None = None
     error: BaseException | None = None
+    cancelled: bool = False
+    submitted: float = field(default_factory=time.perf_counter)
+    first_text_s: float | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def put_text(self, text: str) -> None:
+        if self.first_text_s is None:
+            self.first_text_s = time.perf_counter() - self.submitted
+        self.events.put(text)
+
+    def finish(self, output: Output | None, error: BaseException | None) -> None:
+        self.output, self.error = output, error
+        self.done.set()
+        self.events.put(_DONE)
+
+    def cancel(self) -> None:
+        """The caller went away: the worker frees its slot (or its place in the queue) at the next step."""
+        self.cancelled = True
 
     def stream(self):
         """Yield text pieces as they are generated; raises the engine's error if the request failed."""
@@ -41,23 +75,72 @@ class Handle:
         if self.output is not None and self.output.text.startswith(sent) and len(self.output.text) > len(sent):
             yield self.output.text[len(sent):]
 
-    def result(self) -> Output:
-        for _ in self.stream():
-            pass
+    def result(self, timeout: float | None = None) -> Output:
+        """Wait for the whole answer (any number of callers may wait; `stream` has one reader); raises
+        the request's error, or TimeoutError after `timeout` seconds."""
+        if not self.done.wait(timeout):
+            raise TimeoutError(f"no answer within {timeout} s")
+        if self.error is not None:
+            raise self.error
         return self.output
 
 
-class BatchingService:
-    def __init__(self, engine: Engine, max_batch: int = 16, window_s: float = 0.01):
-        self.engine, self.max_batch, self.window_s = engine, max_batch, window_s
+class Service:
+    """The queue, the worker thread and the counters both schedulers share."""
+
+    scheduler = ""
+
+    def __init__(self, engine: Engine, max_batch: int, max_waiting: int):
+        self.engine, self.max_batch, self.max_waiting = engine, max_batch, max_waiting
         self.pending: "queue.Queue[Handle]" = queue.Queue()
+        self.lock = threading.Lock()
+        self.running = 0                 # static: requests of the batch that runs
+        self.finished: list[Output] = []   # kept short: the metrics read and clear it
         self.thread = threading.Thread(target=self._loop, name="matvlm-engine", daemon=True)
         self.thread.start()
 
+    def counts(self) -> tuple[int, int]:
+        """(requests running, requests waiting)."""
+        return self.running, self.pending.qsize()
+
     def submit(self, request: Request) -> Handle:
+        """Queue `request` (its seed fixed now when it has none, so a retry draws the same tokens)."""
+        if request.params.seed is None:
+            seed = int(torch.randint(0, 2 ** 31 - 1, ()))
+            request = dataclasses.replace(request, params=dataclasses.replace(request.params, seed=seed))
         handle = Handle(request)
-        self.pending.put(handle)
+        with self.lock:
+            waiting = self.counts()[1]
+            if waiting >= self.max_waiting:
+                raise QueueFull(f"{waiting} requests are waiting already (the most this server queues is "
+                                f"{self.max_waiting}); retry later")
+            self.pending.put(handle)
         return handle
+
+    def _started(self, n: int) -> None:
+        with self.lock:
+            self.running += n
+
+    def _ended(self, handle: Handle, output: Output | None, error: BaseException | None) -> None:
+        with self.lock:
+            self.running = max(0, self.running - 1)
+            if output is not None:
+                self.finished.append(output)
+                del self.finished[:-1000]
+        handle.finish(output, error)
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+
+class BatchingService(Service):
+    """Static batching: one batch runs to its end before the next starts."""
+
+    scheduler = "static"
+
+    def __init__(self, engine: Engine, max_batch: int = 16, window_s: float = 0.01, max_waiting: int = 256):
+        self.window_s = window_s
+        super().__init__(engine, max_batch, max_waiting)
 
     def _loop(self) -> None:
         while True:
@@ -67,21 +150,86 @@ class BatchingService:
                     batch.append(self.pending.get(timeout=self.window_s))
                 except queue.Empty:
                     break
-            try:
-                with torch.no_grad():
-                    self._run_batch(batch)
-            except BaseException as e:            # noqa: BLE001 - delivered to every waiting caller
-                for h in batch:
-                    h.error = e
-            finally:
-                for h in batch:
-                    h.events.put(_DONE)
+            self._started(len(batch))
+            with torch.no_grad():
+                self._run_isolated(batch)
 
-    def _run_batch(self, batch: list[Handle]) -> None:
-        for event in self.engine._run([h.request for h in batch], stream=True):
+    def _ended(self, handle: Handle, output: Output | None, error: BaseException | None) -> None:
+        if output is not None:         # the engine times the batch; a request's clock starts at its arrival
+            total = time.perf_counter() - handle.submitted
+            first = handle.first_text_s if handle.first_text_s is not None else total
+            output = dataclasses.replace(output, timings={**output.timings, "ttft_s": first, "total_s": total,
+                                                          "scheduler": "static"})
+        super()._ended(handle, output, error)
+
+    def _run_isolated(self, batch: list[Handle]) -> None:
+        """Encode each request alone (a bad image or prompt fails only its own), run the rest as one batch;
+        if the batch fails, run each of its requests alone, so each gets its own answer or error."""
+        ready, encoded = [], []
+        for h in batch:
+            if h.cancelled:
+                self._ended(h, None, MatvlmError("request cancelled"))
+                continue
+            try:
+                encoded.append(self.engine.encode(h.request))
+                ready.append(h)
+            except Exception as e:                # noqa: BLE001 - this request's own error
+                self._ended(h, None, e)
+        if not ready:
+            return
+        try:
+            outs = self._run_batch(ready, encoded)
+        except Exception as e:                    # noqa: BLE001
+            if len(ready) == 1:
+                self._ended(ready[0], None, e)
+                return
+            for h, enc in zip(ready, encoded):
+                try:
+                    outs = self._run_batch([h], [enc])
+                    self._ended(h, outs[0], None)
+                except Exception as e1:          # noqa: BLE001
+                    self._ended(h, None, e1)
+            return
+        for h, out in zip(ready, outs):
+            self._ended(h, out, None)
+
+    def _run_batch(self, batch: list[Handle], encoded: list) -> list[Output]:
+        for event in self.engine._run([h.request for h in batch], stream=True, encoded=encoded):
             if isinstance(event[0], str):                 # after each step: the text so far
                 for h, text in zip(batch, event):
-                    h.events.put(text)
+                    h.put_text(text)
             else:                                         # the end: the outputs
-                for h, out in zip(batch, event):
-                    h.output = out
+                return event
+
+
+class ContinuousService(Service):
+    """Continuous batching over `max_batch` slots of up to `max_len` tokens (default: the model's context)."""
+
+    scheduler = "continuous"
+
+    def __init__(self, engine: Engine, max_batch: int = 16, max_waiting: int = 256, max_len: int | None = None,
+                 prefill_tokens: int = 256):
+        self.batcher = ContinuousBatcher(engine, slots=max_batch, length=max_len, prefill_tokens=prefill_tokens)
+        super().__init__(engine, max_batch, max_waiting)
+
+    def _loop(self) -> None:
+        b = self.batcher
+        while True:
+            if not b.busy:
+                self._add(self.pending.get())
+            while True:
+                try:
+                    self._add(self.pending.get_nowait())
+                except queue.Empty:
+                    break
+            b.step()
+
+    def _add(self, h: Handle) -> None:
+        def finish(output, error):
+            self._ended(h, output, error)
+
+        self.batcher.add(Sequence(h.request, emit=h.put_text, finish=finish, cancelled=lambda: h.cancelled,
+                                  arrived=h.submitted))
+
+    def counts(self) -> tuple[int, int]:
+        return self.batcher.n_running, self.pending.qsize() + len(self.batcher.waiting)

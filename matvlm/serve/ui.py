@@ -5,10 +5,10 @@ from __future__ import annotations
 from ..engine.engine import Request
 from ..engine.prompts import render, stop_strings
 from ..engine.sampling import SamplingParams
-from .service import BatchingService
+from .service import Service
 
 
-def build_app(service: BatchingService, title: str = "matvlm", template: str | None = None):
+def build_app(service: Service, title: str = "matvlm", template: str | None = None):
     import gradio as gr
 
     engine = service.engine

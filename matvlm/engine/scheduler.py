@@ -1,0 +1,397 @@
+"""Continuous batching: iteration-level scheduling over a pool of fixed-size per-request slots.
+
+Every iteration of `ContinuousBatcher.step`:
+
+1. drops cancelled requests (their slot is free at once);
+2. starts waiting requests, first come first served, while a slot is free: each is encoded (images
+   included) and prefilled alone, in chunks of at most `prefill_tokens` tokens per iteration, in a
+   staging row of the pool, so running streams get a decode step between two chunks;
+3. a request whose prefill is done draws its first token and moves into its slot (its KV rows and Mamba
+   state are copied from the staging row);
+4. one decode step runs every slot below the highest busy one (a bucket of `_bucket` sizes, so one
+   fixed-shape step per bucket can be captured as a CUDA graph); each request's token is sampled,
+   checked for stops and handed to its sink; finished requests leave their slot.
+
+Per-slot state is fixed size: for attention layers KV rows (slots, kv_heads, length, head_dim) written
+at each slot's own position, for Mamba layers conv (slots, conv_dim, d_conv-1) and SSM
+(slots, H, P, N) states. Slots are independent rows of every tensor, so what one request holds or
+does never changes another's numbers: a greedy answer is the same alone or batched (up to float
+summation order), and a request whose image, prompt or prefill fails gets its own error.
+Sampling is the engine's (`sample_batch`: a request's draws depend on its seed and step alone).
+The decode step runs the model's own layers (`Engine._forward`; the fused step's kernels take one
+shared cache position, not one per slot).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from ..errors import MatvlmError
+from ..model.hybrid import text_config
+from ..model.vlm import embed, vision_features
+from .engine import (Engine, Output, Request, StaticMambaState, _all_greedy, _bucket, _causal_lower_right,
+                     _first_stop, context_limit)
+from .sampling import sample_batch
+
+
+class SlotKVLayer(CacheLayerMixin):
+    """KV rows (k, kv_heads, L, head_dim), views of the pool; row r writes its T new entries at
+    `pos[r]`, `pos[r] + 1`, ... (each slot has its own length)."""
+
+    is_compileable = True
+    is_sliding = False
+
+    def __init__(self, keys: Tensor, values: Tensor, pos: Tensor, visible: int | None = None):
+        super().__init__()
+        self.keys, self.values, self.pos, self.visible = keys, values, pos, visible
+        self.rows = torch.arange(keys.shape[0], device=keys.device)
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        return None
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        t = key_states.shape[-2]
+        idx = self.pos[:, None] + torch.arange(t, device=self.pos.device)                   # (k, T)
+        rows = self.rows[:, None].expand_as(idx)
+        self.keys[rows, :, idx] = key_states.transpose(1, 2).to(self.keys.dtype)         # (k, T, kv, D)
+        self.values[rows, :, idx] = value_states.transpose(1, 2).to(self.values.dtype)
+        if self.visible is not None:
+            return self.keys[:, :, :self.visible], self.values[:, :, :self.visible]
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.keys.shape[2], 0
+
+    def get_seq_length(self) -> int:
+        return 0
+
+    def get_max_length(self) -> int:
+        return self.keys.shape[2]
+
+
+class SlotPool:
+    """The hybrid state of `slots` requests of up to `length` tokens each, plus one staging row (index
+    `slots`) that prefills write into; and the decode step's inputs and outputs per row."""
+
+    def __init__(self, engine: Engine, slots: int, length: int):
+        model, dev, dtype = engine.model, engine.device, engine.dtype
+        tc, cfg = text_config(model.config), model.hybrid_config
+        heads = tc.num_attention_heads
+        kv = getattr(tc, "num_key_value_heads", None) or heads
+        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
+        rows = slots + 1
+        self.slots, self.length, self.stage = slots, length, slots
+        self.mamba = set(cfg.mamba_layers)
+        self.kv: dict[int, tuple[Tensor, Tensor]] = {}
+        self.state: dict[int, tuple[Tensor, Tensor]] = {}
+        for i in range(cfg.n_layer):
+            if i in self.mamba:
+                self.state[i] = (torch.zeros(rows, cfg.conv_dim, cfg.d_conv - 1, dtype=dtype, device=dev),
+                                 torch.zeros(rows, cfg.nheads, cfg.headdim, cfg.d_state, dtype=torch.float32,
+                                             device=dev))
+            else:
+                k = torch.zeros(rows, kv, length, head_dim, dtype=dtype, device=dev)
+                self.kv[i] = (k, torch.zeros_like(k))
+        self.n_layer = cfg.n_layer
+        vocab = model.get_output_embeddings().out_features
+        self.token = torch.zeros(slots, 1, dtype=torch.long, device=dev)        # (S, 1) next input token
+        self.position = torch.zeros(slots, 1, dtype=torch.long, device=dev)     # (S, 1) its position = cache index
+        self.mask = torch.zeros(slots, 1, 1, length, dtype=torch.bool, device=dev)   # (S, 1, 1, L)
+        self.mask[:, 0, 0, 0] = True               # idle rows attend to something (no NaN rows)
+        self.logits = torch.zeros(slots, vocab, dtype=torch.float32, device=dev)
+        self.stage_pos = torch.zeros(1, dtype=torch.long, device=dev)
+
+    def cache(self, rows: slice, pos: Tensor, decoding: bool, visible: int | None = None) -> Cache:
+        """A transformers cache over `rows` of the pool, writing at `pos` (k,)."""
+        layers = []
+        for i in range(self.n_layer):
+            if i in self.mamba:
+                conv, ssm = self.state[i]
+                st = StaticMambaState()
+                st.conv_states[0], st.recurrent_states[0] = conv[rows], ssm[rows]
+                st.is_conv_states_initialized[0] = st.is_recurrent_states_initialized[0] = True
+                st.has_previous_state[0] = decoding
+                layers.append(st)
+            else:
+                k, v = self.kv[i]
+                layers.append(SlotKVLayer(k[rows], v[rows], pos, visible))
+        return Cache(layers=layers)
+
+    def move(self, row: int, n: int) -> None:
+        """The staging row's state (a prefill of `n` tokens) becomes slot `row`'s."""
+        for k, v in self.kv.values():
+            k[row, :, :n] = k[self.stage, :, :n]
+            v[row, :, :n] = v[self.stage, :, :n]
+        for conv, ssm in self.state.values():
+            conv[row] = conv[self.stage]
+            ssm[row] = ssm[self.stage]
+        self.mask[row] = False
+        self.mask[row, 0, 0, :n] = True
+        self.position[row] = n
+
+    def step_state(self) -> list[Tensor]:
+        """What a decode step changes besides KV entries at and after each row's position."""
+        return [self.position, self.mask] + [t for pair in self.state.values() for t in pair]
+
+
+@dataclass
+class Sequence:
+    """One request in the batcher, with where its text goes: `emit(text so far)` after each token and
+    `finish(output, error)` once (error: an exception, output None); `cancelled()` says the caller
+    went away."""
+
+    request: Request
+    emit: Callable[[str], None]
+    finish: Callable[[Output | None, BaseException | None], None]
+    cancelled: Callable[[], bool] = lambda: False
+    arrived: float = field(default_factory=time.perf_counter)
+    ids: list[int] = field(default_factory=list)
+    embeds: Tensor | None = None
+    prefilled: int = 0
+    row: int = -1
+    key: int = 0
+    seen: Tensor | None = None
+    out_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    reason: str = "length"
+    first_token_s: float | None = None
+
+
+class ContinuousBatcher:
+    """Iteration-level scheduling over an `Engine`'s model (see the module doc). Not thread-safe: one
+    thread calls `add` and `step` (the serving thread)."""
+
+    def __init__(self, engine: Engine, slots: int = 16, length: int | None = None, prefill_tokens: int = 256):
+        self.engine = engine
+        limit = context_limit(engine.model) or 4096
+        self.pool = SlotPool(engine, slots, min(length or limit, limit))
+        self.prefill_tokens = max(2, prefill_tokens)
+        self.waiting: deque[Sequence] = deque()
+        self.prefilling: Sequence | None = None
+        self.running: dict[int, Sequence] = {}
+        self.free = list(range(slots))
+        self._caches: dict[int, Cache] = {}
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.steps = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.running)
+
+    @property
+    def n_running(self) -> int:
+        return len(self.running) + (self.prefilling is not None)
+
+    def step(self) -> None:
+        """One iteration: cancellations, prefill chunks (up to `prefill_tokens`), one decode step."""
+        self._drop_cancelled()
+        budget = self.prefill_tokens
+        while budget > 0 and self._start_next():
+            budget -= self._prefill_chunk(self.prefilling, budget)
+        if self.running:
+            self._decode()
+
+    # --- admission and prefill --------------------------------------------------------------------
+
+    def _drop_cancelled(self) -> None:
+        for seq in [s for s in self.waiting if s.cancelled()]:
+            self.waiting.remove(seq)
+            seq.finish(None, MatvlmError("request cancelled"))
+        if self.prefilling is not None and self.prefilling.cancelled():
+            self._release(self.prefilling, None, MatvlmError("request cancelled"))
+        for seq in [s for s in self.running.values() if s.cancelled()]:
+            self._release(seq, None, MatvlmError("request cancelled"))
+
+    def _start_next(self) -> bool:
+        """Whether a request is prefilling (the current one, or the next waiting one given a free slot)."""
+        while self.prefilling is None and self.waiting and self.free:
+            seq = self.waiting.popleft()
+            try:
+                self._encode(seq)
+            except Exception as e:                       # noqa: BLE001 - its own error, nobody else's
+                seq.finish(None, e)
+                continue
+            seq.row = self.free.pop(0)
+            self.prefilling = seq
+        return self.prefilling is not None
+
+    def _encode(self, seq: Sequence) -> None:
+        eng, p = self.engine, seq.request.params
+        ids, pixels = eng.encode(seq.request)
+        if not ids:
+            raise MatvlmError("the prompt has no tokens")
+        if len(ids) + p.max_new_tokens - 1 > self.pool.length:
+            raise MatvlmError(f"prompt ({len(ids)} tokens) + max_new_tokens ({p.max_new_tokens}) exceeds the "
+                              f"{self.pool.length} tokens a slot holds")
+        dev = eng.device
+        with torch.no_grad():
+            feats = vision_features(eng.model, pixels.to(dev, eng.dtype)) if pixels is not None else None
+            seq.embeds = embed(eng.model, torch.tensor([ids], device=dev), feats)        # (1, T, d)
+        seq.ids = ids
+        seq.key = p.seed if p.seed is not None else int(torch.randint(0, 2 ** 31 - 1, ()))
+        if p.repetition_penalty != 1.0:
+            seq.seen = torch.zeros(self.pool.logits.shape[-1], dtype=torch.bool, device=dev)
+            seq.seen[torch.tensor(ids, device=dev)] = True
+
+    def _prefill_chunk(self, seq: Sequence, budget: int) -> int:
+        """Prefill the next chunk of `seq` (at most `budget` tokens) in the staging row; returns its size."""
+        pool, n = self.pool, len(seq.ids)
+        c0 = seq.prefilled
+        c1 = min(n, c0 + max(budget, 2 if n - c0 > 1 else 1))
+        try:
+            pool.stage_pos.fill_(c0)
+            cache = pool.cache(slice(pool.stage, pool.stage + 1), pool.stage_pos, decoding=c0 > 0, visible=c1)
+            mask = None if c0 == 0 or c1 - c0 == 1 else _causal_lower_right(c1 - c0, c1)
+            position = torch.arange(c0, c1, device=self.engine.device)[None]
+            with torch.no_grad():
+                logits = self.engine._forward(seq.embeds[:, c0:c1], position, mask, None, cache)
+            seq.prefilled = c1
+            if c1 == n:
+                self.prefilling = None
+                seq.embeds = None
+                pool.move(seq.row, n)
+                tok = self._sample(logits, [seq])[0]
+                if self._accept(seq, tok):
+                    self._release(seq, self._output(seq), None)
+                else:
+                    pool.token[seq.row] = tok
+                    self.running[seq.row] = seq
+        except Exception as e:                           # noqa: BLE001 - its own error
+            self.prefilling = None
+            self._release(seq, None, e)
+        return c1 - c0
+
+    # --- decode -----------------------------------------------------------------------------------
+
+    def _bucket_cache(self, k: int) -> Cache:
+        if k not in self._caches:
+            self._caches[k] = self.pool.cache(slice(0, k), self.pool.position[:k, 0], decoding=True)
+        return self._caches[k]
+
+    def _step_body(self, k: int) -> None:
+        """The fixed-shape decode step of the first `k` rows (what a CUDA graph of bucket k records)."""
+        pool = self.pool
+        pos = pool.position[:k]
+        pool.mask[:k].scatter_(-1, pos.view(k, 1, 1, 1), True)
+        embeds = self.engine.model.get_input_embeddings()(pool.token[:k])
+        pool.logits[:k].copy_(self.engine._forward(embeds, pos, pool.mask[:k], None, self._bucket_cache(k)))
+        pos.add_(1)
+
+    def _launch(self, k: int) -> None:
+        if self.engine.cuda_graphs and k not in self._graphs:
+            self._capture(k)
+        if k in self._graphs:
+            self._graphs[k].replay()
+        else:
+            self._step_body(k)
+
+    def _capture(self, k: int) -> None:
+        """Record bucket k's step as a CUDA graph; warm-up and capture run it, so what a step changes is
+        saved before and restored after (KV entries written past each row's position are rewritten before
+        any step reads them)."""
+        saved = [t.clone() for t in self.pool.step_state()]
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._step_body(k)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._step_body(k)
+            self._graphs[k] = graph
+        finally:
+            torch.cuda.synchronize()
+            for t, s in zip(self.pool.step_state(), saved):
+                t.copy_(s)
+
+    def _decode(self) -> None:
+        rows = sorted(self.running)
+        k = min(_bucket(rows[-1] + 1), self.pool.slots)
+        seqs = [self.running[r] for r in rows]
+        idle = sorted(set(range(k)) - set(rows))
+        if idle:                                         # idle rows decode garbage at position 0, never past L
+            self.pool.position[torch.tensor(idle, device=self.engine.device)] = 0
+        try:
+            with torch.no_grad():
+                self._launch(k)
+                tokens = self._sample(self.pool.logits[torch.tensor(rows, device=self.engine.device)], seqs)
+        except Exception as e:                           # noqa: BLE001 - the step itself failed: every row
+            for seq in seqs:
+                self._release(seq, None, e)
+            return
+        self.steps += 1
+        fed = []
+        for seq, tok in zip(seqs, tokens):
+            try:
+                done = self._accept(seq, tok)
+            except Exception as e:                       # noqa: BLE001 - this row's text failed, not others'
+                self._release(seq, None, e)
+                continue
+            if done:
+                self._release(seq, self._output(seq), None)
+            else:
+                fed.append((seq.row, tok))
+        if fed:
+            idx = torch.tensor([r for r, _ in fed], device=self.engine.device)
+            self.pool.token[idx, 0] = torch.tensor([t for _, t in fed], device=self.engine.device)
+
+    def _sample(self, logits: Tensor, seqs: list[Sequence]) -> list[int]:
+        params = [s.request.params for s in seqs]
+        if _all_greedy(params):
+            return logits.argmax(-1).tolist()
+        dev = logits.device
+        seen = None
+        if any(s.seen is not None for s in seqs):
+            seen = torch.stack([s.seen if s.seen is not None else torch.zeros_like(logits[0], dtype=torch.bool)
+                                for s in seqs])
+        keys = torch.tensor([s.key for s in seqs], dtype=torch.int64, device=dev)
+        counters = torch.tensor([len(s.out_ids) for s in seqs], dtype=torch.int64, device=dev)
+        return sample_batch(logits.float(), params, seen, keys, counters).tolist()
+
+    def _accept(self, seq: Sequence, tok: int) -> bool:
+        """Take one generated token; whether the request is done."""
+        p, tokenizer = seq.request.params, self.engine.tokenizer
+        if seq.first_token_s is None:
+            seq.first_token_s = time.perf_counter() - seq.arrived
+        if (tok in self.engine.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+            seq.reason = "stop"
+            return True
+        seq.out_ids.append(tok)
+        if seq.seen is not None:
+            seq.seen[tok] = True
+        seq.text = tokenizer.decode(seq.out_ids, skip_special_tokens=True)
+        cut = _first_stop(seq.text, p.stop)
+        if cut is not None:
+            seq.text, seq.reason = seq.text[:cut], "stop"
+            return True
+        seq.emit(seq.text)
+        return len(seq.out_ids) >= p.max_new_tokens
+
+    def _output(self, seq: Sequence) -> Output:
+        total = time.perf_counter() - seq.arrived
+        return Output(seq.text, seq.out_ids, seq.reason, len(seq.ids),
+                      {"ttft_s": seq.first_token_s, "total_s": total, "scheduler": "continuous"})
+
+    def _release(self, seq: Sequence, output: Output | None, error: BaseException | None) -> None:
+        if self.running.get(seq.row) is seq:
+            del self.running[seq.row]
+        if self.prefilling is seq:
+            self.prefilling = None
+        if seq.row >= 0:
+            self.free.append(seq.row)
+            self.free.sort()
+            seq.row = -1
+        seq.finish(output, error)

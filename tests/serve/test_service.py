@@ -1,0 +1,181 @@
+"""The serving core under load: failures stay with their request, continuous batching lets newcomers
+finish early, the queue is bounded, cancelled requests free their slot, /metrics reports it all."""
+
+import threading
+import time
+
+import httpx
+import pytest
+
+import matvlm
+from matvlm.engine.engine import Engine, Request
+from matvlm.engine.prompts import render
+from matvlm.engine.sampling import SamplingParams
+from matvlm.errors import MatvlmError
+from matvlm.serve.service import BatchingService, ContinuousService, QueueFull
+from matvlm.toy.demo import ASSET
+from tests.serve.test_serve import free_port
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine(matvlm.load(ASSET, dtype="float32"), matvlm.load_processor(ASSET), device="cpu")
+
+
+def ask(engine, text, n, **kw):
+    prompt = render(engine.processor, engine.model.config, [{"role": "user", "content": text}])
+    return Request(prompt, [], SamplingParams(max_new_tokens=n, ignore_eos=True, **kw))
+
+
+class BrokenImage:
+    def convert(self, mode):
+        raise OSError("this image is broken")
+
+
+SERVICES = {"static": lambda e, **kw: BatchingService(e, window_s=0.3, **kw), "continuous": ContinuousService}
+
+
+@pytest.mark.parametrize("kind", SERVICES)
+def test_a_request_whose_prompt_image_or_generation_fails_gets_its_own_error_and_the_others_finish(engine, kind):
+    service = SERVICES[kind](engine, max_batch=8)
+    good = [ask(engine, "How many shapes are there?", 6), ask(engine, "What color is the circle?", 9)]
+    bad_tokens = Request([5, 10 ** 7, 6], [], SamplingParams(max_new_tokens=4))     # fails in the model's forward
+    bad_image = Request(good[0].prompt.replace("USER: ", "USER: <image>\n"), [BrokenImage()], good[0].params)
+    handles = [service.submit(r) for r in (good[0], bad_tokens, bad_image, good[1])]
+    with pytest.raises(IndexError):
+        handles[1].result()
+    with pytest.raises(OSError, match="this image is broken"):
+        handles[2].result()
+    alone = engine.generate(good)
+    assert [handles[0].result().token_ids, handles[3].result().token_ids] == [o.token_ids for o in alone]
+
+
+@pytest.mark.parametrize("kind", SERVICES)
+def test_a_short_request_submitted_later_finishes_first_while_a_long_answer_streams(engine, kind):
+    """Continuous batching lets the short request in at the next decode step; static batching makes it wait
+    for the long answer's batch to end (the contrast shows what the test tells apart)."""
+    service = SERVICES[kind](engine, max_batch=4)
+    long = service.submit(ask(engine, "Describe the image.", 300))
+    stream = long.stream()
+    next(stream)                                     # the long answer is streaming
+    short = service.submit(ask(engine, "What color is the circle?", 4))
+    ended = {}
+    threading.Thread(target=lambda: (short.result(), ended.setdefault("short", time.perf_counter()))).start()
+    streamed = sum(1 for _ in stream)
+    ended["long"] = time.perf_counter()
+    for _ in range(100):
+        if "short" in ended:
+            break
+        time.sleep(0.05)
+    assert len(long.output.token_ids) == 300 and len(short.result().token_ids) == 4
+    if kind == "continuous":
+        assert ended["short"] < ended["long"], ended
+        assert streamed > 100                        # and the long stream kept flowing
+    else:
+        assert ended["short"] > ended["long"], ended
+
+
+def test_the_queue_is_bounded_and_a_full_server_answers_429_with_retry_after(engine):
+    from fastapi.testclient import TestClient
+
+    from matvlm.serve.openai_api import create_app
+
+    service = ContinuousService(engine, max_batch=1, max_waiting=1)
+    long = service.submit(ask(engine, "Describe the image.", 400))
+    next(long.stream())                              # it holds the only slot
+    waiting = service.submit(ask(engine, "Describe the image.", 2))
+    with pytest.raises(QueueFull, match="1 requests are waiting already"):
+        service.submit(ask(engine, "Describe the image.", 2))
+    r = TestClient(create_app(service, "toy")).post(
+        "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
+    assert r.json()["error"]["code"] == "rate_limit_exceeded"
+    long.cancel()
+    assert len(waiting.result().token_ids) == 2
+
+
+def test_a_cancelled_request_frees_its_slot_for_the_next(engine):
+    service = ContinuousService(engine, max_batch=1)
+    long = service.submit(ask(engine, "Describe the image.", 400))
+    next(long.stream())
+    long.cancel()
+    t0 = time.perf_counter()
+    assert len(service.submit(ask(engine, "What color is the circle?", 3)).result().token_ids) == 3
+    assert time.perf_counter() - t0 < 5
+    with pytest.raises(MatvlmError, match="cancelled"):
+        long.result()
+
+
+def test_seeded_sampling_gives_the_same_answer_alone_and_batched(engine):
+    service = ContinuousService(engine, max_batch=4)
+    reqs = [ask(engine, q, 12, temperature=1.5, seed=s) for q, s in
+            (("Describe the image.", 1), ("How many shapes are there?", 2), ("What color is the circle?", 3))]
+    alone = [service.submit(r).result().token_ids for r in reqs]
+    together = [h.result().token_ids for h in [service.submit(r) for r in reqs]]
+    assert together == alone
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    import uvicorn
+
+    from matvlm.serve.openai_api import create_app
+
+    service = ContinuousService(engine, max_batch=2)
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(create_app(service, "toy"), host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=srv.run, daemon=True).start()
+    while not srv.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", service
+    srv.should_exit = True
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
+    url, service = server
+    body = {"messages": [{"role": "user", "content": "Describe the image."}], "max_tokens": 400, "stream": True,
+            "ignore_eos": True}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        assert sum(1 for line, _ in zip(lines, range(5)) if line.startswith("data:")) >= 2
+        assert service.counts()[0] == 1
+    for _ in range(100):                             # the client is gone: its slot frees within a step or two
+        if service.counts() == (0, 0):
+            break
+        time.sleep(0.05)
+    assert service.counts() == (0, 0)
+    assert service.batcher.steps < 300               # it did not run to its 400 tokens
+
+
+def test_metrics_are_prometheus_text_with_running_waiting_and_histograms(server):
+    url, _ = server
+    r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                       "max_tokens": 5, "ignore_eos": True}, timeout=60)
+    assert r.status_code == 200
+    m = httpx.get(url + "/metrics", timeout=10)
+    assert m.status_code == 200 and m.headers["content-type"].startswith("text/plain")
+    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in m.text.splitlines()
+              if line and not line.startswith("#")}
+    lab = '{scheduler="continuous"}'
+    assert values[f"matvlm_requests_running{lab}"] == 0 and values[f"matvlm_requests_waiting{lab}"] == 0
+    assert values[f"matvlm_time_to_first_token_seconds_count{lab}"] >= 1
+    assert values['matvlm_time_to_first_token_seconds_bucket{scheduler="continuous",le="+Inf"}'] >= 1
+    assert values[f"matvlm_request_decode_tokens_per_second_count{lab}"] >= 1
+    assert values[f"matvlm_generated_tokens_total{lab}"] >= 5
+    assert "# TYPE matvlm_time_to_first_token_seconds histogram" in m.text
+
+
+@pytest.mark.parametrize("scheduler,kind", [(None, ContinuousService), ("static", BatchingService)])
+def test_matvlm_serve_batches_continuously_unless_told_static(monkeypatch, scheduler, kind):
+    import uvicorn
+
+    from matvlm import commands
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    monkeypatch.setattr("matvlm.serve.openai_api.create_app", lambda service, *a, **kw: seen.setdefault("s", service))
+    commands.serve(str(ASSET), device="cpu", dtype="float32", max_batch=3,
+                   **({"scheduler": scheduler} if scheduler else {}))
+    assert type(seen["s"]) is kind and seen["s"].max_batch == 3 and seen["host"] == "127.0.0.1"
+    with pytest.raises(MatvlmError, match="--max-waiting must be >= 1"):
+        commands.serve(str(ASSET), device="cpu", max_waiting=0)
