@@ -7,12 +7,15 @@
 #      and the teacher's greedy answers to held-out chat prompts;
 #   3. training data: `self-generate --kind text` ($TOKENS tokens: sampled continuations from the document
 #      start and from seeds, chats; long sequences);
-#   4. per Mamba ratio and per recipe ($STAGES: e2e = single stage, both = align then e2e): convert, distil
-#      $STEPS steps, score with eval-lm on both held-out sets.
+#   4. per run of $RUNS (ratio:placement:stage[:train]; placement even or auto = by measured sensitivity,
+#      stage e2e = single stage or both = align then e2e, train = the parameter groups that train, joined
+#      by '+', default mamba; default every $RATIOS x $STAGES, even): convert, distil $STEPS steps, score
+#      with eval-lm on both held-out sets.
 # Every stage is skipped when its output exists and distillation resumes from its checkpoints, so a run
 # cut by a time limit continues where it stopped when started again.
 #
 #   W=runs/smollm2g TOKENS=3000000 STEPS=240 RATIOS="0.25 0.5 0.75" STAGES="both e2e" bash scripts/smollm2-general.sh
+#   W=runs/smollm2g RUNS="0.5:even:both 0.5:auto:both 0.5:even:both:mamba+mlp" bash scripts/smollm2-general.sh
 set -euo pipefail
 W=${W:-runs/smollm2g}
 OUT=${OUT:-$W/results}
@@ -38,28 +41,48 @@ t() { echo "[$(date +%T)] $*"; }
     --out "$W/general.jsonl" --batch-size "${GEN_BATCH:-256}" --max-new-tokens "$MAXLEN"; }
 cp "$W/general.jsonl.meta.json" "$OUT/general-meta.json"
 
-for r in $RATIOS; do
+# RUNS: ratio:placement:stage[:train] (placement even or auto; stage both or e2e; train e.g. mamba+mlp),
+# run in the order given
+RUNS=${RUNS:-$(for r in $RATIOS; do for s in $STAGES; do printf '%s:even:%s ' "$r" "$s"; done; done)}
+for spec in $RUNS; do
+  IFS=: read -r r place stage train <<< "$spec"
+  train=${train:-mamba}
   tag=h$($PY -c "print(f'{$r * 100:g}'.replace('.', 'p'))")
-  [ -d "$W/$tag" ] || $MATVLM convert "$W/smollm2" "$W/$tag" --mamba-ratio "$r"
-  for stage in $STAGES; do
-    run="$W/$tag-$stage"
-    if [ ! -f "$run/config.json" ]; then
-      t "distill $tag $stage"
-      extra=(); [ "$stage" = both ] && extra=(--align-steps "$ALIGN")
-      if [ -f "$run/distill_config.json" ]; then
-        $MATVLM distill --resume "$run"
-      else
-        $MATVLM distill --teacher "$W/smollm2" --student "$W/$tag" --data "$W/general.jsonl" --out "$run" \
-          --stage "$stage" "${extra[@]}" --max-steps "$STEPS" --global-batch-size "$GB" --micro-batch-size "$MB" \
-          --lr "$LR" --alpha 0.01 --max-length "$MAXLEN" --save-every 20 --keep-last 1 --no-tensorboard
-      fi
+  [ "$place" = auto ] && tag="$tag-auto"
+  if [ ! -d "$W/$tag" ]; then
+    t "convert $tag"
+    scores=$(ls "$W"/h*-auto/placement.json 2>/dev/null | head -1 || true)
+    if [ "$place" = auto ] && [ -n "$scores" ]; then     # the scores do not depend on the ratio: choose from them
+      layers=$($PY -c "import json,sys; from matvlm.distill.placement import choose; \
+print(','.join(map(str, choose(json.load(open(sys.argv[1]))['scores'], $r))))" "$scores")
+      $MATVLM convert "$W/smollm2" "$W/$tag" --mamba-layers "$layers"
+      cp "$scores" "$W/$tag/placement.json"
+    elif [ "$place" = auto ]; then
+      $MATVLM convert "$W/smollm2" "$W/$tag" --mamba-ratio "$r" --placement auto --data "$W/general.jsonl" \
+          --placement-steps "${PLACEMENT_STEPS:-100}"
+    else
+      $MATVLM convert "$W/smollm2" "$W/$tag" --mamba-ratio "$r"
     fi
-    cp "$run/log.jsonl" "$OUT/$tag-$stage-log.jsonl"
-    for set in natural heldout; do
-      [ -f "$OUT/$tag-$stage-$set.json" ] || { t "eval $tag $stage $set"; $MATVLM eval-lm "$run" --teacher "$W/smollm2" \
-          --data "$W/$set.jsonl" --max-length "$MAXLEN" --batch-size 16 ${LIMIT:+--limit "$LIMIT"} --output "$OUT/$tag-$stage-$set.json" \
-          > "$OUT/$tag-$stage-$set.txt"; }
-    done
+  fi
+  [ -f "$W/$tag/placement.json" ] && cp "$W/$tag/placement.json" "$OUT/$tag-placement.json"
+  run="$W/$tag-$stage"; [ "$train" = mamba ] || run="$run-${train//+/-}"
+  if [ ! -f "$run/config.json" ]; then
+    t "distill $tag $stage"
+    extra=(); [ "$stage" = both ] && extra=(--align-steps "$ALIGN")
+    if [ -f "$run/distill_config.json" ]; then
+      $MATVLM distill --resume "$run"
+    else
+      $MATVLM distill --teacher "$W/smollm2" --student "$W/$tag" --data "$W/general.jsonl" --out "$run" \
+        --stage "$stage" "${extra[@]}" --train "${train//+/,}" --max-steps "$STEPS" --global-batch-size "$GB" --micro-batch-size "$MB" \
+        --lr "$LR" --alpha 0.01 --max-length "$MAXLEN" --save-every 20 --keep-last 1 --no-tensorboard
+    fi
+  fi
+  name=$(basename "$run")
+  cp "$run/log.jsonl" "$OUT/$name-log.jsonl"
+  for set in natural heldout; do
+    [ -f "$OUT/$name-$set.json" ] || { t "eval $name $set"; $MATVLM eval-lm "$run" --teacher "$W/smollm2" \
+        --data "$W/$set.jsonl" --max-length "$MAXLEN" --batch-size 16 ${LIMIT:+--limit "$LIMIT"} --output "$OUT/$name-$set.json" \
+        > "$OUT/$name-$set.txt"; }
   done
 done
 t done
