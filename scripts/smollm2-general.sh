@@ -44,11 +44,13 @@ cp "$W/general.jsonl.meta.json" "$OUT/general-meta.json"
 # RUNS: ratio:placement:stage[:train] (placement even or auto; stage both or e2e; train e.g. mamba+mlp),
 # run in the order given
 RUNS=${RUNS:-$(for r in $RATIOS; do for s in $STAGES; do printf '%s:even:%s ' "$r" "$s"; done; done)}
-for spec in $RUNS; do
+one_run() {
+  local spec=$1 r place stage train tag scores layers run extra name set
   IFS=: read -r r place stage train <<< "$spec"
   train=${train:-mamba}
   tag=h$($PY -c "print(f'{$r * 100:g}'.replace('.', 'p'))")
   [ "$place" = auto ] && tag="$tag-auto"
+  { flock 9                                            # lanes that share a student convert it once
   if [ ! -d "$W/$tag" ]; then
     t "convert $tag"
     scores=$(ls "$W"/h*-auto/placement.json 2>/dev/null | head -1 || true)
@@ -64,6 +66,7 @@ print(','.join(map(str, choose(json.load(open(sys.argv[1]))['scores'], $r))))" "
       $MATVLM convert "$W/smollm2" "$W/$tag" --mamba-ratio "$r"
     fi
   fi
+  } 9>"$W/.convert.lock"
   [ -f "$W/$tag/placement.json" ] && cp "$W/$tag/placement.json" "$OUT/$tag-placement.json"
   run="$W/$tag-$stage"; [ "$train" = mamba ] || run="$run-${train//+/-}"
   if [ ! -f "$run/config.json" ]; then
@@ -84,5 +87,20 @@ print(','.join(map(str, choose(json.load(open(sys.argv[1]))['scores'], $r))))" "
         --data "$W/$set.jsonl" --max-length "$MAXLEN" --batch-size 16 ${LIMIT:+--limit "$LIMIT"} --output "$OUT/$name-$set.json" \
         > "$OUT/$name-$set.txt"; }
   done
+}
+
+# LANES > 1 runs the specs in that many concurrent lanes on the one GPU (a 135M model's step leaves most of
+# an H200 idle); specs go to lanes round-robin, each lane runs its own in order. Keep auto specs in one lane.
+LANES=${LANES:-1}
+specs=($RUNS)
+pids=()
+for ((lane = 0; lane < LANES; lane++)); do
+  (
+    for ((k = lane; k < ${#specs[@]}; k += LANES)); do one_run "${specs[k]}" 2>&1 | sed -u "s/^/[lane $lane] /"; done
+  ) &
+  pids+=($!)
 done
+status=0
+for p in "${pids[@]}"; do wait "$p" || status=1; done
 t done
+exit $status
