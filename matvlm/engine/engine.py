@@ -43,27 +43,22 @@ FINAL_NORM = ("final_layernorm", "norm")        # Phi, then Llama / Mistral / Qw
 
 # --- static cache -----------------------------------------------------------------------------
 
-class StaticKVLayer(CacheLayerMixin):
-    """KV buffers (B, kv_heads, L, head_dim) written at the cache's shared slot counter."""
+class BufferKVLayer(CacheLayerMixin):
+    """KV buffers (B, kv_heads, L, head_dim) allocated up front; subclasses say where new entries go.
+    `visible` (prefill): return only the first `visible` positions."""
 
     is_compileable = True
     is_sliding = False
 
-    def __init__(self, batch: int, kv_heads: int, length: int, head_dim: int, dtype, device, slot: Tensor):
+    def __init__(self, keys: Tensor, values: Tensor, visible: int | None = None):
         super().__init__()
-        self.keys = torch.zeros(batch, kv_heads, length, head_dim, dtype=dtype, device=device)
-        self.values = torch.zeros_like(self.keys)
-        self.slot = slot
-        self.visible: int | None = None     # prefill: return only the first `visible` positions
+        self.keys, self.values, self.visible = keys, values, visible
         self.is_initialized = True
 
     def lazy_initialization(self, key_states, value_states) -> None:  # allocated up front
         return None
 
-    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        idx = self.slot + torch.arange(key_states.shape[-2], device=self.keys.device)        # (T,)
-        self.keys.index_copy_(2, idx, key_states.to(self.keys.dtype))
-        self.values.index_copy_(2, idx, value_states.to(self.values.dtype))
+    def _visible(self) -> tuple[Tensor, Tensor]:
         if self.visible is not None:
             return self.keys[:, :, :self.visible], self.values[:, :, :self.visible]
         return self.keys, self.values
@@ -71,11 +66,26 @@ class StaticKVLayer(CacheLayerMixin):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.keys.shape[2], 0
 
-    def get_seq_length(self) -> int:
-        return int(self.slot)
-
     def get_max_length(self) -> int:
         return self.keys.shape[2]
+
+
+class StaticKVLayer(BufferKVLayer):
+    """KV buffers (B, kv_heads, L, head_dim) written at the cache's shared slot counter."""
+
+    def __init__(self, batch: int, kv_heads: int, length: int, head_dim: int, dtype, device, slot: Tensor):
+        keys = torch.zeros(batch, kv_heads, length, head_dim, dtype=dtype, device=device)
+        super().__init__(keys, torch.zeros_like(keys))
+        self.slot = slot
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        idx = self.slot + torch.arange(key_states.shape[-2], device=self.keys.device)        # (T,)
+        self.keys.index_copy_(2, idx, key_states.to(self.keys.dtype))
+        self.values.index_copy_(2, idx, value_states.to(self.values.dtype))
+        return self._visible()
+
+    def get_seq_length(self) -> int:
+        return int(self.slot)
 
     def reset(self) -> None:
         self.keys.zero_()

@@ -31,31 +31,24 @@ from typing import Callable
 
 import torch
 from torch import Tensor
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
 from ..errors import MatvlmError
 from ..model.hybrid import text_config
 from ..model.vlm import embed, vision_features
-from .engine import (Engine, Output, Request, StaticMambaState, _all_greedy, _bucket, _causal_lower_right,
-                     _first_stop, context_limit)
+from .engine import (BufferKVLayer, Engine, Output, Request, StaticMambaState, _all_greedy, _bucket,
+                     _causal_lower_right, _first_stop, context_limit)
 from .sampling import sample_batch
 
 
-class SlotKVLayer(CacheLayerMixin):
+class SlotKVLayer(BufferKVLayer):
     """KV rows (k, kv_heads, L, head_dim), views of the pool; row r writes its T new entries at
     `pos[r]`, `pos[r] + 1`, ... (each slot has its own length)."""
 
-    is_compileable = True
-    is_sliding = False
-
     def __init__(self, keys: Tensor, values: Tensor, pos: Tensor, visible: int | None = None):
-        super().__init__()
-        self.keys, self.values, self.pos, self.visible = keys, values, pos, visible
+        super().__init__(keys, values, visible)
+        self.pos = pos
         self.rows = torch.arange(keys.shape[0], device=keys.device)
-        self.is_initialized = True
-
-    def lazy_initialization(self, key_states, value_states) -> None:
-        return None
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         t = key_states.shape[-2]
@@ -63,18 +56,10 @@ class SlotKVLayer(CacheLayerMixin):
         rows = self.rows[:, None].expand_as(idx)
         self.keys[rows, :, idx] = key_states.transpose(1, 2).to(self.keys.dtype)         # (k, T, kv, D)
         self.values[rows, :, idx] = value_states.transpose(1, 2).to(self.values.dtype)
-        if self.visible is not None:
-            return self.keys[:, :, :self.visible], self.values[:, :, :self.visible]
-        return self.keys, self.values
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.keys.shape[2], 0
+        return self._visible()
 
     def get_seq_length(self) -> int:
         return 0
-
-    def get_max_length(self) -> int:
-        return self.keys.shape[2]
 
 
 class SlotPool:
