@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
     "convert": ("matvlm.commands:convert", "turn a transformer teacher into a hybrid with Mamba-2 layers"),
     "distill": ("matvlm.commands:distill", "distil a hybrid from its teacher (layer + KL + CE losses)"),
     "bench": ("matvlm.commands:bench", "speed and memory vs the teacher: engine, transformers generate, roofline"),
+    "bench-serve": ("matvlm.commands:bench_serve", "load-test the HTTP server: throughput, TTFT, inter-token latency"),
     "eval": ("matvlm.commands:evaluate", "benchmarks (MME, POPE, SQA, TextVQA, GQA, VQAv2, MMBench, MMMU, MM-Vet, shapes)"),
     "chat": ("matvlm.commands:chat", "streaming terminal chat (images with /image PATH)"),
     "ui": ("matvlm.commands:ui", "Gradio web chat with image upload and sampling controls"),

@@ -678,6 +678,128 @@ toy_data.cli_required = ("out",)
 train_teacher.cli_required = ("out",)
 
 
+def _range(text: str, what: str) -> tuple[int, int]:
+    """'16:256' -> (16, 256); '64' -> (64, 64)."""
+    from .errors import MatvlmError
+
+    try:
+        lo, _, hi = text.partition(":")
+        r = (int(lo), int(hi or lo))
+    except ValueError:
+        raise MatvlmError(f"{what} takes LOW:HIGH (e.g. 16:256) or one number; got {text!r}") from None
+    if not 1 <= r[0] <= r[1]:
+        raise MatvlmError(f"{what} must satisfy 1 <= LOW <= HIGH; got {text!r}")
+    return r
+
+
+def bench_serve(model: str | None = None, url: str | None = None, api_key: str | None = None,
+                scheduler: list[str] = ("static", "continuous"), requests: int = 64, rate: float = 4.0,
+                prompt_words: str = "16:256", max_tokens: str = "16:256", image_fraction: float | None = None,
+                max_batch: int = 16, seed: int = 0, out: Path = Path("bench-serve"), device: str | None = None,
+                dtype: str | None = None) -> None:
+    """Load-test the OpenAI-compatible server: Poisson arrivals, mixed prompt and answer lengths, images;
+    reports output tokens/s, requests/s, time to first token, inter-token and end-to-end latency
+    (p50/p95/p99) per scheduler, side by side under the same workload, with a plot.
+
+    With MODEL, each --scheduler gets its own `matvlm serve` in this process on 127.0.0.1, one after the
+    other, on one loaded engine. With --url, the server there is measured as it is (any OpenAI-compatible
+    server that honours `ignore_eos`, e.g. vLLM). Writes bench-serve.json (every request's timings),
+    bench-serve.md (the table) and bench-serve.png.
+
+    Examples: matvlm bench-serve hybrid/ --requests 128 --rate 8 --max-tokens 32:512
+              matvlm bench-serve --url http://127.0.0.1:8000/v1 --api-key KEY
+
+    Args:
+        model: model directory to serve (omit with --url).
+        url: measure the server at this /v1 base instead of starting one.
+        api_key: the --url server's key.
+        scheduler: schedulers to compare with MODEL: static, continuous (comma-separated).
+        requests: requests per scheduler.
+        rate: mean arrivals per second (Poisson); 0 sends all at once.
+        prompt_words: prompt lengths in words, LOW:HIGH (uniform).
+        max_tokens: answer lengths in tokens, LOW:HIGH (uniform; every answer runs to its length).
+        image_fraction: fraction of requests with an image (default 0.5 for a VLM, 0 for a text model).
+        max_batch: slots / batch size of the started servers.
+        seed: workload seed.
+        out: output directory.
+        device: cuda or cpu (default: cuda when available).
+        dtype: e.g. bfloat16.
+    """
+    import json
+    import threading
+    import time
+
+    from .bench import serve_load
+    from .errors import MatvlmError
+    from .model.io import atomic_write_text
+
+    if (model is None) == (url is None):
+        raise MatvlmError("give MODEL (to start servers here) or --url (to measure a running server), not both")
+    unknown = [s for s in scheduler if s not in ("static", "continuous")]
+    if unknown or not scheduler:
+        raise MatvlmError(f"--scheduler takes static and/or continuous; got {','.join(scheduler) or 'nothing'}")
+    if requests < 1 or rate < 0 or max_batch < 1:
+        raise MatvlmError(f"--requests and --max-batch must be >= 1 and --rate >= 0; got {requests}, {max_batch}, {rate}")
+    pw, mt = _range(prompt_words, "--prompt-words"), _range(max_tokens, "--max-tokens")
+    runs, meta = {}, {"date": time.strftime("%Y-%m-%d %H:%M"), "requests": requests, "rate": rate,
+                      "prompt_words": pw, "max_tokens": mt, "seed": seed}
+    if url is not None:
+        names = ["server"]
+        workload = serve_load.make_workload(requests, rate, pw, mt, image_fraction or 0.0, seed)
+        runs["server"] = serve_load.run_load(url, "default", workload, api_key)
+        meta["url"] = url
+    else:
+        try:
+            import uvicorn
+
+            from .serve.openai_api import create_app
+        except ImportError as e:
+            raise MatvlmError("matvlm bench-serve needs fastapi and uvicorn: pip install 'matvlm[serve]'") from e
+        from .serve.service import BatchingService, ContinuousService
+
+        engine = _engine(model, device, dtype)
+        vlm = hasattr(engine.model.config, "vision_config")
+        workload = serve_load.make_workload(requests, rate, pw, mt,
+                                            (0.5 if vlm else 0.0) if image_fraction is None else image_fraction, seed)
+        meta.update(model=str(model), device=str(engine.device), max_batch=max_batch,
+                    gpu=__import__("torch").cuda.get_device_name() if str(engine.device).startswith("cuda") else None)
+        names = list(scheduler)
+        for name in names:
+            service = (ContinuousService if name == "continuous" else BatchingService)(
+                engine, max_batch=max_batch, max_waiting=max(256, requests))
+            port = serve_load.free_port()
+            server = uvicorn.Server(uvicorn.Config(create_app(service, "bench"), host="127.0.0.1", port=port,
+                                                   log_level="warning"))
+            thread = threading.Thread(target=server.run, daemon=True)
+            thread.start()
+            while not server.started:
+                time.sleep(0.05)
+            print(f"{name}: {requests} requests at {rate}/s ...", flush=True)
+            try:
+                runs[name] = serve_load.run_load(f"http://127.0.0.1:{port}/v1", "bench", workload)
+            finally:
+                server.should_exit = True
+                thread.join(timeout=30)
+                service.close()
+    summaries = {n: serve_load.summarize(runs[n]) for n in names}
+    text = serve_load.table(summaries)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "bench-serve.json", serve_load.results_json(workload, runs, summaries, meta))
+    atomic_write_text(out / "bench-serve.md", f"```\n{text}\n```\n\n{json.dumps(meta)}\n")
+    serve_load.plot(runs, out / "bench-serve.png")
+    print(text)
+    for n in names:
+        if summaries[n]["failed"]:
+            print(f"{n}: {summaries[n]['failed']} requests failed, e.g. {summaries[n]['errors'][0]}")
+    print(f"wrote {out}/bench-serve.json, bench-serve.md, bench-serve.png")
+    if any(summaries[n]["failed"] == summaries[n]["requests"] for n in names):
+        raise MatvlmError("every request failed; see bench-serve.json")
+
+
+bench_serve.cli_positional = ("model",)
+
+
 def _engine(model: str, device: str | None, dtype: str | None, image_aspect: str = "square", compile: bool = False):
     import torch
 

@@ -28,6 +28,7 @@ from ..engine.scheduler import ContinuousBatcher, Sequence
 from ..errors import MatvlmError
 
 _DONE = object()
+_STOP = object()       # close(): the worker ends once what it holds is done
 
 
 class QueueFull(MatvlmError):
@@ -129,6 +130,11 @@ class Service:
                 del self.finished[:-1000]
         handle.finish(output, error)
 
+    def close(self, timeout: float | None = 60.0) -> None:
+        """Stop the worker once the requests it holds are answered (it frees its state with it)."""
+        self.pending.put(_STOP)
+        self.thread.join(timeout)
+
     def _loop(self) -> None:
         raise NotImplementedError
 
@@ -143,13 +149,21 @@ class BatchingService(Service):
         super().__init__(engine, max_batch, max_waiting)
 
     def _loop(self) -> None:
-        while True:
-            batch = [self.pending.get()]
+        stop = False
+        while not stop:
+            first = self.pending.get()
+            if first is _STOP:
+                return
+            batch = [first]
             while len(batch) < self.max_batch:
                 try:
-                    batch.append(self.pending.get(timeout=self.window_s))
+                    h = self.pending.get(timeout=self.window_s)
                 except queue.Empty:
                     break
+                if h is _STOP:
+                    stop = True
+                    break
+                batch.append(h)
             self._started(len(batch))
             with torch.no_grad():
                 self._run_isolated(batch)
@@ -213,15 +227,22 @@ class ContinuousService(Service):
         super().__init__(engine, max_batch, max_waiting)
 
     def _loop(self) -> None:
-        b = self.batcher
-        while True:
-            if not b.busy:
-                self._add(self.pending.get())
+        b, stop = self.batcher, False
+        while not (stop and not b.busy):
+            if not b.busy and not stop:
+                h = self.pending.get()
+                if h is _STOP:
+                    return
+                self._add(h)
             while True:
                 try:
-                    self._add(self.pending.get_nowait())
+                    h = self.pending.get_nowait()
                 except queue.Empty:
                     break
+                if h is _STOP:
+                    stop = True
+                else:
+                    self._add(h)
             b.step()
 
     def _add(self, h: Handle) -> None:

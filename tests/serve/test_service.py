@@ -179,3 +179,12 @@ def test_matvlm_serve_batches_continuously_unless_told_static(monkeypatch, sched
     assert type(seen["s"]) is kind and seen["s"].max_batch == 3 and seen["host"] == "127.0.0.1"
     with pytest.raises(MatvlmError, match="--max-waiting must be >= 1"):
         commands.serve(str(ASSET), device="cpu", max_waiting=0)
+
+
+@pytest.mark.parametrize("kind", SERVICES)
+def test_close_answers_what_the_worker_holds_then_ends_it(engine, kind):
+    service = SERVICES[kind](engine, max_batch=2)
+    held = service.submit(ask(engine, "Describe the image.", 20))
+    next(held.stream())
+    service.close()
+    assert not service.thread.is_alive() and len(held.result(timeout=0).token_ids) == 20
