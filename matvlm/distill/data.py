@@ -300,6 +300,7 @@ class _ChatDataset(torch.utils.data.Dataset):
         self.max_length = max_length
         self.skipped_too_long = 0
         self.samples: list[dict] = []
+        self.lengths: list[int] = []         # tokens of each kept sample (batching groups by it)
 
     @property
     def pad_token_id(self) -> int:
@@ -311,10 +312,12 @@ class _ChatDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def _keep(self, sample: dict) -> None:
-        if self._encode(sample) is None:
+        encoded = self._encode(sample)
+        if encoded is None:
             self.skipped_too_long += 1
         else:
             self.samples.append(sample)
+            self.lengths.append(len(encoded[0]))
 
 
 class LlavaJsonDataset(_ChatDataset):

@@ -40,7 +40,9 @@ class BatchPlan:
 
     Epoch e is a permutation of the data seeded by (seed, e); step s takes the next global batch of
     `global_batch` samples (a partial last batch is dropped); process r takes the r-th contiguous
-    share of it, cut into micro-batches.
+    share of it, cut into micro-batches. With `lengths` (tokens per sample) a share is sorted by length,
+    longest first, before it is cut, so each micro-batch pads to lengths close to its own: a step still
+    sums the gradients of the same samples, with less padding computed.
     """
 
     n: int
@@ -48,6 +50,7 @@ class BatchPlan:
     world: int
     micro: int
     seed: int
+    lengths: list[int] | None = None
 
     def __post_init__(self):
         if self.global_batch % (self.world * self.micro):
@@ -75,6 +78,8 @@ class BatchPlan:
         share = self.global_batch // self.world
         for step in range(start, stop):
             mine = self.global_indices(step)[rank * share:(rank + 1) * share]
+            if self.lengths is not None:
+                mine = sorted(mine, key=lambda i: -self.lengths[i])       # stable: ties keep their order
             for j in range(0, share, self.micro):
                 yield mine[j:j + self.micro]
 
@@ -300,7 +305,8 @@ def run(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Path
     processor = formats.load_processor(cfg.teacher)
     dataset = make_dataset(cfg, processor, model.config)
     tokenizer = getattr(processor, "tokenizer", processor)
-    plan = BatchPlan(len(dataset), cfg.global_batch_size, world, cfg.micro_batch_size, cfg.seed)
+    plan = BatchPlan(len(dataset), cfg.global_batch_size, world, cfg.micro_batch_size, cfg.seed,
+                     getattr(dataset, "lengths", None) or None)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * plan.steps_per_epoch))
     if main:                       # written once the model and the data are known to load
         out.mkdir(parents=True, exist_ok=True)

@@ -316,3 +316,34 @@ def test_the_align_stage_brings_each_mixer_closer_to_its_attention(teacher_dirs,
 def test_bad_stage_settings_are_refused(teacher_dirs, data, tmp_path, bad):
     with pytest.raises(MatvlmError, match="stage|align"):
         run(cfg(teacher_dirs, data, tmp_path / "x", max_steps=4, **bad), progress=False)
+
+
+def test_micro_batches_are_cut_from_a_length_sorted_share_of_the_same_samples():
+    import random
+
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 500) for _ in range(64)]
+    plain = train_mod.BatchPlan(64, 32, 2, 4, seed=3)           # shares of 16: 4 micro-batches of 4
+    grouped = train_mod.BatchPlan(64, 32, 2, 4, seed=3, lengths=lengths)
+    padded = {"plain": 0, "grouped": 0}
+    for rank in (0, 1):
+        a = list(plain.micro_batches(rank, 0, 6))
+        b = list(grouped.micro_batches(rank, 0, 6))
+        for k in range(0, len(a), 4):                     # 4 micro-batches a step and rank
+            assert sorted(sum(a[k:k + 4], [])) == sorted(sum(b[k:k + 4], []))
+            maxima = [max(lengths[i] for i in mb) for mb in b[k:k + 4]]
+            assert maxima == sorted(maxima, reverse=True)
+        padded["plain"] += sum(len(mb) * max(lengths[i] for i in mb) for mb in a)
+        padded["grouped"] += sum(len(mb) * max(lengths[i] for i in mb) for mb in b)
+    assert padded["grouped"] < 0.85 * padded["plain"], padded
+
+
+def test_micro_batch_size_does_not_change_the_run(teacher_dirs, data, tmp_path):
+    """Accumulating length-sorted micro-batches gives the losses of one micro-batch per step."""
+    run(cfg(teacher_dirs, data, tmp_path / "mb2", max_steps=3, save_every=100))
+    run(cfg(teacher_dirs, data, tmp_path / "mb8", max_steps=3, save_every=100, micro_batch_size=8))
+    a, b = read_log(tmp_path / "mb2"), read_log(tmp_path / "mb8")
+    for ra, rb in zip(a, b):
+        assert ra["tokens"] == rb["tokens"]
+        for k in ("loss", "loss_layer", "loss_prob"):
+            assert abs(ra[k] - rb[k]) <= 1e-5 * abs(ra[k]), (k, ra[k], rb[k])
