@@ -14,6 +14,7 @@ first answer token to "What is the capital of France?" wins by 0.08 logits, whic
 from __future__ import annotations
 
 import json
+import re
 import math
 import time
 from pathlib import Path
@@ -151,10 +152,36 @@ def eval_lm(student: str | Path, data: str | Path, teacher: str | Path | None = 
     answers, speed = answer_side_by_side(engines, asked, max_new_tokens=max_new_tokens)
     record = {"student": str(student), "teacher": str(teacher) if teacher else None, "data": str(data),
               "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "scores": scores,
-              "speed": speed, "answers": answers}
+              "speed": speed, "answers": answers, "looping_answers": loop_counts(answers)}
     if teacher is not None:
         record["ppl_ratio"] = scores["student"]["ppl"] / scores["teacher"]["ppl"]
     return record
+
+
+_RUN = re.compile(r"(.{4,}?)(?:[\s,.;:!?-]*\1){2,}", re.S)   # a piece of >= 4 characters, 3+ times in a row
+
+
+def loops(text: str) -> bool:
+    """Whether an answer loops: a piece of 4+ characters with 2+ letters or digits comes 3 times in a row
+    (8 times if it is only digits and separators): "a lone soul, a lone soul, a lone soul",
+    "30 + 30 = 30 + 30 = 30 + 30", "000,000,000,..."; case and spacing aside. Or one sentence of 20+
+    characters comes 3 times anywhere. Lists whose items share words, rules of dashes and ordinary large
+    numbers do not count."""
+    t = " ".join(text.lower().split())
+    for m in _RUN.finditer(t):
+        unit = m.group(1)
+        if sum(c.isalnum() for c in unit) < 2:
+            continue                                    # dashes, dots, a lone digit
+        if not re.fullmatch(r"[\d,. ]+", unit) or len(m.group(0)) >= 8 * len(unit):
+            return True                                 # words or sums 3 times; bare digit groups 8 times
+    sentences = [x.strip() for x in re.split(r"(?<=[.!?])\s+", t) if len(x.strip()) >= 20]
+    return any(sentences.count(x) >= 3 for x in set(sentences))
+
+
+def loop_counts(answers: list[dict]) -> dict[str, int]:
+    """How many of each model's answers loop (`loops`), keyed like the answers ("teacher", "student")."""
+    names = [k for k in ("teacher", "student") if answers and k in answers[0]]
+    return {n: sum(loops(row[n]) for row in answers) for n in names}
 
 
 def format_record(rec: dict) -> str:
@@ -172,10 +199,13 @@ def format_record(rec: dict) -> str:
                      f"KL(teacher||student): {s['kl']:.4f} nats/token   greedy agreement: {100 * s['agreement']:.1f} %")
     lines.append(f"({s['tokens']} tokens in {s['sequences']} sequences; speed: batch {len(rec['answers'])}, "
                  f"{rec['device']})")
+    if rec.get("looping_answers"):
+        lines.append("looping answers: " + ", ".join(f"{n} {k} of {len(rec['answers'])}"
+                                                    for n, k in rec["looping_answers"].items()))
     for row in rec["answers"]:
         lines.append(f"\n> {row['prompt']}")
         for n in names:
-            lines.append(f"  {n}: {row[n]}")
+            lines.append(f"  {n}: {row[n]}" + ("   [loops]" if n in row and loops(row[n]) else ""))
     return "\n".join(lines)
 
 

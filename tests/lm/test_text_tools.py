@@ -324,3 +324,22 @@ def test_distill_self_generate_checks_the_output_before_generating(teacher_dirs,
     assert main(["distill", "--teacher", str(teacher_dirs["causal-llama"]), "--mamba-ratio", "0.5",
                  "--self-generate", "synthetic:4", "--out", str(out)]) == 2
     assert "is not empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text,looping", [
+    ("A lone soul, a lone soul, a lone soul", True),
+    ("12 + 30 = 30 + 30 = 30 + 30 = 30", True),
+    ("Neptune is about 178,840,000,000,000,000,000,000,000,000,000,000 km", True),
+    ("It is big. It is also the most visited city. Yes. It is also the most visited city. "
+     "It is also the most visited city.", True),
+    ("In the depths of the ocean, a warrior of the sea, a warrior of the sea.", False),   # twice is not a loop
+    ("1. Eat well. 2. Sleep well. 3. Exercise well.", False),
+    ("about 1,000,000,000,000 stars", False),
+    ("| a | b |\n|------------------------|---|", False),
+    ("The capital of France is Paris.", False),
+])
+def test_loops_tells_repetition_from_lists_and_numbers(text, looping):
+    from matvlm.lm.evaluate import loop_counts, loops
+
+    assert loops(text) is looping
+    assert loop_counts([{"teacher": "Paris.", "student": text}]) == {"teacher": 0, "student": int(looping)}
