@@ -164,9 +164,9 @@ _RUN = re.compile(r"(.{4,}?)(?:[\s,.;:!?-]*\1){2,}", re.S)   # a piece of >= 4 c
 def loops(text: str) -> bool:
     """Whether an answer loops: a piece of 4+ characters with 2+ letters or digits comes 3 times in a row
     (8 times if it is only digits and separators): "a lone soul, a lone soul, a lone soul",
-    "30 + 30 = 30 + 30 = 30 + 30", "000,000,000,..."; case and spacing aside. Or one sentence of 20+
-    characters comes 3 times anywhere. Lists whose items share words, rules of dashes and ordinary large
-    numbers do not count."""
+    "30 + 30 = 30 + 30 = 30 + 30", "000,000,000,..."; or some run of 5 words comes 3 times anywhere
+    ("... a tapestry of endless blue ..." three times). Case, punctuation and spacing aside. Lists
+    whose items share a few words, rules of dashes and ordinary large numbers do not count."""
     t = " ".join(text.lower().split())
     for m in _RUN.finditer(t):
         unit = m.group(1)
@@ -174,8 +174,9 @@ def loops(text: str) -> bool:
             continue                                    # dashes, dots, a lone digit
         if not re.fullmatch(r"[\d,. ]+", unit) or len(m.group(0)) >= 8 * len(unit):
             return True                                 # words or sums 3 times; bare digit groups 8 times
-    sentences = [x.strip() for x in re.split(r"(?<=[.!?])\s+", t) if len(x.strip()) >= 20]
-    return any(sentences.count(x) >= 3 for x in set(sentences))
+    words = re.findall(r"\w+", t)
+    grams = [" ".join(words[i:i + 5]) for i in range(len(words) - 4)]
+    return any(grams.count(g) >= 3 for g in set(grams))
 
 
 def loop_counts(answers: list[dict]) -> dict[str, int]:
