@@ -91,12 +91,20 @@ print(','.join(map(str, choose(json.load(open(sys.argv[1]))['scores'], $r))))" "
 
 # LANES > 1 runs the specs in that many concurrent lanes on the one GPU (a 135M model's step leaves most of
 # an H200 idle); specs go to lanes round-robin, each lane runs its own in order. Keep auto specs in one lane.
+# Memory: one lane at MB=32 x 1024 tokens peaked at 61 GiB, so three such lanes do not fit an 80 GiB H100
+# (use LANES=2 MB=16 there).
 LANES=${LANES:-1}
 specs=($RUNS)
 pids=()
 for ((lane = 0; lane < LANES; lane++)); do
   (
-    for ((k = lane; k < ${#specs[@]}; k += LANES)); do one_run "${specs[k]}" 2>&1 | sed -u "s/^/[lane $lane] /"; done
+    failed=0
+    for ((k = lane; k < ${#specs[@]}; k += LANES)); do
+      # a run that fails (out of memory, say) ends with its error and the lane goes on to its next run
+      ( one_run "${specs[k]}" 2>&1 | sed -u "s/^/[lane $lane] /" ) &
+      wait $! || { echo "[lane $lane] run ${specs[k]} failed"; failed=1; }
+    done
+    exit $failed
   ) &
   pids+=($!)
 done
