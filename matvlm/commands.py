@@ -616,7 +616,7 @@ def evaluate(model: str | None = None, benchmark: list[str] | None = None, data:
         judge_prompt: grading prompt file with {question}, {answer}, {prediction} (default: matvlm's own prompt).
     """
     from .errors import MatvlmError
-    from .eval.benchmarks import compare_table, headline
+    from .eval.benchmarks import compare_table
     from .eval.run import default_predictions_path, evaluate as run_eval, load_samples, read_results, write_results
 
     if compare:
@@ -800,17 +800,10 @@ def bench_serve(model: str | None = None, url: str | None = None, api_key: str |
 bench_serve.cli_positional = ("model",)
 
 
-def _engine(model: str, device: str | None, dtype: str | None, image_aspect: str = "square", compile: bool = False):
-    import torch
-
-    from .convert.formats import load, load_processor
+def _engine(model: str, device: str | None, dtype: str | None, compile: bool = False):
     from .engine.engine import Engine
 
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    m = load(model)
-    aspect = getattr(m.config, "image_aspect_ratio", None)
-    return Engine(m, load_processor(model), device=dev, dtype=getattr(torch, dtype) if dtype else None,
-                  image_aspect=aspect if aspect in ("pad", "square") else image_aspect, compile=compile)
+    return Engine.from_dir(model, device=device, dtype=dtype, compile=compile)
 
 
 def chat(model: str, image: Path | None = None, temperature: float = 0.0, top_p: float = 1.0,

@@ -132,17 +132,12 @@ class TwoCopyStep(torch.nn.Module):
 
 
 def two_copies(cfg, micro, seq):
-    from ..convert.init import init_from_attention
+    from ..convert.init import hybridize
     from ..convert.layers import select_layers
-    from ..model.hybrid import attention_names, attention_shape, hybrid_config_for, make_hybrid
 
     teacher = random_teacher(cfg)
     student = copy.deepcopy(teacher)
-    hcfg = hybrid_config_for(student, select_layers(32, 0.25))
-    replaced = make_hybrid(student, hcfg)
-    for i, attn in replaced.items():
-        init_from_attention(student.mamba_mixers[i], attn, attention_names(cfg), *attention_shape(cfg)[:2])
-    del replaced
+    hybridize(student, select_layers(32, 0.25))
     teacher.requires_grad_(False)
     student.requires_grad_(False)
     trainable = list(student.mamba_mixers.values()) + [student.model.multi_modal_projector]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import gc
 import json
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +32,8 @@ def resolve(spec: str, dtype: torch.dtype):
     import matvlm
 
     if spec.startswith("random:"):
-        from ..convert.init import init_from_attention
+        from ..convert.init import hybridize
         from ..convert.layers import select_layers
-        from ..model.hybrid import attention_names, attention_shape, hybrid_config_for, make_hybrid
         from .distill_step import tinyllava_config
 
         name, _, ratio = spec[len("random:"):].partition("@")
@@ -48,10 +46,7 @@ def resolve(spec: str, dtype: torch.dtype):
             model = LlavaForConditionalGeneration(tinyllava_config())
         model.to(dtype).eval()
         layers = select_layers(32, float(ratio)) if ratio else []
-        replaced = make_hybrid(model, hybrid_config_for(model, layers))
-        for i, attn in replaced.items():
-            init_from_attention(model.mamba_mixers[i], attn, attention_names(model.config),
-                                *attention_shape(model.config)[:2])
+        hybridize(model, layers)
         return model, None
     return matvlm.load(spec, dtype=dtype), matvlm.load_processor(spec)
 

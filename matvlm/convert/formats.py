@@ -111,7 +111,7 @@ def tinyllava_processor(path: Path, cfg: dict):
     if (path / "preprocessor_config.json").is_file():
         image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
     else:
-        from ..toy.tiny import SiglipImageProcessor
+        from ..compat import SiglipImageProcessor
         size = int(vision.get("image_size", 384))
         image_processor = SiglipImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3,
                                                image_std=[0.5] * 3)

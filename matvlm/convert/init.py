@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..config import HybridConfig
 from ..model.hybrid import AttentionNames
 from ..model.mixer import Mamba2Mixer
 
@@ -58,3 +59,27 @@ def init_from_attention(mixer: Mamba2Mixer, attn: nn.Module, names: AttentionNam
     mixer.out_proj.weight.copy_(o.weight)
     if mixer.out_proj.bias is not None:
         mixer.out_proj.bias.copy_(o.bias if o.bias is not None else torch.zeros_like(mixer.out_proj.bias))
+
+
+def hybridize(model: nn.Module, layers: list[int] | HybridConfig, seed: int | None = None, init: bool = True,
+              **overrides) -> dict[int, nn.Module]:
+    """Make `model` a hybrid in place: the attention of decoder layers `layers` (or those of a ready
+    `HybridConfig`) becomes Mamba-2 mixers, initialised from it (Eq. 4-6) unless `init` is False (their
+    weights are loaded afterwards). `seed` seeds the random parts of the init; `overrides` go to
+    `hybrid_config_for` (e.g. `source=`). The one way every caller turns a model into a hybrid.
+
+    Returns:
+        {layer index: the attention module it replaced} (the teacher view swaps these back in).
+    """
+    from ..model.hybrid import attention_names, attention_shape, hybrid_config_for, make_hybrid
+
+    cfg = layers if isinstance(layers, HybridConfig) else hybrid_config_for(model, list(layers), **overrides)
+    if seed is not None:
+        torch.manual_seed(seed)
+    replaced = make_hybrid(model, cfg)
+    if init and replaced:
+        names = attention_names(model.config)
+        heads, kv_heads, _ = attention_shape(model.config)
+        for i, attn in replaced.items():
+            init_from_attention(model.mamba_mixers[i], attn, names, heads, kv_heads)
+    return replaced

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 
 from ..errors import MatvlmError
-from ..model.hybrid import attention_names, attention_shape, decoder_layers, hybrid_config_for, make_hybrid
+from ..model.hybrid import decoder_layers
 from ..model.io import save_hybrid
 from . import formats
-from .init import init_from_attention
+from .init import hybridize
 from .layers import count_for_ratio, select_layers
 
 
@@ -44,15 +43,8 @@ def convert(teacher: str | Path, out: str | Path, mamba_ratio: float | None = No
     processor = formats.load_processor(teacher)
     n_layer = len(decoder_layers(model))
     layers = select_layers(n_layer, mamba_ratio, placement, mamba_layers)
-    cfg = hybrid_config_for(model, layers, source={
+    hybridize(model, layers, seed=seed, source={
         "teacher": str(Path(teacher).resolve()), "teacher_format": model.matvlm_format,
         "placement": "explicit" if mamba_layers is not None and placement != "auto" else placement,
         "mamba_ratio": len(layers) / n_layer, "seed": seed})
-    names = attention_names(model.config)
-    heads, kv_heads, _ = attention_shape(model.config)
-    torch.manual_seed(seed)
-    replaced = make_hybrid(model, cfg)
-    mixers = model.mamba_mixers
-    for i, attn in replaced.items():
-        init_from_attention(mixers[i], attn, names, heads, kv_heads)
     return save_hybrid(model, out, src_dir=teacher, processor=processor, overwrite=overwrite)

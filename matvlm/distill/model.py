@@ -22,11 +22,10 @@ import torch
 from torch import Tensor, nn
 
 from ..convert import formats
-from ..convert.init import init_from_attention
+from ..convert.init import hybridize
 from ..convert.layers import select_layers
 from ..errors import MatvlmError
-from ..model.hybrid import (attention_names, attention_shape, decoder_layers, decoder_stack, hybrid_config_for,
-                            make_hybrid, text_config)
+from ..model.hybrid import decoder_layers, decoder_stack, hybrid_config_for, text_config
 from ..model.vlm import connector, embed, is_vlm, vision_features
 from . import losses
 
@@ -125,8 +124,7 @@ def build(teacher_dir: str | Path | nn.Module, student_dir: str | Path | None = 
         layers = select_layers(len(decoder_layers(model)), mamba_ratio, placement)
         cfg = hybrid_config_for(model, layers, source={"teacher": str(teacher_dir), "placement": placement,
                                                        "mamba_ratio": mamba_ratio, "seed": seed})
-    torch.manual_seed(seed)
-    replaced = make_hybrid(model, cfg)
+    replaced = hybridize(model, cfg, seed=seed, init=student is None)
     if "mlp" in train:
         for i in cfg.mamba_layers:
             frozen_copies[(decoder_layers(model)[i], "mlp")] = copy.deepcopy(decoder_layers(model)[i].mlp)
@@ -137,10 +135,6 @@ def build(teacher_dir: str | Path | nn.Module, student_dir: str | Path | None = 
     if student is not None:
         _load_student_weights(model, student, trainable_names | _mixer_names(model), student_dir)
         del student
-    else:
-        names, (heads, kv, _) = attention_names(model.config), attention_shape(model.config)
-        for i, attn in replaced.items():
-            init_from_attention(model.mamba_mixers[i], attn, names, heads, kv)
 
     if "all" not in train:
         for i, attn in replaced.items():

@@ -44,7 +44,7 @@ def layer_scores(teacher, aligned, dataset, pad_token_id: int, samples: list[int
     teacher: the loaded teacher (a matvlm-loaded transformers model, no Mamba layers); aligned: a hybrid of
     the same teacher whose every layer is a Mamba-2 mixer. Returns (scores, tokens scored)."""
     from ..model.hybrid import decoder_layers, hybrid_config_for, make_hybrid
-    from .data import collate
+    from ..inputs.data import collate
 
     teacher = teacher.to(device).eval()
     layers = decoder_layers(teacher)

@@ -144,8 +144,8 @@ def enable_checkpointing(model) -> None:
 
 
 def make_dataset(cfg: DistillConfig, processor, model_config):
-    from .data import LlavaJsonDataset, TextJsonlDataset
-    from .templates import get_template, template_for, text_template
+    from ..inputs.data import LlavaJsonDataset, TextJsonlDataset
+    from ..inputs.templates import get_template, template_for, text_template
 
     if hasattr(model_config, "vision_config"):
         template = get_template(cfg.template) if cfg.template else template_for(model_config)
@@ -171,7 +171,7 @@ def check_inputs(cfg: DistillConfig) -> None:
     """The cheap checks of a run's inputs: model directories that exist and are of a known layout, a data
     file that reads and holds entries, an image root that is a directory."""
     from ..convert.formats import detect_format
-    from .data import read_records
+    from ..inputs.data import read_records
 
     detect_format(cfg.teacher)
     if cfg.student:
@@ -274,7 +274,7 @@ def run(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Path
 
     from ..convert import formats
     from ..model.io import save_hybrid
-    from .data import collate
+    from ..inputs.data import collate
 
     cfg.validate()
     out = Path(cfg.out)

@@ -21,142 +21,25 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 import torch
 from torch import Tensor, nn
 from torch.nn.attention.bias import CausalBias, CausalVariant
-from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..errors import MatvlmError
-from ..distill.data import has_own_bos
-from ..model.cache import MambaLayerState, cache_kwarg
+from ..inputs.tokens import has_own_bos
+from ..model.cache import cache_kwarg
 from ..model.hybrid import decoder_stack, text_config
 from ..model.vlm import embed, is_vlm, vision_features
+from .cache import StaticHybridCache
 from .fused import fused_decoder
 from .sampling import SamplingParams, sample_batch
 
 log = logging.getLogger("matvlm.engine")
 
 FINAL_NORM = ("final_layernorm", "norm")        # Phi, then Llama / Mistral / Qwen2
-
-
-# --- static cache -----------------------------------------------------------------------------
-
-class BufferKVLayer(CacheLayerMixin):
-    """KV buffers (B, kv_heads, L, head_dim) allocated up front; subclasses say where new entries go.
-    `visible` (prefill): return only the first `visible` positions."""
-
-    is_compileable = True
-    is_sliding = False
-
-    def __init__(self, keys: Tensor, values: Tensor, visible: int | None = None):
-        super().__init__()
-        self.keys, self.values, self.visible = keys, values, visible
-        self.is_initialized = True
-
-    def lazy_initialization(self, key_states, value_states) -> None:  # allocated up front
-        return None
-
-    def _visible(self) -> tuple[Tensor, Tensor]:
-        if self.visible is not None:
-            return self.keys[:, :, :self.visible], self.values[:, :, :self.visible]
-        return self.keys, self.values
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.keys.shape[2], 0
-
-    def get_max_length(self) -> int:
-        return self.keys.shape[2]
-
-
-class StaticKVLayer(BufferKVLayer):
-    """KV buffers (B, kv_heads, L, head_dim) written at the cache's shared slot counter."""
-
-    def __init__(self, batch: int, kv_heads: int, length: int, head_dim: int, dtype, device, slot: Tensor):
-        keys = torch.zeros(batch, kv_heads, length, head_dim, dtype=dtype, device=device)
-        super().__init__(keys, torch.zeros_like(keys))
-        self.slot = slot
-
-    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        idx = self.slot + torch.arange(key_states.shape[-2], device=self.keys.device)        # (T,)
-        self.keys.index_copy_(2, idx, key_states.to(self.keys.dtype))
-        self.values.index_copy_(2, idx, value_states.to(self.values.dtype))
-        return self._visible()
-
-    def get_seq_length(self) -> int:
-        return int(self.slot)
-
-    def reset(self) -> None:
-        self.keys.zero_()
-        self.values.zero_()
-
-
-class StaticMambaState(MambaLayerState):
-    """A Mamba layer's state in the static cache: the cache's `slot` tensor counts positions, so decode
-    steps keep no Python counter (which a compiled step would have to re-check on every call)."""
-
-    def advance(self, tokens: int) -> None:
-        return None
-
-
-class StaticHybridCache(Cache):
-    """Pre-allocated cache for `batch` sequences of up to `length` tokens; `slot` is the next write index."""
-
-    def __init__(self, model: nn.Module, batch: int, length: int, dtype, device):
-        tc = text_config(model.config)
-        cfg = model.hybrid_config
-        heads = tc.num_attention_heads
-        kv = getattr(tc, "num_key_value_heads", None) or heads
-        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
-        self.slot = torch.zeros((), dtype=torch.long, device=device)
-        layers = []
-        for i in range(cfg.n_layer):
-            if i in cfg.mamba_layers:
-                state = StaticMambaState()
-                state.allocate(batch, cfg.conv_dim, cfg.d_conv - 1, cfg.nheads, cfg.headdim, cfg.d_state, dtype, device)
-                layers.append(state)
-            else:
-                layers.append(StaticKVLayer(batch, kv, length, head_dim, dtype, device, self.slot))
-        super().__init__(layers=layers)
-        self.batch, self.length = batch, length
-
-    def tensors(self) -> list[Tensor]:
-        out = [self.slot]
-        for layer in self.layers:
-            if isinstance(layer, StaticKVLayer):
-                out += [layer.keys, layer.values]
-            else:
-                out += [layer.conv, layer.ssm]
-        return out
-
-    def step_state(self) -> list[Tensor]:
-        """What a decode step changes besides the KV entries at and after `slot` (which no later step
-        reads before writing them): the slot and the Mamba layers' states."""
-        return [self.slot] + [t for layer in self.layers if isinstance(layer, MambaLayerState)
-                              for t in (layer.conv, layer.ssm)]
-
-    def set_visible(self, n: int | None) -> None:
-        """Prefill: attention layers see only the first `n` cache positions (None: the whole buffer, as
-        decode steps, whose shapes must not change, do)."""
-        for layer in self.layers:
-            if isinstance(layer, StaticKVLayer):
-                layer.visible = n
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors())
-
-    def clear(self) -> None:
-        self.slot.zero_()
-        for layer in self.layers:
-            if isinstance(layer, MambaLayerState):
-                layer.conv.zero_()
-                layer.ssm.zero_()
-                layer.has_previous_state[0] = False
-                layer.seen = 0
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return int(self.slot)
 
 
 @dataclass
@@ -286,6 +169,21 @@ class Engine:
         # dynamic shapes: one compilation serves every cache length (and every batch size above 1)
         self._decode_forward = torch.compile(self._step_forward, dynamic=True) if compile else self._step_forward
 
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, device: str | None = None, dtype: str | torch.dtype | None = None,
+                 image_aspect: str = "square", **kwargs) -> "Engine":
+        """An engine over the model directory `model_dir` (any layout `matvlm.load` reads) and its processor.
+        `dtype` may be a name ("bfloat16"); the image aspect is the model config's `image_aspect_ratio`
+        when it says "pad" or "square", else `image_aspect`. Other keywords go to `Engine`."""
+        from ..convert.formats import load, load_processor
+
+        model = load(model_dir)
+        aspect = getattr(model.config, "image_aspect_ratio", None)
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        return cls(model, load_processor(model_dir), device=device, dtype=dtype,
+                   image_aspect=aspect if aspect in ("pad", "square") else image_aspect, **kwargs)
+
     def prefill_chunk(self, batch: int) -> int:
         """Prompt tokens per prefill forward: the prompt is prefilled in chunks of this many positions
         so that one forward holds at most `prefill_tokens` (batch x chunk) tokens; the attention layers
@@ -412,7 +310,7 @@ class Engine:
         if request.images:
             if not self.vlm:
                 raise MatvlmError("this model takes no images (it is a text model)")
-            from ..distill.data import expand2square
+            from ..inputs.images import expand2square
 
             images = [im.convert("RGB") for im in request.images]
             if self.image_aspect == "pad":

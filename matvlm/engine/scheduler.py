@@ -36,30 +36,9 @@ from transformers.cache_utils import Cache
 from ..errors import MatvlmError
 from ..model.hybrid import text_config
 from ..model.vlm import embed, vision_features
-from .engine import (BufferKVLayer, Engine, Output, Request, StaticMambaState, _all_greedy, _bucket,
-                     _causal_lower_right, _first_stop, context_limit)
+from .cache import SlotKVLayer, StaticMambaState
+from .engine import Engine, Output, Request, _all_greedy, _bucket, _causal_lower_right, _first_stop, context_limit
 from .sampling import sample_batch
-
-
-class SlotKVLayer(BufferKVLayer):
-    """KV rows (k, kv_heads, L, head_dim), views of the pool; row r writes its T new entries at
-    `pos[r]`, `pos[r] + 1`, ... (each slot has its own length)."""
-
-    def __init__(self, keys: Tensor, values: Tensor, pos: Tensor, visible: int | None = None):
-        super().__init__(keys, values, visible)
-        self.pos = pos
-        self.rows = torch.arange(keys.shape[0], device=keys.device)
-
-    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        t = key_states.shape[-2]
-        idx = self.pos[:, None] + torch.arange(t, device=self.pos.device)                   # (k, T)
-        rows = self.rows[:, None].expand_as(idx)
-        self.keys[rows, :, idx] = key_states.transpose(1, 2).to(self.keys.dtype)         # (k, T, kv, D)
-        self.values[rows, :, idx] = value_states.transpose(1, 2).to(self.values.dtype)
-        return self._visible()
-
-    def get_seq_length(self) -> int:
-        return 0
 
 
 class SlotPool:

@@ -15,8 +15,8 @@ from PIL import Image
 def build_inputs(processor, questions: list[str], images: list[Image.Image | str | Path | None],
                  template: str, image_aspect: str = "square"):
     """Template the questions, load/pad the images, and run the processor (left padding)."""
-    from ..distill.data import expand2square
-    from ..distill.templates import get_template
+    from ..inputs.images import expand2square
+    from ..inputs.templates import get_template
 
     tok = getattr(processor, "tokenizer", processor)
     t = get_template(template, eos_token=tok.eos_token) if template == "plain" else get_template(template)

@@ -73,7 +73,7 @@ class MatvlmLMM(lmms):
                               "device, dtype, template (the batch size is lmms-eval's --batch_size)")
         if not pretrained:
             raise MatvlmError("give the model directory: --model_args pretrained=DIR")
-        from ..commands import _engine
+        from ..engine.engine import Engine
 
         self._rank = int(os.environ.get("RANK", 0))
         self._world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -83,7 +83,7 @@ class MatvlmLMM(lmms):
         if dtype is not None and not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise MatvlmError(f"unknown dtype {dtype!r}; expected float32, bfloat16, float16 or auto")
         self.pretrained = str(Path(pretrained).expanduser())
-        self.engine = _engine(self.pretrained, device, dtype)
+        self.engine = Engine.from_dir(self.pretrained, device=device, dtype=dtype)
         self.template = template
         self.max_new_tokens = int(max_new_tokens)
         self.batch_size_per_gpu = self._batch_size(batch_size, max_batch_size)
@@ -155,14 +155,14 @@ class MatvlmLMM(lmms):
         return images
 
     def _prompt(self, context: str, n_images: int) -> str:
-        from ..engine.prompts import render
+        from ..inputs.prompts import render
 
         text = context.replace("<image>", "").strip()        # render places the images' placeholders
         return render(self.engine.processor, self.engine.model.config, [{"role": "user", "content": text}],
                       n_images, self.template)
 
     def _params(self, gen_kwargs: dict):
-        from ..engine.prompts import stop_strings
+        from ..inputs.prompts import stop_strings
         from ..engine.sampling import SamplingParams
 
         kw = dict(gen_kwargs or {})

@@ -43,7 +43,7 @@ def evaluate(benchmark: str, data: Path, model=None, processor=None, predictions
         options: benchmark options (get_benchmark), e.g. {"judge": ...} for mmvet.
     """
     from ..engine.engine import Engine, Request
-    from ..engine.prompts import render, stop_strings
+    from ..inputs.prompts import render, stop_strings
     from ..engine.sampling import SamplingParams
 
     bench = get_benchmark(benchmark, **(options or {}))
@@ -89,7 +89,7 @@ def load_samples(benchmark: str, data: Path, limit: int | None = None) -> list:
 def _multi_image(engine) -> bool:
     """Whether prompts may carry several images (the processor's chat template renders them); matvlm's
     templates place one image, so others use the first (as MMMU's LLaVA runner does)."""
-    from ..engine.prompts import has_chat_template
+    from ..inputs.prompts import has_chat_template
 
     return has_chat_template(engine.processor)
 

@@ -37,7 +37,7 @@ def score_text(models: dict, dataset, batch_size: int = 4, device: str | torch.d
     """
     from tqdm.auto import tqdm
 
-    from ..distill.data import collate
+    from ..inputs.data import collate
 
     if len(dataset) == 0:
         raise MatvlmError("the evaluation data holds no usable sample")
@@ -83,7 +83,7 @@ def answer_side_by_side(engines: dict, prompts: list[dict], max_new_tokens: int 
         "batch"}})
     """
     from ..engine.engine import Request
-    from ..engine.prompts import render
+    from ..inputs.prompts import render
     from ..engine.sampling import SamplingParams
 
     rows = [{"prompt": p["messages"][-1]["content"]} for p in prompts]
@@ -120,8 +120,8 @@ def eval_lm(student: str | Path, data: str | Path, teacher: str | Path | None = 
     "device", "scores": score_text(...), "ppl_ratio", "speed", "answers"}`.
     """
     from ..convert.formats import load, load_processor
-    from ..distill.data import TextJsonlDataset
-    from ..distill.templates import text_template
+    from ..inputs.data import TextJsonlDataset
+    from ..inputs.templates import text_template
     from ..engine.engine import Engine
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

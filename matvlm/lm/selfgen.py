@@ -56,7 +56,7 @@ def self_generate(engine, prompts: str | Path, out: str | Path, max_new_tokens: 
     from tqdm.auto import tqdm
 
     from ..engine.engine import Request
-    from ..engine.prompts import render
+    from ..inputs.prompts import render
     from ..engine.sampling import SamplingParams
     from ..model.io import atomic_write_text
 

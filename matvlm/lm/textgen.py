@@ -132,7 +132,7 @@ def generate_text_corpus(engine, out: str | Path, tokens: int, max_new_tokens: i
     from tqdm.auto import tqdm
 
     from ..engine.engine import Request
-    from ..engine.prompts import render
+    from ..inputs.prompts import render
     from ..engine.sampling import SamplingParams
     from ..model.io import atomic_write_text
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from ..engine.engine import Engine, Request, context_limit
-from ..engine.prompts import render, stop_strings
+from ..inputs.prompts import render, stop_strings
 from ..engine.sampling import SamplingParams
 from ..errors import MatvlmError
 

@@ -30,7 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.engine import Request
-from ..engine.prompts import render, stop_strings
+from ..inputs.prompts import render, stop_strings
 from ..engine.sampling import SamplingParams
 from ..errors import MatvlmError
 from .metrics import Metrics

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..engine.engine import Request
-from ..engine.prompts import render, stop_strings
+from ..inputs.prompts import render, stop_strings
 from ..engine.sampling import SamplingParams
 from .service import Service
 

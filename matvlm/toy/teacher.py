@@ -23,7 +23,8 @@ from transformers import AutoConfig, LlavaConfig, LlavaForConditionalGeneration,
 from transformers import SiglipVisionConfig
 
 from . import shapes
-from .tiny import CHAT_TEMPLATE, EOS_TOKEN, IMAGE_TOKEN, PAD_TOKEN, SiglipImageProcessor
+from ..compat import SiglipImageProcessor
+from .tiny import CHAT_TEMPLATE, EOS_TOKEN, IMAGE_TOKEN, PAD_TOKEN
 
 TEMPLATE = "plain"
 
@@ -66,7 +67,7 @@ def question_of(record: dict) -> str:
 
 def conversation_texts(records: list[dict]) -> list[str]:
     """Each Shapes-VQA record rendered with the plain template (training text, answers included)."""
-    from ..distill.templates import get_template
+    from ..inputs.templates import get_template
 
     t = get_template(TEMPLATE, eos_token=EOS_TOKEN)
     return ["".join(text for text, _ in t.segments([(question_of(r), r["answer"])], has_image=True))
@@ -128,7 +129,7 @@ class _ImageFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        from ..distill.data import load_image
+        from ..inputs.images import load_image
 
         return load_image(self.paths[i], self.processor, "square").numpy()
 
@@ -164,8 +165,9 @@ def encode_split(json_path: Path, processor, num_workers: int = 4) -> dict[str, 
     Keeping the split in a few tensors (on the GPU during training) removes per-step collation,
     which otherwise dominates the step time of a model this small.
     """
-    from ..distill.data import encode_segments, image_token_count
-    from ..distill.templates import get_template
+    from ..inputs.images import image_token_count
+    from ..inputs.tokens import encode_segments
+    from ..inputs.templates import get_template
 
     records = shapes.load_samples(json_path)
     template = get_template(TEMPLATE, eos_token=EOS_TOKEN)

@@ -14,17 +14,14 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (AutoConfig, AutoModelForCausalLM, LlavaConfig, LlavaForConditionalGeneration,
                           LlavaProcessor, PreTrainedTokenizerFast, SiglipVisionConfig)
 
-try:  # transformers >= 5 names the PIL-backed processor explicitly (no torchvision here)
-    from transformers import SiglipImageProcessorPil as SiglipImageProcessor
-except ImportError:  # pragma: no cover
-    from transformers import SiglipImageProcessor
+from ..compat import SiglipImageProcessor
 
 IMAGE_TOKEN = "<image>"
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<pad>"
 FAMILIES = ("phi", "llama", "qwen2")
 
-# The "plain" chat template of matvlm.distill.templates in Jinja, for `apply_chat_template`:
+# The "plain" chat template of matvlm.inputs.templates in Jinja, for `apply_chat_template`:
 # "USER: <image>\n<text>\nASSISTANT: <text><|endoftext|>\n" per turn (newlines written as
 # expressions because transformers renders templates with trim_blocks).
 CHAT_TEMPLATE = (

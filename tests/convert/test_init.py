@@ -56,3 +56,21 @@ def test_rows_of_the_fused_projection_are_named_and_disjoint():
     assert list(rows) == ["z_rows", "x_rows", "B_rows", "C_rows", "dt_rows"]
     assert rows["dt_rows"].stop == model.mamba_mixers[0].in_proj.out_features
     assert all(a.stop == b.start for a, b in zip(list(rows.values()), list(rows.values())[1:]))
+
+
+def test_hybridize_is_make_hybrid_then_the_attention_init_and_repeats_under_a_seed():
+    from matvlm.convert.init import hybridize
+
+    def fresh():
+        return tiny_causal_lm("llama", n_layer=3, hidden=48, heads=4, kv_heads=2, seed=3)[0]
+
+    a, b, c = fresh(), fresh(), fresh()
+    replaced = hybridize(a, [0, 2], seed=7)
+    assert sorted(replaced) == [0, 2] and a.hybrid_config.mamba_layers == [0, 2]
+    v_rows = in_proj_rows(a.mamba_mixers[2])["x_rows"]
+    v = replaced[2].v_proj.weight.reshape(2, 12, 48).repeat_interleave(2, dim=0)   # (kv, hd, d) -> 4 heads
+    assert torch.equal(a.mamba_mixers[2].in_proj.weight[v_rows], v.reshape(-1, 48))
+    hybridize(b, hybrid_config_for(b, [0, 2]), seed=7)                  # a ready config: the same model
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    hybridize(c, [0, 2], seed=7, init=False)                            # weights to be loaded later
+    assert not torch.equal(c.mamba_mixers[2].in_proj.weight[v_rows], v.reshape(-1, 48))

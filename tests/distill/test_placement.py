@@ -47,7 +47,7 @@ def test_a_layer_whose_mixer_is_broken_scores_worst_and_each_score_is_its_swap_a
     # layer 0's score is the KL of the hybrid with only layer 0 replaced by that mixer
     one = load(convert(d, tmp_path / "one", mamba_layers=[0]), dtype=torch.float64)
     one.mamba_mixers[0].load_state_dict(aligned.mamba_mixers[0].state_dict())
-    from matvlm.distill.data import collate
+    from matvlm.inputs.data import collate
 
     b = collate([ds[i] for i in range(6)], proc.pad_token_id)
     mask = b["attention_mask"].bool()

@@ -40,8 +40,8 @@ def read_log(out):
 
 
 def batch_of(teacher_dirs, data, n=2):
-    from matvlm.distill.data import LlavaJsonDataset, collate
-    from matvlm.distill.templates import get_template
+    from matvlm.inputs.data import LlavaJsonDataset, collate
+    from matvlm.inputs.templates import get_template
 
     proc = matvlm.load_processor(teacher_dirs["phi"])
     ds = LlavaJsonDataset(data, None, proc, get_template("plain"), 256)
@@ -238,8 +238,8 @@ def test_recipe_file_with_flag_overrides(teacher_dirs, data, tmp_path, capsys):
 
 
 def test_missing_images_are_counted_or_fatal_with_strict(teacher_dirs, data, tmp_path):
-    from matvlm.distill.data import LlavaJsonDataset
-    from matvlm.distill.templates import get_template
+    from matvlm.inputs.data import LlavaJsonDataset
+    from matvlm.inputs.templates import get_template
 
     root = shutil.copytree(data.parent, tmp_path / "d")
     recs = json.loads((root / "train.json").read_text())

@@ -398,3 +398,18 @@ def test_batched_sampling_depends_on_a_rows_seed_and_step_only():
     u = counter_uniform(torch.tensor([1, 1, 2]), torch.tensor([0, 1, 0]), 50000)
     assert 0 < u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.01
     assert not torch.equal(u[0], u[1]) and not torch.equal(u[0], u[2])       # another step, another key
+
+
+def test_engine_from_dir_is_the_engine_over_the_loaded_model_and_its_processor():
+    import matvlm
+    from matvlm.engine.engine import Engine, Request
+    from matvlm.engine.sampling import SamplingParams
+    from matvlm.inputs.prompts import render
+    from matvlm.toy.demo import ASSET
+
+    a = Engine.from_dir(ASSET, device="cpu", dtype="float32")
+    b = Engine(matvlm.load(ASSET), matvlm.load_processor(ASSET), device="cpu", dtype=torch.float32)
+    assert a.dtype == torch.float32 and a.image_aspect == b.image_aspect
+    prompt = render(a.processor, a.model.config, [{"role": "user", "content": "Describe the image."}])
+    req = [Request(prompt, [], SamplingParams(max_new_tokens=8, ignore_eos=True))]
+    assert a.generate(req)[0].token_ids == b.generate(req)[0].token_ids

@@ -185,7 +185,7 @@ def test_a_text_model_answers_and_scores_without_images(tmp_path):
     reqs = [instance("loglikelihood", (docs[0]["q"], " red", None, 0, TASK, SPLIT), 0),
             instance("loglikelihood", (docs[1]["q"], " 3 objects", None, 1, TASK, SPLIT), 1),
             instance("loglikelihood", ("", "red"), 0)]
-    from matvlm.engine.prompts import render
+    from matvlm.inputs.prompts import render
 
     for (logp, greedy), r in zip(lm.loglikelihood(reqs), reqs):
         prompt = render(lm.engine.processor, lm.model.config, [{"role": "user", "content": r.args[0]}], 0)

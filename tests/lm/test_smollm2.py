@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from matvlm.convert import convert
 from matvlm.convert.formats import load, load_processor
-from matvlm.distill.data import TextJsonlDataset
-from matvlm.distill.templates import text_template
+from matvlm.inputs.data import TextJsonlDataset
+from matvlm.inputs.templates import text_template
 from matvlm.lm.evaluate import score_text
 
 pytestmark = pytest.mark.skipif(

@@ -10,7 +10,7 @@ import torch
 from matvlm.cli import main
 from matvlm.convert import convert
 from matvlm.convert.formats import load, load_processor
-from matvlm.distill.templates import TokenizerTemplate, text_template
+from matvlm.inputs.templates import TokenizerTemplate, text_template
 from matvlm.engine.engine import Engine
 from matvlm.errors import MatvlmError
 from matvlm.lm.evaluate import eval_lm, score_text
@@ -86,7 +86,7 @@ def test_synthetic_prompts_are_distinct_and_heldout_topics_disjoint():
 
 def test_self_generate_writes_the_engine_answers_and_resumes(teacher_dirs, tmp_path):
     from matvlm.engine.engine import Request
-    from matvlm.engine.prompts import render
+    from matvlm.inputs.prompts import render
     from matvlm.engine.sampling import SamplingParams
     from matvlm.lm.selfgen import fingerprint
 
@@ -150,7 +150,7 @@ def _chat_jsonl(path, n=6):
 
 
 def test_score_text_matches_a_hand_computation(teacher_dirs, tmp_path):
-    from matvlm.distill.data import TextJsonlDataset
+    from matvlm.inputs.data import TextJsonlDataset
 
     d = teacher_dirs["causal-llama"]
     hybrid = convert(d, tmp_path / "h", mamba_ratio=0.5)
@@ -282,7 +282,7 @@ def test_jsonl_prompt_ids_do_not_collide_with_line_numbers(tmp_path):
 
 def test_a_template_that_writes_bos_gets_no_second_one(teacher_dirs, tmp_path):
     """Training ids and engine prompt ids start with exactly one BOS when the chat template writes it."""
-    from matvlm.distill.data import TextJsonlDataset
+    from matvlm.inputs.data import TextJsonlDataset
 
     tok = load_processor(teacher_dirs["causal-llama"])
     if tok.bos_token is None:

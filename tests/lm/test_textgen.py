@@ -110,8 +110,8 @@ def test_duplicates_loops_and_short_sequences_are_dropped_and_counted(engine, tm
 
 def test_distillation_reads_the_generated_corpus_even_with_an_image_placeholder_in_the_text(teacher_dirs, tmp_path):
     """For a text model "<image>" is ordinary text (generated text may contain it)."""
-    from matvlm.distill.data import TextJsonlDataset
-    from matvlm.distill.templates import text_template
+    from matvlm.inputs.data import TextJsonlDataset
+    from matvlm.inputs.templates import text_template
 
     d = teacher_dirs["causal-llama"]
     tok = load_processor(d)
@@ -147,7 +147,7 @@ def test_a_teacher_whose_every_output_is_dropped_stops_with_an_error(engine, tmp
 def test_text_with_unicode_line_separators_survives_a_resume_and_reads_as_one_line(engine, tmp_path, monkeypatch):
     """JSONL lines end at "\\n": generated text holding U+2028 / U+0085 once cut the partial file short
     (str.splitlines splits there), silently keeping 11 % of an H200 run's tokens."""
-    from matvlm.distill.data import read_records
+    from matvlm.inputs.data import read_records
 
     odd = "first\u2028second\u0085third\x1cfourth"
     outs = iter([Output(f"{odd} {k}", list(range(50 * k, 50 * k + 40)), "length", prompt_tokens=1, timings={})

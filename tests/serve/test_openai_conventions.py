@@ -10,8 +10,8 @@ import pytest
 import matvlm
 from matvlm.convert import convert
 from matvlm.engine.engine import Engine, Request
-from matvlm.engine.prompts import render
-from tests.engine.test_prompts import PARTS
+from matvlm.inputs.prompts import render
+from tests.inputs.test_prompts import PARTS
 from tests.serve.test_serve import free_port
 
 

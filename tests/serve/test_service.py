@@ -9,7 +9,7 @@ import pytest
 
 import matvlm
 from matvlm.engine.engine import Engine, Request
-from matvlm.engine.prompts import render
+from matvlm.inputs.prompts import render
 from matvlm.engine.sampling import SamplingParams
 from matvlm.errors import MatvlmError
 from matvlm.serve.service import BatchingService, ContinuousService, QueueFull

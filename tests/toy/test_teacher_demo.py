@@ -19,8 +19,8 @@ def test_shipped_teacher_reaches_its_documented_accuracy(tmp_path):
 
 
 def test_batched_toy_encoding_equals_the_general_encoder(tmp_path):
-    from matvlm.distill.data import encode_segments
-    from matvlm.distill.templates import get_template
+    from matvlm.inputs.tokens import encode_segments
+    from matvlm.inputs.templates import get_template
 
     path = shapes.write_dataset(tmp_path, 5, seed=3, split="train", questions_per_image=6)
     proc = matvlm.load_processor(ASSET)

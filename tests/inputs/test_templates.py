@@ -1,7 +1,7 @@
 import pytest
 from transformers import AutoConfig, LlavaConfig
 
-from matvlm.distill.templates import TEMPLATES, get_template, template_for
+from matvlm.inputs.templates import TEMPLATES, get_template, template_for
 from matvlm.errors import MatvlmError
 
 SYS = ("A chat between a curious user and an artificial intelligence assistant. "

@@ -1,10 +1,9 @@
 """Prompt rendering: every piece of the user's text reaches the model, whatever form the chat template reads."""
 
-import httpx
 import pytest
 
 import matvlm
-from matvlm.engine.prompts import render, takes_parts
+from matvlm.inputs.prompts import render, takes_parts
 
 # A llava-hf-style template: it iterates each message's content parts (strings would render as nothing).
 PARTS = ("{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"

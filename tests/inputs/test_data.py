@@ -6,10 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from matvlm.distill.data import (IGNORE_INDEX, LlavaJsonDataset, TextJsonlDataset, collate, encode_segments,
-                                 expand2square, image_token_count, load_image, truncate)
-from matvlm.distill.templates import get_template
 from matvlm.errors import MatvlmError
+from matvlm.inputs.data import LlavaJsonDataset, TextJsonlDataset, collate
+from matvlm.inputs.images import expand2square, image_token_count, load_image
+from matvlm.inputs.templates import get_template
+from matvlm.inputs.tokens import IGNORE_INDEX, encode_segments, truncate
 from matvlm.toy.tiny import tiny_llava
 
 N_IMG = 15  # (32 // 8) ** 2 - 1 with the "default" (CLS-dropping) strategy

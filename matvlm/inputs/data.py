@@ -1,16 +1,12 @@
-"""Distillation data: LLaVA / ShareGPT4V conversations and text-only JSONL as token ids, answer-only
-labels and pixel values, plus the batch collator.
+"""Training and scoring data: LLaVA / ShareGPT4V conversations and text-only JSONL as token ids,
+answer-only labels and pixel values, plus the batch collator (distillation, placement, eval-lm).
 
 A sample is templated (`templates.ChatTemplate.segments`), tokenised, and its single image
 placeholder expanded to `image_token_count(processor)` image tokens, so `input_ids` are exactly what
 `LlavaProcessor(text=templated_text, images=image)` produces. `labels` equal `input_ids` on the
 answers and the end-of-turn marker after each, -100 elsewhere (transformers shifts them itself).
 
-Tokenisation: with a fast tokenizer (the usual case) the whole templated text is tokenised once,
-as the processor does, and a token is an answer token when its character span overlaps an answer
-piece. This keeps ids identical to the processor's for every tokenizer, including SentencePiece
-ones whose ids change when text is cut into pieces (LLaVA needs per-tokenizer length corrections
-for that). Tokenizers that cannot report offsets tokenise piece by piece and concatenate.
+Tokenisation is `tokens.encode_segments`; images are `images.load_image`.
 
 Nothing here is random: the same file gives the same samples in the same order.
 """
@@ -18,202 +14,17 @@ Nothing here is random: the same file gives the same samples in the same order.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from ..errors import MatvlmError
+from .images import ASPECTS, image_token_count, load_image
 from .templates import IMAGE_PLACEHOLDER, ChatTemplate
-
-IGNORE_INDEX = -100
-ASPECTS = ("square", "pad")
+from .tokens import IGNORE_INDEX, tokenizer_of, encode_segments, image_token_id, truncate
 _USER, _ASSISTANT = "user", "assistant"
 # LLaVA JSON roles (ShareGPT spells them user/assistant too)
 _LLAVA_ROLES = {"human": _USER, "user": _USER, "gpt": _ASSISTANT, "assistant": _ASSISTANT}
-
-
-# ----------------------------------------------------------------------------------------- images
-
-def _field(obj, key):
-    """`obj[key]` or `obj.key` (image-processor sizes are dicts or transformers' SizeDict)."""
-    if obj is None:
-        return None
-    if isinstance(obj, Mapping):
-        return obj.get(key)
-    return getattr(obj, key, None)
-
-
-def _image_processor(processor):
-    return getattr(processor, "image_processor", processor)
-
-
-def processed_image_size(processor) -> tuple[int, int]:
-    """(height, width) of the pixel values the processor's image processor outputs."""
-    ip = _image_processor(processor)
-    crop, size = getattr(ip, "crop_size", None), getattr(ip, "size", None)
-    if getattr(ip, "do_center_crop", False) and _field(crop, "height") and _field(crop, "width"):
-        return int(_field(crop, "height")), int(_field(crop, "width"))
-    if _field(size, "height") and _field(size, "width"):
-        return int(_field(size, "height")), int(_field(size, "width"))
-    raise MatvlmError(f"{type(ip).__name__} resizes to {size} without a fixed crop: the number of image "
-                      "tokens would depend on each image; expected a fixed height and width")
-
-
-def image_token_count(processor) -> int:
-    """Tokens one image becomes: (H // patch) * (W // patch) + num_additional_image_tokens, minus 1
-    for `vision_feature_select_strategy == "default"` (the CLS-dropping strategy), as
-    `LlavaProcessor` counts them."""
-    patch = getattr(processor, "patch_size", None)
-    if not patch:
-        raise MatvlmError(f"{type(processor).__name__} has no patch_size: expected a LlavaProcessor "
-                          "(patch_size, vision_feature_select_strategy, num_additional_image_tokens)")
-    h, w = processed_image_size(processor)
-    n = (h // patch) * (w // patch) + (getattr(processor, "num_additional_image_tokens", 0) or 0)
-    if getattr(processor, "vision_feature_select_strategy", None) == "default":
-        n -= 1
-    return n
-
-
-def expand2square(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
-    """Pad `img` to a square of side max(W, H) filled with `background`, the image centred
-    (offset rounded down), per LLaVA llava/mm_utils.py `expand2square`."""
-    w, h = img.size
-    if w == h:
-        return img
-    side = max(w, h)
-    out = Image.new(img.mode, (side, side), background)
-    out.paste(img, ((side - w) // 2, (side - h) // 2))
-    return out
-
-
-def load_image(path: str | Path, processor, aspect: str = "square") -> torch.FloatTensor:
-    """An image file as the processor's pixel values, (3, H, W) float32.
-
-    `aspect="pad"` first pads to a square with the processor's mean colour
-    (`tuple(int(m * 255) for m in image_mean)`, per LLaVA llava/train/train.py and TinyLLaVA
-    image_preprocess.py); `"square"` hands the image straight to the processor, which resizes it.
-    """
-    if aspect not in ASPECTS:
-        raise MatvlmError(f"image aspect must be one of {', '.join(ASPECTS)}, got {aspect!r}")
-    ip = _image_processor(processor)
-    try:
-        with Image.open(path) as f:
-            img = f.convert("RGB")
-    except OSError as e:
-        raise MatvlmError(f"{path}: cannot read the image: {e}") from e
-    if aspect == "pad":
-        img = expand2square(img, tuple(int(m * 255) for m in ip.image_mean))
-    return ip(img, return_tensors="pt")["pixel_values"][0].float()
-
-
-# ----------------------------------------------------------------------------------- tokenising
-
-def _tokenizer(processor_or_tokenizer):
-    return getattr(processor_or_tokenizer, "tokenizer", processor_or_tokenizer)
-
-
-def image_token_id(processor_or_tokenizer) -> int:
-    """The id of the image placeholder: one token, or a MatvlmError."""
-    tok = _tokenizer(processor_or_tokenizer)
-    token = getattr(processor_or_tokenizer, "image_token", None) or IMAGE_PLACEHOLDER
-    ids = tok.encode(token, add_special_tokens=False)
-    if len(ids) != 1:
-        raise MatvlmError(f"the tokenizer splits the image placeholder {token!r} into {len(ids)} tokens; "
-                          "expected one token (a VLM tokenizer with the image token added)")
-    return ids[0]
-
-
-def _answer_chars(segments: list[tuple[str, bool]]) -> list[tuple[int, int]]:
-    spans, pos = [], 0
-    for text, is_answer in segments:
-        if is_answer:
-            spans.append((pos, pos + len(text)))
-        pos += len(text)
-    return spans
-
-
-def has_own_bos(tok, text: str) -> bool:
-    """A text that already starts with the BOS token (a chat template that writes `{{ bos_token }}`):
-    the tokenizer must not add another."""
-    return bool(getattr(tok, "bos_token", None)) and text.startswith(tok.bos_token)
-
-
-def _encode_with_offsets(tok, segments) -> tuple[list[int], list[bool]]:
-    text = "".join(t for t, _ in segments)
-    enc = tok(text, return_offsets_mapping=True, add_special_tokens=not has_own_bos(tok, text))
-    in_answer = [False] * (len(text) + 1)
-    for a, b in _answer_chars(segments):
-        in_answer[a:b] = [True] * (b - a)
-    mask = [e > s and any(in_answer[s:e]) for s, e in enc["offset_mapping"]]
-    return list(enc["input_ids"]), mask
-
-
-def _encode_by_segment(tok, segments) -> tuple[list[int], list[bool]]:
-    ids, mask = [], []
-    for text, is_answer in segments:
-        piece = tok.encode(text, add_special_tokens=False)
-        ids += piece
-        mask += [is_answer] * len(piece)
-    if hasattr(tok, "build_inputs_with_special_tokens") and not has_own_bos(tok, "".join(t for t, _ in segments)):
-        # BOS/EOS the tokenizer adds around a text
-        marked = tok.build_inputs_with_special_tokens([-1])
-        k = marked.index(-1)
-        ids = marked[:k] + ids + marked[k + 1:]
-        mask = [False] * k + mask + [False] * (len(marked) - k - 1)
-    return ids, mask
-
-
-def encode_segments(segments: list[tuple[str, bool]], processor_or_tokenizer,
-                    n_image_tokens: int = 0, by_segment: bool | None = None,
-                    images: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and labels of templated pieces.
-
-    Args:
-        segments: `(text, is_answer)` pieces from `ChatTemplate.segments`.
-        n_image_tokens: copies the image placeholder expands to (0: the text must hold none).
-        by_segment: force piece-by-piece tokenisation (default: only when offsets are unavailable).
-        images: whether the image placeholder is reserved (VLM data); for a text model it is ordinary text.
-    Returns:
-        input_ids (T,) and labels (T,), int64; labels are -100 except on answer tokens.
-    """
-    tok = _tokenizer(processor_or_tokenizer)
-    token = getattr(processor_or_tokenizer, "image_token", None) or IMAGE_PLACEHOLDER
-    if token != IMAGE_PLACEHOLDER:  # a processor whose image token is spelt differently
-        segments = [(t.replace(IMAGE_PLACEHOLDER, token), a) for t, a in segments]
-    if by_segment is None:
-        by_segment = not getattr(tok, "is_fast", False)
-    ids, mask = (_encode_by_segment if by_segment else _encode_with_offsets)(tok, segments)
-    if images and (n_image_tokens or token in "".join(t for t, _ in segments)):
-        ids, mask = _expand_image(ids, mask, image_token_id(processor_or_tokenizer), n_image_tokens)
-    input_ids = torch.tensor(ids, dtype=torch.long)
-    labels = torch.where(torch.tensor(mask, dtype=torch.bool), input_ids, IGNORE_INDEX)
-    return input_ids, labels
-
-
-def _expand_image(ids: list[int], mask: list[bool], image_id: int, n: int) -> tuple[list[int], list[bool]]:
-    at = [i for i, t in enumerate(ids) if t == image_id]
-    if len(at) != (1 if n else 0):
-        raise MatvlmError(f"the templated text holds {len(at)} image tokens; expected {1 if n else 0}")
-    if not n:
-        return ids, mask
-    p = at[0]
-    return ids[:p] + [image_id] * n + ids[p + 1:], mask[:p] + [False] * n + mask[p + 1:]
-
-
-def truncate(input_ids: torch.Tensor, labels: torch.Tensor, max_length: int,
-             image_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Cut (T,) ids and labels to `max_length` from the end; None when the cut would remove an image
-    token (an image cut in half cannot be fed to the model) or leave no label to learn."""
-    if len(input_ids) <= max_length:
-        return input_ids, labels
-    ids, lab = input_ids[:max_length], labels[:max_length]
-    if image_id is not None and (input_ids[max_length:] == image_id).any():
-        return None
-    if (lab == IGNORE_INDEX).all():
-        return None
-    return ids, lab
 
 
 # ------------------------------------------------------------------------------------- reading
@@ -295,7 +106,7 @@ class _ChatDataset(torch.utils.data.Dataset):
         if max_length < 1:
             raise MatvlmError(f"max_length must be positive, got {max_length}")
         self.processor = processor_or_tokenizer
-        self.tokenizer = _tokenizer(processor_or_tokenizer)
+        self.tokenizer = tokenizer_of(processor_or_tokenizer)
         self.template = template
         self.max_length = max_length
         self.skipped_too_long = 0

@@ -202,7 +202,7 @@ def template_for(config) -> ChatTemplate:
 class TokenizerTemplate:
     """A tokenizer's own (Jinja) chat template as training segments, for text models.
 
-    Inference renders prompts with the tokenizer's template (`matvlm.engine.prompts.render`), so
+    Inference renders prompts with the tokenizer's template (`matvlm.inputs.prompts.render`), so
     training on chats must write them the same way. The template is only a function from
     messages to text; the answer pieces are found by rendering prefixes: for turn i,
     `P_i = render(messages up to question i, generation prompt)` and

@@ -7,7 +7,7 @@ for Phi-2, vicuna for Llama, chatml for Qwen2), or the one asked for by name.
 
 from __future__ import annotations
 
-from ..distill.templates import get_template, template_for
+from .templates import get_template, template_for
 
 
 def has_chat_template(processor) -> bool:
