@@ -28,6 +28,9 @@ COMMANDS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
     "distill": ("matvlm.commands:distill", "distil a hybrid from its teacher (layer + KL + CE losses)"),
     "bench": ("matvlm.commands:bench", "speed and memory vs the teacher: engine, transformers generate, roofline"),
     "bench-serve": ("matvlm.commands:bench_serve", "load-test the HTTP server: throughput, TTFT, inter-token latency"),
+    "bench-kernels": ("matvlm.commands:bench_kernels", "GPU: check the Triton kernels against float64 and time them"),
+    "bench-distill-step": ("matvlm.commands:bench_distill_step",
+                           "GPU: one distillation step at TinyLLaVA-3.1B size (tokens/s, MFU, memory; --ddp)"),
     "eval": ("matvlm.commands:evaluate", "benchmarks (MME, POPE, SQA, TextVQA, GQA, VQAv2, MMBench, MMMU, MM-Vet, shapes)"),
     "chat": ("matvlm.commands:chat", "streaming terminal chat (images with /image PATH)"),
     "ui": ("matvlm.commands:ui", "Gradio web chat with image upload and sampling controls"),
@@ -41,6 +44,7 @@ COMMANDS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
         "tiny-teacher": ("matvlm.commands:tiny_teacher", "write a tiny random-weight teacher (for trying things)"),
         "data": ("matvlm.commands:toy_data", "write the Shapes-VQA benchmark (LLaVA JSON + PNG)"),
         "train-teacher": ("matvlm.commands:train_teacher", "train the toy teacher on Shapes-VQA (the shipped recipe)"),
+        "ablations": ("matvlm.commands:toy_ablations", "the paper's ablations (Tables 2-4) at toy scale"),
     },
 }
 

@@ -678,6 +678,113 @@ toy_data.cli_required = ("out",)
 train_teacher.cli_required = ("out",)
 
 
+def bench_kernels(out: Path = Path("."), lengths: list[int] = (1024, 4096, 16384), only_decode: bool = False) -> None:
+    """Check the Mamba-2 Triton kernels (mamba_ssm's scan, step, gated norm; matvlm's decode-step kernels)
+    against float64 on fresh random inputs at TinyLLaVA size, and time prefill and the decode step against
+    their rooflines (CUDA only). Writes kernels.json and prints a table.
+
+    Args:
+        out: output directory.
+        lengths: sequence lengths of the scan check, e.g. 1024,4096,16384.
+        only_decode: only check the decode step's kernels (prints their errors; writes nothing).
+    """
+    import json
+
+    import torch
+
+    from .bench.kernels import report, run_checks
+    from .errors import MatvlmError
+
+    if not torch.cuda.is_available():
+        raise MatvlmError("bench-kernels checks and times CUDA kernels; this machine has no CUDA GPU "
+                          "(the CPU path is checked by the test suite)")
+    from .model.io import atomic_write_text
+
+    res = run_checks(list(lengths), only_decode=only_decode, log=lambda line: print(line, flush=True))
+    if only_decode:
+        return
+    Path(out).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(out) / "kernels.json", json.dumps(res, indent=2))
+    print("\n" + report(res))
+
+
+def bench_distill_step(out: Path = Path("."), micro: int = 4, seq: int = 1300, ddp: bool = False,
+                       accum: int = 4) -> None:
+    """Time one distillation step at TinyLLaVA-3.1B size (random weights, CUDA): matvlm's one-copy step
+    against a separate teacher and student, and with gradient checkpointing; tokens/s, MFU against the
+    measured bf16 matmul rate, peak memory. Writes distill_step.json.
+    Under torchrun with --ddp: one optimizer step of --accum micro-batches per process with DDP
+    (torchrun --nproc-per-node N -m matvlm bench-distill-step --ddp --out DIR).
+
+    Args:
+        out: output directory.
+        micro: samples per micro-batch.
+        seq: tokens per sample (728 of them image tokens).
+        ddp: measure DDP scaling (run under torchrun).
+        accum: micro-batches per optimizer step with --ddp.
+    """
+    import json
+    import os
+    import time
+
+    import torch
+
+    from .bench import distill_step as ds
+    from .bench.kernels import ceilings
+    from .errors import MatvlmError
+    from .model.io import atomic_write_text
+
+    if not torch.cuda.is_available():
+        raise MatvlmError("bench-distill-step times a TinyLLaVA-3.1B-size step on a CUDA GPU; this machine has none")
+
+    cfg = ds.tinyllava_config()
+    Path(out).mkdir(parents=True, exist_ok=True)
+    if ddp:
+        ceil = ceilings() if int(os.environ.get("LOCAL_RANK", 0)) == 0 else {"bf16_matmul_TFLOPs": 1.0}
+        r = ds.ddp_scaling(cfg, micro, seq, accum, ceil["bf16_matmul_TFLOPs"])
+        if r is not None:
+            r.update(device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"), ceilings=ceil)
+            atomic_write_text(Path(out) / f"distill_step_ddp{r['world']}.json", json.dumps(r, indent=2))
+            print(json.dumps(r), flush=True)
+        return
+    res = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "ceilings": ceilings()}
+    peak = res["ceilings"]["bf16_matmul_TFLOPs"]
+    res["runs"] = []
+    for name, build, m, kw in (("one-copy (matvlm)", ds.one_copy, micro, {}),
+                               ("two copies", ds.two_copies, micro, {}),
+                               ("one-copy (matvlm) + grad checkpointing", ds.one_copy, 2 * micro,
+                                {"gradient_checkpointing": True})):
+        res["runs"].append(ds.measure(name, build, cfg, m, seq, peak, **kw))
+        print(json.dumps(res["runs"][-1]), flush=True)
+    atomic_write_text(Path(out) / "distill_step.json", json.dumps(res, indent=2))
+    for r in res["runs"]:
+        if r.get("oom"):
+            print(f"{r['name']} micro {r['micro']}: OOM")
+        else:
+            print(f"{r['name']} micro {r['micro']}: {r['step_ms']:.0f} ms/step, {r['tokens_per_s']:.0f} tok/s, "
+                  f"MFU {100 * r['mfu']:.1f} %, peak {r['peak_mem_GiB']:.1f} GiB")
+
+
+def toy_ablations(out: Path, steps: int = 450, eval_images: int = 200, configs: str | None = None) -> None:
+    """The paper's ablations (Tables 2-4) at toy scale: Mamba ratio, placement and distillation losses, each
+    from the shipped toy teacher with the demo's budget, scored on the same held-out Shapes questions.
+    Writes ablations.json, ablations.md and curves.png.
+
+    Args:
+        out: output directory.
+        steps: distillation steps per configuration.
+        eval_images: held-out images (6 questions each).
+        configs: semicolon-separated subset of the configuration names (default: all).
+    """
+    from .toy.ablations import run
+
+    run(Path(out), steps, eval_images, configs.split(";") if configs else None,
+        log=lambda line: print(line, flush=True))
+
+
+toy_ablations.cli_required = ("out",)
+
+
 def _range(text: str, what: str) -> tuple[int, int]:
     """'16:256' -> (16, 256); '64' -> (64, 64)."""
     from .errors import MatvlmError

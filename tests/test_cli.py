@@ -132,3 +132,13 @@ def test_eval_checks_benchmark_names_and_data_before_loading_the_model(capsys, t
     assert rc == 2 and "unknown benchmark 'popee'" in err
     rc, _, err = run(capsys, "eval", teacher_dirs["phi"], "--benchmark", "pope", "--data", tmp_path / "nope")
     assert rc == 2 and "matvlm: error:" in err and "pope" in err.lower()
+
+
+def test_the_gpu_benchmarks_and_the_ablations_are_subcommands_and_say_what_they_need(capsys):
+    for cmd in (["bench-kernels"], ["bench-distill-step"]):
+        assert main(cmd) == 2                            # this CPU machine has no CUDA GPU
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("matvlm: error:") and "CUDA" in err and "\n" not in err
+    with pytest.raises(SystemExit):
+        main(["toy", "ablations", "--help"])
+    assert "--eval-images" in capsys.readouterr().out

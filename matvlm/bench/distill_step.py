@@ -1,7 +1,7 @@
 """One distillation step at TinyLLaVA-3.1B size (random weights) on a CUDA GPU.
 
-    python -m matvlm.bench.distill_step --out DIR [--micro 4] [--seq 1300]
-    torchrun --nproc-per-node N -m matvlm.bench.distill_step --ddp [--accum 4] --out DIR   (DDP scaling)
+    matvlm bench-distill-step --out DIR [--micro 4] [--seq 1300]
+    torchrun --nproc-per-node N -m matvlm bench-distill-step --ddp [--accum 4] --out DIR   (DDP scaling)
 
 Model: Phi-2 shapes (32 layers, d 2560, 32 heads, MLP 10240, vocab 51200) + SigLIP-so400m-384
 tower (27 layers, d 1152, patch 14) + 2-layer GELU connector; 25 % Mamba layers (0, 4, ..., 28).
@@ -16,15 +16,11 @@ bf16 matmul rate, and peak memory; writes distill_step.json.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import time
-from pathlib import Path
 
 import torch
 
-from .kernels import ceilings, timed
+from .kernels import timed
 
 
 def tinyllava_config():
@@ -176,7 +172,6 @@ def measure(name, build_fn, cfg, micro, seq, peak_tflops, **kw):
                "mfu": flops / (ms / 1e3) / (peak_tflops * 1e12), "peak_mem_GiB": peak, **kw}
     except torch.OutOfMemoryError:
         res = {"name": name, "micro": micro, "seq": seq, "oom": True, **kw}
-    print(json.dumps(res), flush=True)
     return res                      # the models die with this frame
 
 
@@ -226,46 +221,3 @@ def ddp_scaling(cfg, micro: int, seq: int, accum: int, peak_tflops: float) -> di
             "tokens_per_s_per_gpu": tokens / world / (step_ms / 1e3),
             "mfu": flops / (step_ms / 1e3) / (world * peak_tflops * 1e12), "peak_mem_GiB": peak,
             "allreduce_GB_per_step": grad_bytes / 1e9}
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("."))
-    ap.add_argument("--micro", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=1300)
-    ap.add_argument("--ddp", action="store_true",
-                    help="under torchrun: time one optimizer step of --accum micro-batches per process with DDP")
-    ap.add_argument("--accum", type=int, default=4)
-    args = ap.parse_args(argv)
-    cfg = tinyllava_config()
-    if args.ddp:
-        import os
-
-        ceil = ceilings() if int(os.environ.get("LOCAL_RANK", 0)) == 0 else {"bf16_matmul_TFLOPs": 1.0}
-        r = ddp_scaling(cfg, args.micro, args.seq, args.accum, ceil["bf16_matmul_TFLOPs"])
-        if r is not None:
-            r.update(device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"), ceilings=ceil)
-            args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / f"distill_step_ddp{r['world']}.json").write_text(json.dumps(r, indent=2))
-            print(json.dumps(r), flush=True)
-        return
-    res = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "ceilings": ceilings()}
-    peak = res["ceilings"]["bf16_matmul_TFLOPs"]
-    res["runs"] = [
-        measure("one-copy (matvlm)", one_copy, cfg, args.micro, args.seq, peak),
-        measure("two copies", two_copies, cfg, args.micro, args.seq, peak),
-        measure("one-copy (matvlm) + grad checkpointing", one_copy, cfg, 2 * args.micro, args.seq, peak,
-                gradient_checkpointing=True),
-    ]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "distill_step.json").write_text(json.dumps(res, indent=2))
-    for r in res["runs"]:
-        if r.get("oom"):
-            print(f"{r['name']} micro {r['micro']}: OOM")
-        else:
-            print(f"{r['name']} micro {r['micro']}: {r['step_ms']:.0f} ms/step, {r['tokens_per_s']:.0f} tok/s, "
-                  f"MFU {100 * r['mfu']:.1f} %, peak {r['peak_mem_GiB']:.1f} GiB")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,6 @@
 """GPU check and timing of the Mamba-2 kernels at TinyLLaVA size (run on a CUDA machine).
 
-    python -m matvlm.bench.kernels --out results/ [--lengths 1024,4096,16384]
+    matvlm bench-kernels --out results/ [--lengths 1024,4096,16384] [--only-decode]
 
 1. Device ceilings: device-to-device copy bandwidth (bytes read + written) and bf16 matmul rate.
 2. Correctness: the Triton path (mamba_ssm kernels) against the float64 reference on fresh random
@@ -14,7 +14,6 @@ Writes kernels.json and prints a markdown table.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -359,52 +358,49 @@ def check_model_paths() -> dict:
     return {"tiny_model_logits_rel": rel(lt, lr), "tiny_model_greedy_tokens": g[:, -8:].tolist()}
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("."))
-    ap.add_argument("--lengths", default="1024,4096,16384")
-    ap.add_argument("--only-decode", action="store_true", help="only check the decode step's kernels")
-    args = ap.parse_args(argv)
-    lengths = [int(x) for x in args.lengths.split(",")]
+def run_checks(lengths: list[int], only_decode: bool = False, log=lambda line: None) -> dict:
+    """The checks and timings of this module's doc, as one record; `log` gets a line per finished part."""
     decode = check_decode_kernels()
-    print(json.dumps(decode), flush=True)
-    if args.only_decode:
-        return
+    log(json.dumps(decode))
+    if only_decode:
+        return {"decode_kernels": decode}
     from matvlm.ops import triton_ssd
 
     kernels, why = triton_ssd.load()
     if kernels is None:
-        raise SystemExit(f"Triton path unavailable: {why}")
+        from ..errors import MatvlmError
+
+        raise MatvlmError(f"the Triton path is unavailable: {why}")
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "date": time.strftime("%Y-%m-%d"), "ceilings": ceilings(), "decode_kernels": decode}
-    print(json.dumps(res["ceilings"]), flush=True)
+    log(json.dumps(res["ceilings"]))
     res["scan"] = []
     for T in lengths:
         t0 = time.time()
         res["scan"].append(check_scan(T))
-        print(f"scan check T={T}: {json.dumps(res['scan'][-1])} ({time.time() - t0:.0f}s)", flush=True)
+        log(f"scan check T={T}: {json.dumps(res['scan'][-1])} ({time.time() - t0:.0f}s)")
     res["step_norm"] = check_step_and_norm()
-    print(json.dumps(res["step_norm"]), flush=True)
+    log(json.dumps(res["step_norm"]))
     res["model"] = check_model_paths()
-    print(json.dumps(res["model"]), flush=True)
+    log(json.dumps(res["model"]))
     res["prefill"] = [time_prefill(T) for T in (4096, 16384)]
-    print(json.dumps(res["prefill"]), flush=True)
+    log(json.dumps(res["prefill"]))
     res["decode"] = time_decode(res["ceilings"]["copy_GBps"])
-    print(json.dumps(res["decode"]), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "kernels.json").write_text(json.dumps(res, indent=2))
+    log(json.dumps(res["decode"]))
+    return res
 
-    print("\n| check | " + " | ".join(f"T={r['T']}" for r in res["scan"]) + " |")
-    print("|---|" + "---|" * len(res["scan"]))
+
+def report(res: dict) -> str:
+    """The scan's errors per length as a markdown table, then prefill and decode timings."""
+    lines = ["| check | " + " | ".join(f"T={r['T']}" for r in res["scan"]) + " |",
+             "|---|" + "---|" * len(res["scan"])]
     for k in ["y", "final_state", "dx", "ddt", "dA", "dB", "dC", "dD", "dstate0"]:
-        print(f"| {k} rel err | " + " | ".join(f"{r[k]:.2e}" for r in res["scan"]) + " |")
+        lines.append(f"| {k} rel err | " + " | ".join(f"{r[k]:.2e}" for r in res["scan"]) + " |")
     for p in res["prefill"]:
-        print(f"prefill T={p['T']}: mamba {p['mamba_prefill_ms']:.3f} ms, sdpa attention "
-              f"{p['attention_prefill_ms']:.3f} ms")
+        lines.append(f"prefill T={p['T']}: mamba {p['mamba_prefill_ms']:.3f} ms, sdpa attention "
+                     f"{p['attention_prefill_ms']:.3f} ms")
     d = res["decode"]
-    print(f"decode step: eager {d['mamba_step_eager_ms'] * 1e3:.1f} us, graph {d['mamba_step_graph_ms'] * 1e3:.1f} us, "
-          f"roofline {d['roofline_ms'] * 1e3:.1f} us ({d['graph_over_roofline']:.2f}x)")
-
-
-if __name__ == "__main__":
-    main()
+    lines.append(f"decode step: eager {d['mamba_step_eager_ms'] * 1e3:.1f} us, graph "
+                 f"{d['mamba_step_graph_ms'] * 1e3:.1f} us, roofline {d['roofline_ms'] * 1e3:.1f} us "
+                 f"({d['graph_over_roofline']:.2f}x)")
+    return "\n".join(lines)

@@ -1,6 +1,6 @@
 """The paper's ablations (Tables 2-4) at toy scale: Mamba ratio, placement, and distillation losses.
 
-    python -m matvlm.toy.ablations --out DIR [--steps 450] [--eval-images 200]
+    matvlm toy ablations --out DIR [--steps 450] [--eval-images 200]
 
 Every configuration starts from the shipped toy teacher, converts it, distils it with the same budget
 (the demo's: batch 8, lr 3e-3), and is scored on the same held-out Shapes-VQA questions. Writes
@@ -10,7 +10,6 @@ distillation loss curves).
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -37,7 +36,8 @@ CONFIGS = {
 }
 
 
-def run(out: Path, steps: int = 450, eval_images: int = 200, configs: list[str] | None = None, log=print) -> dict:
+def run(out: Path, steps: int = 450, eval_images: int = 200, configs: list[str] | None = None,
+        log=lambda line: None) -> dict:
     import matvlm
 
     from ..convert import convert
@@ -115,17 +115,3 @@ def plot(results: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--steps", type=int, default=450)
-    ap.add_argument("--eval-images", type=int, default=200)
-    ap.add_argument("--configs", default=None, help="semicolon-separated subset of the configuration names")
-    args = ap.parse_args(argv)
-    run(args.out, args.steps, args.eval_images, args.configs.split(";") if args.configs else None)
-
-
-if __name__ == "__main__":
-    main()

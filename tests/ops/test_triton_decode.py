@@ -1,7 +1,7 @@
 """The decode step's Triton kernels, run by Triton's interpreter on the CPU, against the PyTorch paths
 of `matvlm.ops` (which the fused-step tests in tests/engine compare with transformers' layers) in
 float32 (tests/conftest.py selects the interpreter before triton is imported). On a GPU,
-`python -m matvlm.bench.kernels --only-decode` checks the compiled kernels in bf16."""
+`matvlm bench-kernels --only-decode` checks the compiled kernels in bf16."""
 
 import pytest
 import torch
