@@ -15,8 +15,9 @@ MLP, with RMSNorm before both. That is exactly a matvlm hybrid of these families
 The mixers need no reshaping: matvlm's x and B rows are already one per *query* head (grouped-query
 K/V heads are repeated at conversion, `convert.init`), so `mamba_n_heads = nheads`,
 `mamba_n_groups = ngroups` and the conv channels are copied as they are. Bamba's gated norm groups
-channels by `intermediate_size / n_groups` (its `BambaRMSNormGated`; vLLM's `Mixer2RMSNormGated` the
-same), matvlm's by `d_inner / ngroups`: the same groups.
+channels by `intermediate_size / n_groups` (its `BambaRMSNormGated` from transformers 5.23; earlier
+releases normalise all channels at once, so `export` refuses them; vLLM's `Mixer2RMSNormGated` groups
+the same), matvlm's by `d_inner / ngroups`: the same groups.
 
 One difference needs a transformation: Bamba has a single epsilon (`rms_norm_eps`) for every norm, the
 mixers' gated norm included, while a matvlm hybrid keeps the decoder's epsilon and gives its mixers

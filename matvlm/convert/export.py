@@ -24,6 +24,21 @@ from ..model.hybrid import decoder_stack, text_config
 from . import bamba, formats
 
 FORMATS = ("bamba",)
+# transformers' BambaRMSNormGated normalises y * silu(z) per group of intermediate_size / n_groups channels
+# from 5.23.0 on (as vLLM's Mixer2RMSNormGated and matvlm's per-head norm do); 5.17-5.22 normalise over all
+# channels at once, so an export would load there and compute something else (read in the releases' sources).
+BAMBA_GROUPED_NORM = "5.23.0"
+
+
+def check_transformers_for_bamba(version: str) -> None:
+    """One-line error when the installed transformers would load a Bamba export with the wrong gated norm."""
+    from packaging.version import Version
+
+    if Version(version) < Version(BAMBA_GROUPED_NORM):
+        raise MatvlmError(f"transformers {version} normalises Bamba's gated Mamba output over all channels, matvlm's "
+                          f"mixers per head, so the export would load but not compute the same; --format bamba "
+                          f"needs transformers >= {BAMBA_GROUPED_NORM} here and wherever the export is loaded "
+                          f"(pip install 'transformers>={BAMBA_GROUPED_NORM},<=5.25.0')")
 LLAVA_PROJECTOR_OUT = "model.multi_modal_projector.linear_2."     # adds image features to the residual stream
 
 
@@ -40,6 +55,9 @@ def export(hybrid: str | Path, out: str | Path, format: str = "bamba", overwrite
     """
     if format not in FORMATS:
         raise MatvlmError(f"unknown export format {format!r}; expected one of {', '.join(FORMATS)}")
+    import transformers
+
+    check_transformers_for_bamba(transformers.__version__)
     out = Path(out)
     if out.exists() and not overwrite:
         raise MatvlmError(f"output directory {out} already exists (pass --overwrite to replace it)")

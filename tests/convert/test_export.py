@@ -233,3 +233,23 @@ def test_smollm2_hybrid_exports_exactly_and_round_trips_bit_identically(tmp_path
     assert_same_function(ref, ours, inputs)
     back = matvlm.load(out).state_dict()
     assert [k for k, v in ours.state_dict().items() if not torch.equal(v, back[k])] == []
+
+
+@pytest.mark.parametrize("version,refused", [("5.17.0", True), ("5.22.0", True), ("5.23.0", False), ("5.25.0", False)])
+def test_export_refuses_a_transformers_whose_bamba_norm_is_not_grouped(version, refused, monkeypatch, tmp_path):
+    """transformers 5.17-5.22 normalise Bamba's gated output over all channels (read in their sources): an
+    export would load there with other logits, so exporting under them is refused in one line."""
+    import transformers
+
+    from matvlm.convert.export import check_transformers_for_bamba
+
+    if refused:
+        with pytest.raises(MatvlmError, match=r"needs transformers >= 5\.23\.0") as e:
+            check_transformers_for_bamba(version)
+        assert "\n" not in str(e.value)
+        monkeypatch.setattr(transformers, "__version__", version)
+        with pytest.raises(MatvlmError, match="normalises Bamba's gated"):
+            export(tmp_path / "nothing-read", tmp_path / "out")          # refused before anything is read
+        assert not (tmp_path / "out").exists()
+    else:
+        check_transformers_for_bamba(version)
