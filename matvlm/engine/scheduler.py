@@ -24,6 +24,7 @@ shared cache position, not one per slot).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ from ..model.vlm import embed, vision_features
 from .cache import SlotKVLayer, StaticMambaState
 from .engine import Engine, Output, Request, _all_greedy, _bucket, _causal_lower_right, _first_stop, context_limit
 from .sampling import sample_batch
+
+log = logging.getLogger("matvlm.engine")
 
 
 class SlotPool:
@@ -144,6 +147,7 @@ class ContinuousBatcher:
         self.free = list(range(slots))
         self._caches: dict[int, Cache] = {}
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._eager: set[int] = set()          # buckets whose capture failed: they decode eagerly
         self.steps = 0
 
     def add(self, seq: Sequence) -> None:
@@ -253,8 +257,13 @@ class ContinuousBatcher:
         pos.add_(1)
 
     def _launch(self, k: int) -> None:
-        if self.engine.cuda_graphs and k not in self._graphs:
-            self._capture(k)
+        if self.engine.cuda_graphs and k not in self._graphs and k not in self._eager:
+            try:
+                self._capture(k)
+            except Exception as e:                       # noqa: BLE001 - eager steps give the same tokens
+                self._eager.add(k)
+                log.warning("decode step of %d slots not captured as a CUDA graph (%s: %s); it runs eagerly",
+                            k, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         if k in self._graphs:
             self._graphs[k].replay()
         else:

@@ -188,3 +188,15 @@ def test_close_answers_what_the_worker_holds_then_ends_it(engine, kind):
     next(held.stream())
     service.close()
     assert not service.thread.is_alive() and len(held.result(timeout=0).token_ids) == 20
+
+
+def test_a_decode_step_that_cannot_be_captured_runs_eagerly_with_the_same_tokens(engine, monkeypatch, caplog):
+    reqs = [ask(engine, "Describe the image.", 10), ask(engine, "What color is the circle?", 6)]
+    eager = [o.token_ids for o in engine.generate(reqs)]
+    service = ContinuousService(engine, max_batch=2)
+    monkeypatch.setattr(engine, "cuda_graphs", True)            # as on CUDA; the capture fails here
+    monkeypatch.setattr(service.batcher, "_capture", lambda k: (_ for _ in ()).throw(RuntimeError("no graphs")))
+    with caplog.at_level("WARNING", logger="matvlm.engine"):
+        assert [h.result().token_ids for h in [service.submit(r) for r in reqs]] == eager
+    assert "runs eagerly" in caplog.text and service.batcher._eager
+    service.close()
