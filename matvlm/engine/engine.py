@@ -118,6 +118,17 @@ def _bucket(n: int, sizes=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)) -
     return n
 
 
+def warm_up_on_side_stream(step, times: int = 2) -> None:
+    """Run `step` `times` times on a side CUDA stream, as CUDA-graph capture needs before it records (lazy
+    allocations and autotuning happen outside the graph); the current stream then waits for it."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(times):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+
+
 def _round_up(n: int, to: int = 256) -> int:
     return -(-n // to) * to
 
@@ -287,12 +298,7 @@ class Engine:
         return [*st.cache.step_state(), st.token, st.position, st.mask, st.feed]
 
     def _warm_up(self, st: _Static) -> None:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._decode_body(st)
-        torch.cuda.current_stream().wait_stream(stream)
+        warm_up_on_side_stream(lambda: self._decode_body(st))
 
     @classmethod
     def _restore(cls, st: _Static, saved: list[Tensor]) -> None:

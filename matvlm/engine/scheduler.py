@@ -38,7 +38,8 @@ from ..errors import MatvlmError
 from ..model.hybrid import text_config
 from ..model.vlm import embed, vision_features
 from .cache import SlotKVLayer, StaticMambaState
-from .engine import Engine, Output, Request, _all_greedy, _bucket, _causal_lower_right, _first_stop, context_limit
+from .engine import (Engine, Output, Request, _all_greedy, _bucket, _causal_lower_right, _first_stop, context_limit,
+                     warm_up_on_side_stream)
 from .sampling import sample_batch
 
 log = logging.getLogger("matvlm.engine")
@@ -275,12 +276,7 @@ class ContinuousBatcher:
         any step reads them)."""
         saved = [t.clone() for t in self.pool.step_state()]
         try:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self._step_body(k)
-            torch.cuda.current_stream().wait_stream(stream)
+            warm_up_on_side_stream(lambda: self._step_body(k))
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 self._step_body(k)
