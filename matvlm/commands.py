@@ -833,7 +833,6 @@ def bench_serve(model: str | None = None, url: str | None = None, api_key: str |
         dtype: e.g. bfloat16.
     """
     import json
-    import threading
     import time
 
     from .bench import serve_load
@@ -857,9 +856,7 @@ def bench_serve(model: str | None = None, url: str | None = None, api_key: str |
         meta["url"] = url
     else:
         try:
-            import uvicorn
-
-            from .serve.openai_api import create_app
+            from .serve.openai_api import create_app, serving
         except ImportError as e:
             raise MatvlmError("matvlm bench-serve needs fastapi and uvicorn: pip install 'matvlm[serve]'") from e
         from .serve.service import BatchingService, ContinuousService
@@ -874,19 +871,11 @@ def bench_serve(model: str | None = None, url: str | None = None, api_key: str |
         for name in names:
             service = (ContinuousService if name == "continuous" else BatchingService)(
                 engine, max_batch=max_batch, max_waiting=max(256, requests))
-            port = serve_load.free_port()
-            server = uvicorn.Server(uvicorn.Config(create_app(service, "bench"), host="127.0.0.1", port=port,
-                                                   log_level="warning"))
-            thread = threading.Thread(target=server.run, daemon=True)
-            thread.start()
-            while not server.started:
-                time.sleep(0.05)
             print(f"{name}: {requests} requests at {rate}/s ...", flush=True)
             try:
-                runs[name] = serve_load.run_load(f"http://127.0.0.1:{port}/v1", "bench", workload)
+                with serving(create_app(service, "bench")) as base:
+                    runs[name] = serve_load.run_load(base + "/v1", "bench", workload)
             finally:
-                server.should_exit = True
-                thread.join(timeout=30)
                 service.close()
     summaries = {n: serve_load.summarize(runs[n]) for n in names}
     text = serve_load.table(summaries)

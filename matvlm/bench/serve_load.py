@@ -54,15 +54,6 @@ class Result:
     error: str | None = None
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _png(seed: int, size: int = 64) -> str:
     from PIL import Image, ImageDraw
 

@@ -15,10 +15,11 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
 import asyncio
+import json
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -314,3 +315,32 @@ def _usage(out) -> dict:
 
 def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj)}\n\n"
+
+
+@contextmanager
+def serving(app, host: str = "127.0.0.1", port: int | None = None, start_timeout_s: float = 30.0):
+    """Run `app` under uvicorn in a background thread (on a free port unless `port`); yields its base URL
+    (http://host:port) once it accepts connections, and stops it on exit."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    if port is None:
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="matvlm-http", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise MatvlmError(f"the HTTP server on {host}:{port} did not start within {start_timeout_s:.0f} s")
+        time.sleep(0.05)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -1,8 +1,6 @@
 """OpenAI conventions with the official client, on a converted tiny llava-hf model whose chat template
 iterates content parts: usage counts (plain and streamed), and 400s naming unsupported parameters."""
 
-import threading
-import time
 
 import openai
 import pytest
@@ -12,14 +10,11 @@ from matvlm.convert import convert
 from matvlm.engine.engine import Engine, Request
 from matvlm.inputs.prompts import render
 from tests.inputs.test_prompts import PARTS
-from tests.serve.test_serve import free_port
 
 
 @pytest.fixture(scope="module", params=["static", "continuous"])
 def served(request, teacher_dirs, tmp_path_factory):
-    import uvicorn
-
-    from matvlm.serve.openai_api import create_app
+    from matvlm.serve.openai_api import create_app, serving
     from matvlm.serve.service import BatchingService, ContinuousService
 
     path = convert(teacher_dirs["llama"], tmp_path_factory.mktemp("conv") / "h", mamba_ratio=0.5)
@@ -27,16 +22,8 @@ def served(request, teacher_dirs, tmp_path_factory):
     proc.chat_template = proc.tokenizer.chat_template = PARTS
     engine = Engine(matvlm.load(path), proc, device="cpu")
     service = (BatchingService if request.param == "static" else ContinuousService)(engine, max_batch=4)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(service, "tiny"), host="127.0.0.1", port=port,
-                                        log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
-    yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0), engine
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serving(create_app(service, "tiny")) as base:
+        yield openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0), engine
 
 
 QUESTION = [{"role": "user", "content": [{"type": "text", "text": "Which colour is the kite in the sky?"}]}]

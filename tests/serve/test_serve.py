@@ -3,8 +3,6 @@
 import base64
 import io
 import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -40,22 +38,11 @@ def scene_png():
 
 @pytest.fixture(scope="module")
 def server(service):
-    import uvicorn
+    from matvlm.serve.openai_api import Limits, create_app, serving
 
-    from matvlm.serve.openai_api import Limits, create_app
-
-    port = free_port()
     app = create_app(service, "toy", api_key="secret", limits=Limits(max_image_pixels=128 * 128))
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(100):
-        if srv.started:
-            break
-        time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serving(app) as base:
+        yield base
 
 
 def data_url(png: bytes) -> str:

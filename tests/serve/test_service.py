@@ -14,7 +14,6 @@ from matvlm.engine.sampling import SamplingParams
 from matvlm.errors import MatvlmError
 from matvlm.serve.service import BatchingService, ContinuousService, QueueFull
 from matvlm.toy.demo import ASSET
-from tests.serve.test_serve import free_port
 
 
 @pytest.fixture(scope="module")
@@ -117,18 +116,11 @@ def test_seeded_sampling_gives_the_same_answer_alone_and_batched(engine):
 
 @pytest.fixture(scope="module")
 def server(engine):
-    import uvicorn
-
-    from matvlm.serve.openai_api import create_app
+    from matvlm.serve.openai_api import create_app, serving
 
     service = ContinuousService(engine, max_batch=2)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(service, "toy"), host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=srv.run, daemon=True).start()
-    while not srv.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", service
-    srv.should_exit = True
+    with serving(create_app(service, "toy")) as base:
+        yield base, service
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
