@@ -803,7 +803,7 @@ def bench_serve(model: str | None = None, url: str | None = None, api_key: str |
                 scheduler: list[str] = ("static", "continuous"), requests: int = 64, rate: float = 4.0,
                 prompt_words: str = "16:256", max_tokens: str = "16:256", image_fraction: float | None = None,
                 max_batch: int = 16, seed: int = 0, out: Path = Path("bench-serve"), device: str | None = None,
-                dtype: str | None = None) -> None:
+                dtype: str | None = None, max_len: int | None = None) -> None:
     """Load-test the OpenAI-compatible server: Poisson arrivals, mixed prompt and answer lengths, images;
     reports output tokens/s, requests/s, time to first token, inter-token and end-to-end latency
     (p50/p95/p99) per scheduler, side by side under the same workload, with a plot.
@@ -831,6 +831,7 @@ def bench_serve(model: str | None = None, url: str | None = None, api_key: str |
         out: output directory.
         device: cuda or cpu (default: cuda when available).
         dtype: e.g. bfloat16.
+        max_len: tokens a continuous-batching slot holds (default: the model's context, capped to free memory).
     """
     import json
     import time
@@ -869,14 +870,21 @@ def bench_serve(model: str | None = None, url: str | None = None, api_key: str |
                     gpu=__import__("torch").cuda.get_device_name() if str(engine.device).startswith("cuda") else None)
         names = list(scheduler)
         for name in names:
-            service = (ContinuousService if name == "continuous" else BatchingService)(
-                engine, max_batch=max_batch, max_waiting=max(256, requests))
+            if name == "continuous":
+                service = ContinuousService(engine, max_batch=max_batch, max_waiting=max(256, requests),
+                                            max_len=max_len)
+                meta["slot_tokens"] = service.batcher.pool.length
+            else:
+                service = BatchingService(engine, max_batch=max_batch, max_waiting=max(256, requests))
             print(f"{name}: {requests} requests at {rate}/s ...", flush=True)
             try:
                 with serving(create_app(service, "bench")) as base:
                     runs[name] = serve_load.run_load(base + "/v1", "bench", workload)
             finally:
                 service.close()
+                del service                    # the next scheduler's memory is measured without this one's
+                if str(engine.device).startswith("cuda"):
+                    __import__("torch").cuda.empty_cache()
     summaries = {n: serve_load.summarize(runs[n]) for n in names}
     text = serve_load.table(summaries)
     out = Path(out)
@@ -960,7 +968,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
           name: str | None = None, allow_local_images: bool = False, max_batch: int = 16,
           max_image_pixels: int = 4096 * 4096, template: Literal["phi", "vicuna", "chatml", "plain"] | None = None,
           device: str | None = None, dtype: str | None = None, compile: bool = False,
-          scheduler: Literal["continuous", "static"] = "continuous", max_waiting: int = 256) -> None:
+          scheduler: Literal["continuous", "static"] = "continuous", max_waiting: int = 256,
+          max_len: int | None = None) -> None:
     """Serve the model over an OpenAI-compatible HTTP API: /v1/chat/completions (stream: true for SSE;
     images as data: URLs), /v1/models, /health, /metrics (Prometheus text). Concurrent requests are
     batched: by default continuously (a request joins the running batch at the next decode step and
@@ -986,6 +995,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         scheduler: continuous (iteration-level batching, the default) or static (a batch runs to its end
             before the next starts).
         max_waiting: most requests queued; more get 429 with Retry-After.
+        max_len: tokens (prompt + answer) a request may hold, continuous scheduler (default: the model's
+            context, capped to what --max-batch slots' KV cache fits in 85 % of the free memory).
     """
     from .errors import MatvlmError
     try:
@@ -996,16 +1007,19 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         raise MatvlmError("matvlm serve needs fastapi and uvicorn: pip install 'matvlm[serve]'") from e
     from .serve.service import BatchingService, ContinuousService
 
-    if max_batch < 1 or max_waiting < 1:
-        raise MatvlmError(f"--max-batch and --max-waiting must be >= 1; got {max_batch} and {max_waiting}")
+    if max_batch < 1 or max_waiting < 1 or (max_len is not None and max_len < 2):
+        raise MatvlmError(f"--max-batch and --max-waiting must be >= 1 and --max-len >= 2; got {max_batch}, "
+                          f"{max_waiting} and {max_len}")
     engine = _engine(model, device, dtype, compile=compile and scheduler == "static")
     if scheduler == "continuous":
-        service = ContinuousService(engine, max_batch=max_batch, max_waiting=max_waiting)
+        service = ContinuousService(engine, max_batch=max_batch, max_waiting=max_waiting, max_len=max_len)
+        per_slot = f", up to {service.batcher.pool.length} tokens each"
     else:
         service = BatchingService(engine, max_batch=max_batch, max_waiting=max_waiting)
+        per_slot = ""
     app = create_app(service, name or Path(model).name, api_key=api_key,
                      limits=Limits(max_image_pixels=max_image_pixels), allow_local_images=allow_local_images,
                      template=template)
     print(f"serving {model} as {name or Path(model).name} on http://{host}:{port}/v1 ({scheduler} batching, "
-          f"{max_batch} at a time)")
+          f"{max_batch} at a time{per_slot})")
     uvicorn.run(app, host=host, port=port, log_level="warning")

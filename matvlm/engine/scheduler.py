@@ -45,6 +45,64 @@ from .sampling import sample_batch
 log = logging.getLogger("matvlm.engine")
 
 
+POOL_MEMORY_FRACTION = 0.85      # of the memory free after loading the model, what the slot pool may take
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on `device` now (CUDA: the driver's count; CPU: Linux's MemAvailable), or None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def slot_bytes_per_token(engine: Engine) -> int:
+    """KV bytes one slot holds per token: keys and values of every attention layer (Mamba layers hold a
+    fixed-size state, whatever the length)."""
+    tc, cfg = text_config(engine.model.config), engine.model.hybrid_config
+    heads = tc.num_attention_heads
+    kv = getattr(tc, "num_key_value_heads", None) or heads
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
+    n_attn = cfg.n_layer - len(cfg.mamba_layers)
+    return 2 * n_attn * kv * head_dim * torch.empty((), dtype=engine.dtype).element_size()
+
+
+def slot_length(engine: Engine, slots: int, length: int | None = None,
+                fraction: float = POOL_MEMORY_FRACTION) -> int:
+    """How many tokens (prompt + answer) each of `slots` slots holds: `length` if given, else the model's
+    context, capped to what fits in `fraction` of the free memory (the pool is `slots` + 1 rows, one of
+    them for staging prefills). A given `length` that does not fit is an error, not a crash mid-serving."""
+    limit = context_limit(engine.model) or 4096
+    want = min(length, limit) if length else limit
+    per_token = slot_bytes_per_token(engine) * (slots + 1)
+    free = free_memory(engine.device)
+    if free is None or per_token == 0:
+        return want
+    fit = int(free * fraction) // per_token
+    gib = 1 << 30
+    if length is not None and want > fit:
+        raise MatvlmError(f"--max-len {want} for {slots} slots needs {want * per_token / gib:.1f} GiB of KV cache "
+                          f"but {free / gib:.1f} GiB is free ({fraction:.0%} of it usable): lower --max-len or "
+                          f"--max-batch")
+    if want > fit:
+        fit = fit // 256 * 256
+        if fit < min(want, 256):
+            raise MatvlmError(f"{slots} slots do not fit in memory: even 256 tokens a slot need "
+                              f"{256 * per_token / gib:.2f} GiB of KV cache, {free / gib:.1f} GiB is free: "
+                              f"lower --max-batch")
+        log.warning("slots hold %d tokens each (the model's context is %d): that is what %d slots' KV cache "
+                    "fits in %.0f %% of the %.1f GiB free; --max-len and --max-batch change it",
+                    fit, limit, slots, fraction * 100, free / gib)
+        return fit
+    return want
+
+
 class SlotPool:
     """The hybrid state of `slots` requests of up to `length` tokens each, plus one staging row (index
     `slots`) that prefills write into; and the decode step's inputs and outputs per row."""
@@ -139,8 +197,7 @@ class ContinuousBatcher:
 
     def __init__(self, engine: Engine, slots: int = 16, length: int | None = None, prefill_tokens: int = 256):
         self.engine = engine
-        limit = context_limit(engine.model) or 4096
-        self.pool = SlotPool(engine, slots, min(length or limit, limit))
+        self.pool = SlotPool(engine, slots, slot_length(engine, slots, length))
         self.prefill_tokens = max(2, prefill_tokens)
         self.waiting: deque[Sequence] = deque()
         self.prefilling: Sequence | None = None

@@ -30,7 +30,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from PIL import Image, UnidentifiedImageError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine.engine import Request
+from ..engine.engine import Request, context_limit
 from ..inputs.prompts import render, stop_strings
 from ..engine.sampling import SamplingParams
 from ..errors import MatvlmError
@@ -182,7 +182,7 @@ def create_app(service: Service, model_name: str, api_key: str | None = None, li
                allow_local_images: bool = False, template: str | None = None):
     app = FastAPI(title="matvlm", docs_url=None, redoc_url=None)
     engine = service.engine
-    context = getattr(engine.model.config.get_text_config(), "max_position_embeddings", None)
+    context = service.max_len
     stops = stop_strings(engine.processor, engine.model.config, template)
     metrics = Metrics(service)
 
@@ -247,8 +247,10 @@ def create_app(service: Service, model_name: str, api_key: str | None = None, li
             request = Request(prompt, images, params)
             n_prompt = len(engine.encode(request)[0])
             if context and n_prompt + params.max_new_tokens > context:
+                held = (f"the model's context of {context} tokens" if context == context_limit(engine.model) else
+                        f"the {context} tokens a request may hold on this server (--max-len)")
                 raise RequestError(400, f"prompt of {n_prompt} tokens + max_tokens {params.max_new_tokens} exceeds "
-                                        f"the model's context of {context} tokens", "messages",
+                                        f"{held}", "messages",
                                    "context_length_exceeded")
         except RequestError as e:
             return fail(e)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..engine.engine import Engine, Output, Request
+from ..engine.engine import Engine, Output, Request, context_limit
 from ..engine.scheduler import ContinuousBatcher, Sequence
 from ..errors import MatvlmError
 
@@ -99,6 +99,11 @@ class Service:
         self.finished: list[Output] = []   # kept short: the metrics read and clear it
         self.thread = threading.Thread(target=self._loop, name="matvlm-engine", daemon=True)
         self.thread.start()
+
+    @property
+    def max_len(self) -> int | None:
+        """Tokens (prompt + answer) one request may hold: the model's context."""
+        return context_limit(self.engine.model)
 
     def counts(self) -> tuple[int, int]:
         """(requests running, requests waiting)."""
@@ -217,9 +222,15 @@ class BatchingService(Service):
 
 
 class ContinuousService(Service):
-    """Continuous batching over `max_batch` slots of up to `max_len` tokens (default: the model's context)."""
+    """Continuous batching over `max_batch` slots of up to `max_len` tokens (default: the model's context,
+    capped to what fits in free memory: `engine.scheduler.slot_length`)."""
 
     scheduler = "continuous"
+
+    @property
+    def max_len(self) -> int:
+        """Tokens (prompt + answer) one request may hold: a slot's size."""
+        return self.batcher.pool.length
 
     def __init__(self, engine: Engine, max_batch: int = 16, max_waiting: int = 256, max_len: int | None = None,
                  prefill_tokens: int = 256):

@@ -192,3 +192,40 @@ def test_a_decode_step_that_cannot_be_captured_runs_eagerly_with_the_same_tokens
         assert [h.result().token_ids for h in [service.submit(r) for r in reqs]] == eager
     assert "runs eagerly" in caplog.text and service.batcher._eager
     service.close()
+
+
+def test_slots_are_sized_to_the_free_memory_and_a_max_len_that_cannot_fit_is_refused(engine, monkeypatch, caplog):
+    from matvlm.engine import scheduler
+
+    tc = engine.model.config.text_config
+    n_attn = tc.num_hidden_layers - len(engine.model.hybrid_config.mamba_layers)
+    per_token = 2 * n_attn * tc.num_key_value_heads * (tc.hidden_size // tc.num_attention_heads) * 4   # K+V, fp32
+    assert scheduler.slot_bytes_per_token(engine) == per_token
+    monkeypatch.setattr(scheduler, "free_memory", lambda device: None)          # unknown: the model's context
+    assert scheduler.slot_length(engine, 4) == 512 and scheduler.slot_length(engine, 4, 300) == 300
+    # room for 300 tokens in each of 4 slots + the staging row, within the usable 85 %
+    monkeypatch.setattr(scheduler, "free_memory", lambda device: int(300 * 5 * per_token / 0.85) + 1)
+    with caplog.at_level("WARNING", logger="matvlm.engine"):
+        assert scheduler.slot_length(engine, 4) == 256             # capped, rounded down to 256
+    assert "slots hold 256 tokens each (the model's context is 512)" in caplog.text
+    assert scheduler.slot_length(engine, 4, 300) == 300
+    with pytest.raises(MatvlmError, match=r"--max-len 400 for 4 slots needs .* GiB of KV cache .* lower --max-len"):
+        scheduler.slot_length(engine, 4, 400)
+    with pytest.raises(MatvlmError, match="64 slots do not fit in memory"):
+        scheduler.slot_length(engine, 64)
+    service = ContinuousService(engine, max_batch=4)
+    assert service.batcher.pool.length == 256 and service.batcher.pool.kv[1][0].shape[2] == 256
+    long = service.submit(ask(engine, "Describe the image.", 250))           # 64 image tokens + prompt + 250 > 256
+    with pytest.raises(MatvlmError, match="exceeds the 256 tokens a slot holds"):
+        long.result(timeout=60)
+    assert len(service.submit(ask(engine, "Describe the image.", 5)).result(timeout=60).token_ids) == 5
+    from fastapi.testclient import TestClient
+
+    from matvlm.serve.openai_api import create_app
+
+    r = TestClient(create_app(service, "toy")).post(          # the server checks a slot's size up front: 400
+        "/v1/chat/completions", json={"messages": [{"role": "user", "content": "Describe the image."}],
+                                      "max_tokens": 250})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert "exceeds the 256 tokens a request may hold on this server" in r.json()["error"]["message"]
+    service.close()
