@@ -803,7 +803,7 @@ def bench_serve(model: str | None = None, url: str | None = None, api_key: str |
                 scheduler: list[str] = ("static", "continuous"), requests: int = 64, rate: float = 4.0,
                 prompt_words: str = "16:256", max_tokens: str = "16:256", image_fraction: float | None = None,
                 max_batch: int = 16, seed: int = 0, out: Path = Path("bench-serve"), device: str | None = None,
-                dtype: str | None = None, max_len: int | None = None) -> None:
+                dtype: str | None = None, max_len: int | None = None, warmup: int = 16) -> None:
     """Load-test the OpenAI-compatible server: Poisson arrivals, mixed prompt and answer lengths, images;
     reports output tokens/s, requests/s, time to first token, inter-token and end-to-end latency
     (p50/p95/p99) per scheduler, side by side under the same workload, with a plot.
@@ -832,6 +832,8 @@ def bench_serve(model: str | None = None, url: str | None = None, api_key: str |
         device: cuda or cpu (default: cuda when available).
         dtype: e.g. bfloat16.
         max_len: tokens a continuous-batching slot holds (default: the model's context, capped to free memory).
+        warmup: requests sent all at once to each server before its timed run (drawn like the workload, another
+            seed; not timed), so one-time costs (kernel compilation, CUDA-graph capture) stay out of the figures.
     """
     import json
     import time
@@ -845,14 +847,25 @@ def bench_serve(model: str | None = None, url: str | None = None, api_key: str |
     unknown = [s for s in scheduler if s not in ("static", "continuous")]
     if unknown or not scheduler:
         raise MatvlmError(f"--scheduler takes static and/or continuous; got {','.join(scheduler) or 'nothing'}")
-    if requests < 1 or rate < 0 or max_batch < 1:
-        raise MatvlmError(f"--requests and --max-batch must be >= 1 and --rate >= 0; got {requests}, {max_batch}, {rate}")
+    if requests < 1 or rate < 0 or max_batch < 1 or warmup < 0:
+        raise MatvlmError(f"--requests and --max-batch must be >= 1, --rate and --warmup >= 0; got {requests}, "
+                          f"{max_batch}, {rate}, {warmup}")
     pw, mt = _range(prompt_words, "--prompt-words"), _range(max_tokens, "--max-tokens")
     runs, meta = {}, {"date": time.strftime("%Y-%m-%d %H:%M"), "requests": requests, "rate": rate,
-                      "prompt_words": pw, "max_tokens": mt, "seed": seed}
+                      "prompt_words": pw, "max_tokens": mt, "seed": seed, "warmup": {}}
+
+    def warm(base: str, name: str, model_name: str, fraction: float) -> None:
+        if warmup:
+            print(f"{name}: {warmup} warm-up requests ...", flush=True)
+            done = serve_load.run_load(base, model_name, serve_load.make_workload(warmup, 0, pw, mt, fraction, seed + 1),
+                                       api_key)
+            meta["warmup"][name] = {"requests": warmup, "failed": sum(r.error is not None for r in done),
+                                    "completion_tokens": sum(r.completion_tokens for r in done)}
+
     if url is not None:
         names = ["server"]
         workload = serve_load.make_workload(requests, rate, pw, mt, image_fraction or 0.0, seed)
+        warm(url, "server", "default", image_fraction or 0.0)
         runs["server"] = serve_load.run_load(url, "default", workload, api_key)
         meta["url"] = url
     else:
@@ -864,8 +877,8 @@ def bench_serve(model: str | None = None, url: str | None = None, api_key: str |
 
         engine = _engine(model, device, dtype)
         vlm = hasattr(engine.model.config, "vision_config")
-        workload = serve_load.make_workload(requests, rate, pw, mt,
-                                            (0.5 if vlm else 0.0) if image_fraction is None else image_fraction, seed)
+        fraction = (0.5 if vlm else 0.0) if image_fraction is None else image_fraction
+        workload = serve_load.make_workload(requests, rate, pw, mt, fraction, seed)
         meta.update(model=str(model), device=str(engine.device), max_batch=max_batch,
                     gpu=__import__("torch").cuda.get_device_name() if str(engine.device).startswith("cuda") else None)
         names = list(scheduler)
@@ -879,6 +892,7 @@ def bench_serve(model: str | None = None, url: str | None = None, api_key: str |
             print(f"{name}: {requests} requests at {rate}/s ...", flush=True)
             try:
                 with serving(create_app(service, "bench")) as base:
+                    warm(base + "/v1", name, "bench", fraction)
                     runs[name] = serve_load.run_load(base + "/v1", "bench", workload)
             finally:
                 service.close()

@@ -103,6 +103,14 @@ def slot_length(engine: Engine, slots: int, length: int | None = None,
     return want
 
 
+def _length_bucket(n: int, limit: int, smallest: int = 256) -> int:
+    """The smallest power of two >= n (at least `smallest`), at most `limit`."""
+    b = smallest
+    while b < n:
+        b *= 2
+    return min(b, limit)
+
+
 class SlotPool:
     """The hybrid state of `slots` requests of up to `length` tokens each, plus one staging row (index
     `slots`) that prefills write into; and the decode step's inputs and outputs per row."""
@@ -203,9 +211,10 @@ class ContinuousBatcher:
         self.prefilling: Sequence | None = None
         self.running: dict[int, Sequence] = {}
         self.free = list(range(slots))
-        self._caches: dict[int, Cache] = {}
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._eager: set[int] = set()          # buckets whose capture failed: they decode eagerly
+        self._caches: dict[tuple[int, int], Cache] = {}
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self._graph_pool = None
+        self._eager: set[tuple[int, int]] = set()          # buckets whose capture failed: they decode eagerly
         self.steps = 0
 
     def add(self, seq: Sequence) -> None:
@@ -300,44 +309,50 @@ class ContinuousBatcher:
 
     # --- decode -----------------------------------------------------------------------------------
 
-    def _bucket_cache(self, k: int) -> Cache:
-        if k not in self._caches:
-            self._caches[k] = self.pool.cache(slice(0, k), self.pool.position[:k, 0], decoding=True)
-        return self._caches[k]
+    def _bucket_cache(self, k: int, length: int) -> Cache:
+        if (k, length) not in self._caches:
+            self._caches[k, length] = self.pool.cache(slice(0, k), self.pool.position[:k, 0], decoding=True,
+                                                      visible=length)
+        return self._caches[k, length]
 
-    def _step_body(self, k: int) -> None:
-        """The fixed-shape decode step of the first `k` rows (what a CUDA graph of bucket k records)."""
+    def _step_body(self, k: int, length: int) -> None:
+        """The fixed-shape decode step of the first `k` rows over the first `length` KV entries of each
+        (what a CUDA graph of bucket (k, length) records)."""
         pool = self.pool
         pos = pool.position[:k]
-        pool.mask[:k].scatter_(-1, pos.view(k, 1, 1, 1), True)
+        mask = pool.mask[:k, :, :, :length]
+        mask.scatter_(-1, pos.view(k, 1, 1, 1), True)
         embeds = self.engine.model.get_input_embeddings()(pool.token[:k])
-        pool.logits[:k].copy_(self.engine._forward(embeds, pos, pool.mask[:k], None, self._bucket_cache(k)))
+        pool.logits[:k].copy_(self.engine._forward(embeds, pos, mask, None, self._bucket_cache(k, length)))
         pos.add_(1)
 
-    def _launch(self, k: int) -> None:
-        if self.engine.cuda_graphs and k not in self._graphs and k not in self._eager:
+    def _launch(self, k: int, length: int) -> None:
+        key = (k, length)
+        if self.engine.cuda_graphs and key not in self._graphs and key not in self._eager:
             try:
-                self._capture(k)
+                self._capture(k, length)
             except Exception as e:                       # noqa: BLE001 - eager steps give the same tokens
-                self._eager.add(k)
-                log.warning("decode step of %d slots not captured as a CUDA graph (%s: %s); it runs eagerly",
-                            k, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-        if k in self._graphs:
-            self._graphs[k].replay()
+                self._eager.add(key)
+                log.warning("decode step of %d slots x %d positions not captured as a CUDA graph (%s: %s); it "
+                            "runs eagerly", k, length, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        if key in self._graphs:
+            self._graphs[key].replay()
         else:
-            self._step_body(k)
+            self._step_body(k, length)
 
-    def _capture(self, k: int) -> None:
-        """Record bucket k's step as a CUDA graph; warm-up and capture run it, so what a step changes is
-        saved before and restored after (KV entries written past each row's position are rewritten before
-        any step reads them)."""
+    def _capture(self, k: int, length: int) -> None:
+        """Record bucket (k, length)'s step as a CUDA graph; warm-up and capture run it, so what a step
+        changes is saved before and restored after (KV entries written past each row's position are
+        rewritten before any step reads them). All graphs share one memory pool: they never run at once."""
         saved = [t.clone() for t in self.pool.step_state()]
         try:
-            warm_up_on_side_stream(lambda: self._step_body(k))
+            warm_up_on_side_stream(lambda: self._step_body(k, length))
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._step_body(k)
-            self._graphs[k] = graph
+            with torch.cuda.graph(graph, pool=self._graph_pool):
+                self._step_body(k, length)
+            self._graphs[k, length] = graph
         finally:
             torch.cuda.synchronize()
             for t, s in zip(self.pool.step_state(), saved):
@@ -347,12 +362,15 @@ class ContinuousBatcher:
         rows = sorted(self.running)
         k = min(_bucket(rows[-1] + 1), self.pool.slots)
         seqs = [self.running[r] for r in rows]
+        # attend over the KV entries the longest running request holds (a power-of-two bucket), not the
+        # whole slot: a step's attention reads grow with the requests, not with --max-len
+        length = _length_bucket(max(len(s.ids) + len(s.out_ids) for s in seqs), self.pool.length)
         idle = sorted(set(range(k)) - set(rows))
         if idle:                                         # idle rows decode garbage at position 0, never past L
             self.pool.position[torch.tensor(idle, device=self.engine.device)] = 0
         try:
             with torch.no_grad():
-                self._launch(k)
+                self._launch(k, length)
                 tokens = self._sample(self.pool.logits[torch.tensor(rows, device=self.engine.device)], seqs)
         except Exception as e:                           # noqa: BLE001 - the step itself failed: every row
             for seq in seqs:

@@ -13,13 +13,15 @@ def test_bench_serve_runs_one_workload_against_both_schedulers_and_times_every_r
     out = tmp_path / "bs"
     assert main(["bench-serve", str(ASSET), "--requests", "6", "--rate", "20", "--max-tokens", "3:12",
                  "--prompt-words", "2:20", "--max-batch", "3", "--image-fraction", "0.5", "--out", str(out),
-                 "--device", "cpu", "--dtype", "float32"]) == 0
+                 "--device", "cpu", "--dtype", "float32", "--warmup", "2"]) == 0
     printed = capsys.readouterr().out
     assert "TTFT p95 (ms)" in printed and "static" in printed and "continuous" in printed
     rec = json.loads((out / "bench-serve.json").read_text())
     asked = [w["max_tokens"] for w in rec["workload"]]
     assert any(w["image"] for w in rec["workload"]) and not all(w["image"] for w in rec["workload"])
     for name in ("static", "continuous"):
+        warm = rec["warmup"][name]                         # served before the timed run, not in its figures
+        assert warm["requests"] == 2 and warm["failed"] == 0 and 2 <= warm["completion_tokens"] <= 24
         s = rec["summaries"][name]
         assert s["failed"] == 0 and s["short_answers"] == 0 and s["output_tokens"] == sum(asked)
         for metric in ("ttft_s", "itl_s", "e2e_s"):

@@ -187,7 +187,7 @@ def test_a_decode_step_that_cannot_be_captured_runs_eagerly_with_the_same_tokens
     eager = [o.token_ids for o in engine.generate(reqs)]
     service = ContinuousService(engine, max_batch=2)
     monkeypatch.setattr(engine, "cuda_graphs", True)            # as on CUDA; the capture fails here
-    monkeypatch.setattr(service.batcher, "_capture", lambda k: (_ for _ in ()).throw(RuntimeError("no graphs")))
+    monkeypatch.setattr(service.batcher, "_capture", lambda *a: (_ for _ in ()).throw(RuntimeError("no graphs")))
     with caplog.at_level("WARNING", logger="matvlm.engine"):
         assert [h.result().token_ids for h in [service.submit(r) for r in reqs]] == eager
     assert "runs eagerly" in caplog.text and service.batcher._eager
@@ -228,4 +228,18 @@ def test_slots_are_sized_to_the_free_memory_and_a_max_len_that_cannot_fit_is_ref
                                       "max_tokens": 250})
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     assert "exceeds the 256 tokens a request may hold on this server" in r.json()["error"]["message"]
+    service.close()
+
+
+def test_a_decode_step_reads_only_the_kv_entries_its_requests_hold_not_the_whole_slot(engine):
+    reqs = [ask(engine, "Describe the image.", 12), ask(engine, "What color is the circle?", 8)]
+    expected = [o.token_ids for o in engine.generate(reqs)]
+    service = ContinuousService(engine, max_batch=2)
+    pool = service.batcher.pool
+    assert pool.length == 512
+    for k, v in pool.kv.values():           # NaN past the 256-position bucket: read, it would poison every row
+        k[:, :, 256:] = float("nan")
+        v[:, :, 256:] = float("nan")
+    assert [h.result(timeout=60).token_ids for h in [service.submit(r) for r in reqs]] == expected
+    assert {length for _, length in service.batcher._caches} == {256}
     service.close()
