@@ -112,6 +112,10 @@ class _ChatDataset(torch.utils.data.Dataset):
         self.skipped_too_long = 0
         self.samples: list[dict] = []
         self.lengths: list[int] = []         # tokens of each kept sample (batching groups by it)
+        # each kept sample's encoding from the up-front check, kept so that training never tokenizes again:
+        # ids as int32 and which of them are labels (5 bytes a token)
+        self._ids: list[torch.Tensor] = []
+        self._is_label: list[torch.Tensor] = []
 
     @property
     def pad_token_id(self) -> int:
@@ -129,6 +133,14 @@ class _ChatDataset(torch.utils.data.Dataset):
         else:
             self.samples.append(sample)
             self.lengths.append(len(encoded[0]))
+            ids, labels = encoded
+            self._ids.append(ids.to(torch.int32))
+            self._is_label.append(labels != IGNORE_INDEX)
+
+    def _encoded(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample i's (input_ids, labels), as `_encode` made them when the dataset was built."""
+        ids = self._ids[i].long()
+        return ids, torch.where(self._is_label[i], ids, IGNORE_INDEX)
 
 
 class LlavaJsonDataset(_ChatDataset):
@@ -202,7 +214,7 @@ class LlavaJsonDataset(_ChatDataset):
 
     def __getitem__(self, i: int) -> dict:
         sample = self.samples[i]
-        input_ids, labels = self._encode(sample)
+        input_ids, labels = self._encoded(i)
         pixel_values = None
         if sample["image"] is not None:
             try:
@@ -273,7 +285,7 @@ class TextJsonlDataset(_ChatDataset):
 
     def __getitem__(self, i: int) -> dict:
         sample = self.samples[i]
-        input_ids, labels = self._encode(sample)
+        input_ids, labels = self._encoded(i)
         return {"id": sample["id"], "input_ids": input_ids, "labels": labels, "pixel_values": None}
 
 

@@ -334,3 +334,19 @@ def test_text_jsonl_chat_needs_a_template(processor, tmp_path):
                                                       {"role": "assistant", "content": "a"}]}], jsonl=True)
     with pytest.raises(MatvlmError, match="no chat template was given"):
         TextJsonlDataset(path, processor, None, 64)
+
+
+def test_items_are_the_up_front_encoding_and_training_never_tokenizes_again(processor, files, tmp_path, monkeypatch):
+    root, entries = files
+    lines = [{"text": "hello world"}, {"messages": [{"role": "user", "content": "hi"},
+                                                    {"role": "assistant", "content": "yo"}]}]
+    sets = [LlavaJsonDataset(write(root / "d.json", entries), root, processor, get_template("phi"), 512),
+            TextJsonlDataset(write(tmp_path / "t.jsonl", lines, jsonl=True), processor, get_template("plain"), 64)]
+    for ds in sets:
+        fresh = [ds._encode(s) for s in ds.samples]                  # what encoding the samples gives now
+        monkeypatch.setattr(ds, "_encode", lambda *a: pytest.fail("tokenized while training"))
+        for i, (ids, labels) in enumerate(fresh):
+            item = ds[i]
+            assert item["input_ids"].dtype == torch.long and torch.equal(item["input_ids"], ids)
+            assert torch.equal(item["labels"], labels)
+        assert (ds[len(ds) - 1]["labels"] == IGNORE_INDEX).any()           # a chat: its prompt is no label
