@@ -3,7 +3,8 @@
 Each subcommand is a function whose signature gives the flags (parameters without a
 default are positional unless listed in the function's `cli_required`, which makes them required
 flags; names in `cli_positional` are optional positionals; `a_b` becomes `--a-b`; bool defaults give `--x/--no-x`;
-`list[int]` takes `0,4,8`) and whose docstring gives the help (`Args:` entries).
+`list[int]` takes `0,4,8`) and whose docstring gives the help (`Args:` entries). A function that takes
+`**settings` names a dataclass in `cli_settings`: one flag per field, help from its `Attributes:`.
 Functions are imported only when their subcommand runs, so `matvlm --help` is instant.
 
 Errors the user can fix (`MatvlmError`) print one line and exit with status 2.
@@ -51,10 +52,11 @@ COMMANDS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
 
 # --- docstring and signature -> argparse --------------------------------------------------------
 
-def _doc_parts(fn) -> tuple[str, dict[str, str]]:
-    """(description, {param: help}) from a Google-style docstring."""
+def _doc_parts(fn, section: str = "Args") -> tuple[str, dict[str, str]]:
+    """(description, {param: help}) from a Google-style docstring's `section` (Args, or Attributes of a
+    dataclass)."""
     doc = inspect.getdoc(fn) or ""
-    desc, _, rest = doc.partition("\nArgs:\n")
+    desc, _, rest = doc.partition(f"\n{section}:\n")
     helps: dict[str, str] = {}
     current = None
     for line in rest.splitlines():
@@ -91,6 +93,8 @@ def _add_param(parser: argparse.ArgumentParser, name: str, param: inspect.Parame
         hint, origin, args = args[0], typing.get_origin(args[0]), typing.get_args(args[0])
     help_text = help_text.replace("%", "%%")        # argparse %-formats help strings
     kw: dict = {"help": help_text}
+    if origin is tuple:                             # a fixed-size tuple takes a list: --adam-betas 0.9,0.95
+        origin, args = list, args[:1]
     if hint is bool:
         kw["action"] = argparse.BooleanOptionalAction
         kw["default"] = param.default if param.default is not inspect.Parameter.empty else False
@@ -126,9 +130,33 @@ def build_parser(fn, prog: str) -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     hints = typing.get_type_hints(fn)
     for name, param in inspect.signature(fn).parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            continue
         _add_param(parser, name, param, hints.get(name, str), helps.get(name, ""),
                    getattr(fn, "cli_positional", ()), getattr(fn, "cli_required", ()))
+    settings = getattr(fn, "cli_settings", None)      # a dataclass, or a function returning it (lazy import)
+    if settings is not None:
+        _add_settings(parser, settings if isinstance(settings, type) else settings())
     return parser
+
+
+def _add_settings(parser: argparse.ArgumentParser, settings) -> None:
+    """One flag per field of the dataclass `settings` (the function takes them as **kwargs), help from its
+    docstring's Attributes, type from its annotation. A flag not given stays None, so a recipe file's value
+    or the field's default applies; the help says the default."""
+    import dataclasses
+
+    group = parser.add_argument_group(f"settings ({settings.__name__}; also the keys of --config files)")
+    _, helps = _doc_parts(settings, "Attributes")
+    hints = typing.get_type_hints(settings)
+    for f in dataclasses.fields(settings):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        help_text = helps.get(f.name, "")
+        if default not in (None, "") and "default" not in help_text:
+            shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+            help_text = f"{help_text} (default: {shown})"
+        param = inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None)
+        _add_param(group, f.name, param, hints[f.name] | None, help_text)
 
 
 def _resolve(target: str):

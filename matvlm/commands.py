@@ -275,25 +275,11 @@ def tiny_teacher(out: Path, family: Literal["phi", "llama", "qwen2"] = "phi", la
     print(f"wrote {out}: tiny {family} {'causal LM' if text_only else 'LLaVA'}, {layers} layers")
 
 
-def distill(config: Path | None = None, teacher: Path | None = None, student: Path | None = None,
-            data: Path | None = None, image_root: Path | None = None, out: Path | None = None,
-            mamba_ratio: float | None = None,
-            placement: Literal["even", "begin", "middle", "end", "auto"] | None = None, placement_steps: int = 100,
-            train: list[str] | None = None, max_steps: int | None = None, epochs: float | None = None,
-            global_batch_size: int | None = None, micro_batch_size: int | None = None, lr: float | None = None,
-            alpha: float | None = None, beta: float | None = None, gamma: float | None = None,
-            temperature: float | None = None, loss_reduction: Literal["mean", "sum"] | None = None,
-            stage: Literal["e2e", "align", "both"] | None = None, align_steps: int | None = None,
-            align_lr: float | None = None,
-            template: Literal["phi", "vicuna", "chatml", "plain"] | None = None, max_length: int | None = None,
-            image_aspect: Literal["pad", "square"] | None = None, save_every: int | None = None,
-            keep_last: int | None = None, seed: int | None = None, gradient_checkpointing: bool | None = None,
-            mixed_precision: Literal["auto", "bf16", "fp16", "no"] | None = None, strict: bool | None = None,
-            num_workers: int | None = None, tensorboard: bool | None = None, wandb: bool | None = None,
-            resume: Path | None = None, self_generate: str | None = None,
-            self_generate_max_tokens: int = 256) -> None:
-    """Distil a hybrid student from its transformer teacher in one stage (paper §3.3):
-    L = alpha*L_layer + beta*L_prob + gamma*L_ce, only the Mamba-2 mixers and the connector training.
+def distill(config: Path | None = None, resume: Path | None = None, placement_steps: int = 100,
+            self_generate: str | None = None, self_generate_max_tokens: int = 256, **settings) -> None:
+    """Distil a hybrid student from its transformer teacher (paper §3.3): L = alpha*L_layer + beta*L_prob +
+    gamma*L_ce, only the Mamba-2 mixers and the connector training; --stage both first aligns each Mamba
+    layer alone to its attention layer (attention transfer).
 
     Examples:
       matvlm distill --teacher T --student H --data train.json --image-root imgs/ --out run/
@@ -305,67 +291,28 @@ def distill(config: Path | None = None, teacher: Path | None = None, student: Pa
                                                  train on the teacher's own answers, written to run/self-generated.jsonl)
     The output directory gets the final hybrid at its top level, checkpoints/step-N/ and log.jsonl.
     Losses are per-token means over real tokens (never padding); --loss-reduction sum gives MaTVLM's sums.
+    The settings flags are DistillConfig's fields (matvlm/distill/config.py), the keys of --config files.
 
     Args:
-        config: YAML or JSON recipe whose keys are these option names (underscores).
-        teacher: the original model directory (kept frozen).
-        student: hybrid init directory from `matvlm convert` (omit it and give --mamba-ratio to convert here).
-        data: LLaVA/ShareGPT4V JSON or JSONL (VLM), or text JSONL with "text" or "messages" (causal LM).
-        image_root: folder the data's image paths are relative to (default: the data file's folder).
-        out: output directory (must be new or empty unless --resume).
-        mamba_ratio: fraction of layers to convert when --student is not given.
-        placement: where converted layers go when --student is not given (default even); auto = by measured
-            sensitivity on --data (see `matvlm convert --help`; the student it converts is kept in OUT/placement/
-            and the scores in OUT/placement.json).
-        placement_steps: --placement auto: steps of the alignment run that precedes the scores (default 100).
-        train: parameter groups that train, comma-separated: mamba, connector, mlp (of the Mamba layers), all
-            (default mamba,connector as in the paper).
-        max_steps: optimizer steps (default: --epochs over the data).
-        epochs: passes over the data (default 1).
-        global_batch_size: samples per optimizer step over all processes (default 64).
-        micro_batch_size: samples per forward pass per process (default 4).
-        lr: peak learning rate of the warmup-stable-decay schedule, 10 % / 10 % (default 2e-4).
-        alpha: weight of the layer loss (default 1).
-        beta: weight of the KL loss (default 1).
-        gamma: weight of the cross-entropy loss (default 0).
-        temperature: softmax temperature of the KL loss (default 1).
-        loss_reduction: mean per real token (default) or sum (MaTVLM's unnormalised sums).
-        stage: e2e = the paper's single stage (default); align = attention transfer only (each Mamba layer
-            learns to reproduce its teacher layer from the teacher's hidden states: layer loss alone, no LM
-            head); both = align for --align-steps, then e2e.
-        align_steps: steps of the align stage under --stage both (default: a quarter of --max-steps).
-        align_lr: peak learning rate of the align stage (default: --lr).
-        template: chat template of the data (default: by decoder family; phi = TinyLLaVA's).
-        max_length: maximum tokens per sample; longer ones are truncated, never inside an image (default 2048).
-        image_aspect: pad to square with the mean colour, or square resize (default: the teacher's setting).
-        save_every: checkpoint every N steps, and at the end (default 500).
-        keep_last: keep only the newest N checkpoints (default: all).
-        seed: seed of the data order and the Mamba init (default 0).
-        gradient_checkpointing: recompute decoder layers in the backward pass to save memory.
-        mixed_precision: auto = bf16 on CUDA, fp32 on CPU (default auto).
-        strict: fail on a missing image instead of counting and skipping it.
-        num_workers: data-loading worker processes (default 0).
-        tensorboard: also log to OUT/tensorboard when tensorboard is installed (default on).
-        wandb: also log to Weights & Biases (needs wandb).
+        config: YAML or JSON recipe whose keys are the settings below (underscores).
         resume: continue the run in this output directory from its newest checkpoint.
+        placement_steps: --placement auto: steps of the alignment run that precedes the scores.
         self_generate: text models: a prompt file (or synthetic:N) the teacher answers first; the answers,
             written to OUT/self-generated.jsonl, are the training data (sequence-level distillation).
         self_generate_max_tokens: answer length limit of --self-generate.
+        settings: DistillConfig fields; those not given (None) come from --config or the defaults.
     """
+    from dataclasses import fields
+
     from .distill.config import DistillConfig
     from .distill.train import CONFIG_NAME, run
     from .errors import MatvlmError
 
-    overrides = dict(teacher=teacher, student=student, data=data, image_root=image_root, out=out,
-                     mamba_ratio=mamba_ratio, placement=placement, train=train, max_steps=max_steps, epochs=epochs,
-                     global_batch_size=global_batch_size, micro_batch_size=micro_batch_size, lr=lr, alpha=alpha,
-                     beta=beta, gamma=gamma, temperature=temperature, loss_reduction=loss_reduction,
-                     stage=stage, align_steps=align_steps, align_lr=align_lr,
-                     template=template, max_length=max_length, image_aspect=image_aspect, save_every=save_every,
-                     keep_last=keep_last, seed=seed, gradient_checkpointing=gradient_checkpointing,
-                     mixed_precision=mixed_precision, strict=strict, num_workers=num_workers,
-                     tensorboard=tensorboard, wandb=wandb)
-    overrides = {k: (str(v) if isinstance(v, Path) else v) for k, v in overrides.items()}
+    unknown = sorted(set(settings) - {f.name for f in fields(DistillConfig)})
+    if unknown:
+        raise MatvlmError(f"unknown distill setting(s) {', '.join(unknown)}; see `matvlm distill --help`")
+    overrides = {k: (str(v) if isinstance(v, Path) else v) for k, v in settings.items()}
+    teacher, data, out = overrides.get("teacher"), overrides.get("data"), overrides.get("out")
     if resume is not None:
         if config is not None:
             raise MatvlmError("--resume reads the run's own settings; give either --config or --resume")
@@ -384,6 +331,15 @@ def distill(config: Path | None = None, teacher: Path | None = None, student: Pa
 
         write_report(report, path)
     print(f"wrote {path}: final hybrid, checkpoints/ and log.jsonl")
+
+
+def _distill_settings():
+    from .distill.config import DistillConfig
+
+    return DistillConfig
+
+
+distill.cli_settings = _distill_settings      # its flags: one per DistillConfig field (imported when parsed)
 
 
 def _auto_student(cfg, steps: int) -> dict:
@@ -419,7 +375,7 @@ def _auto_student(cfg, steps: int) -> dict:
     return report
 
 
-def _self_generated_data(prompts: str, teacher: Path | None, data: Path | None, out: Path | None,
+def _self_generated_data(prompts: str, teacher: str | None, data: str | None, out: str | None,
                          max_new_tokens: int, config: Path | None) -> str:
     """--self-generate: the teacher answers the prompts into OUT/self-generated.jsonl (once)."""
     import os

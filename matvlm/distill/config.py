@@ -9,50 +9,67 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Literal
 
 from ..errors import MatvlmError
 
 TRAINABLE_GROUPS = ("mamba", "connector", "mlp", "all")
 STAGES = ("e2e", "align", "both")
+PLACEMENTS = ("even", "begin", "middle", "end", "auto")
 
 
 @dataclass
 class DistillConfig:
-    """Attributes (defaults follow MaTVLM §4.1 unless noted):
+    """Every setting of a distillation run. Defaults follow MaTVLM §4.1 unless noted. This docstring is
+    also the help of `matvlm distill`'s flags, one per field (`a_b` is `--a-b`).
 
-    teacher: the original model directory (frozen).
-    student: hybrid init directory from `matvlm convert`; None converts on the fly with mamba_ratio/placement.
-    data: LLaVA/ShareGPT4V JSON(L) for VLMs, or text JSONL ({"text"} or {"messages"}) for causal LMs.
-    image_root: folder the JSON's "image" paths are relative to.
-    out: output directory (final hybrid at its top level, checkpoints/step-N/, log.jsonl).
-    template: chat template (phi, vicuna, chatml, plain); None picks by decoder family.
-    max_length: token budget per sample (model_max_length); longer samples are truncated.
-    image_aspect: "pad" (to square with the mean colour) or "square" (resize); None: the teacher's
-        `image_aspect_ratio` if it has one, else "square".
-    max_steps / epochs: optimizer steps; max_steps wins when given.
-    global_batch_size: samples per optimizer step, whatever the number of processes (paper: 64).
-    micro_batch_size: samples per forward on one process; accumulation makes up the rest.
-    lr, weight_decay, adam_betas: AdamW (2e-4, 0.01, (0.9, 0.95)); no decay on 1-D params and biases.
-    warmup_ratio, decay_ratio: warmup-stable-decay schedule fractions (10 % / 10 %), linear both ways.
-    max_grad_norm: gradient clipping (not stated in the paper; 1.0).
-    alpha, beta, gamma: weights of L_layer, L_prob, L_ce (1, 1, 0).
-    stage: "e2e" (the paper's single stage: alpha/beta/gamma as set), "align" (attention transfer only:
-        each Mamba layer learns, alone, to reproduce its teacher layer's output from the teacher's hidden
-        state, L_layer with weight 1; no LM head, no student forward through other layers) or "both"
-        (align for align_steps, then e2e). matvlm's addition, after LoLCATs' attention transfer.
-    align_steps: optimizer steps of the align stage under stage "both" (default: a quarter of the run).
-    align_lr: peak learning rate of the align stage (default: lr); each stage has its own warmup-stable-decay.
-    temperature: softmax temperature of L_prob (1).
-    loss_reduction: "mean" (per real token, matvlm's default) or "sum" (MaTVLM's unnormalised sums).
-    train: parameter groups to train: mamba, connector (paper), mlp (the MLPs of the Mamba layers), all.
-    save_every: checkpoint every N optimizer steps (and at the end).
-    keep_last: keep only the newest N checkpoints (None keeps all).
-    seed: seed of data order and Mamba init.
-    gradient_checkpointing: recompute decoder layers in backward to save memory.
-    mixed_precision: "auto" (bf16 on CUDA, fp32 on CPU), "bf16", "fp16", "no".
-    strict: fail on a missing image instead of counting and skipping it.
-    num_workers: DataLoader worker processes.
-    tensorboard / wandb: extra loggers (log.jsonl is always written).
+    Attributes:
+        teacher: the original model directory (kept frozen).
+        student: hybrid init directory from `matvlm convert` (omit it and give --mamba-ratio to convert here).
+        data: LLaVA/ShareGPT4V JSON or JSONL (VLM), or text JSONL with "text" or "messages" (causal LM).
+        image_root: folder the data's image paths are relative to (default: the data file's folder).
+        out: output directory (final hybrid at its top level, checkpoints/step-N/, log.jsonl; must be new or
+            empty unless --resume).
+        mamba_ratio: fraction of layers to convert when --student is not given.
+        placement: where converted layers go when --student is not given; auto = by measured sensitivity on
+            --data (see `matvlm convert --help`; the student it converts is kept in OUT/placement/ and the
+            scores in OUT/placement.json).
+        template: chat template of the data (default: by decoder family; phi = TinyLLaVA's).
+        max_length: maximum tokens per sample; longer ones are truncated, never inside an image.
+        image_aspect: pad to square with the mean colour, or square resize (default: the teacher's
+            `image_aspect_ratio` if it has one, else square).
+        max_steps: optimizer steps (default: --epochs over the data).
+        epochs: passes over the data (--max-steps wins when given).
+        global_batch_size: samples per optimizer step over all processes (paper: 64).
+        micro_batch_size: samples per forward pass per process; accumulation makes up the rest.
+        lr: peak learning rate of the warmup-stable-decay schedule.
+        weight_decay: AdamW weight decay (none on 1-D parameters and biases).
+        adam_betas: AdamW betas, two values.
+        warmup_ratio: fraction of the steps of linear warmup.
+        decay_ratio: fraction of the steps of linear decay at the end.
+        max_grad_norm: gradient clipping norm (not stated in the paper).
+        alpha: weight of the layer loss L_layer.
+        beta: weight of the KL loss L_prob.
+        gamma: weight of the cross-entropy loss L_ce.
+        temperature: softmax temperature of the KL loss.
+        stage: e2e = the paper's single stage; align = attention transfer only (each Mamba layer learns,
+            alone, to reproduce its teacher layer's output from the teacher's hidden states: layer loss
+            alone, no LM head, no student forward through other layers; after LoLCATs); both = align for
+            --align-steps, then e2e.
+        align_steps: steps of the align stage under --stage both (default: a quarter of --max-steps).
+        align_lr: peak learning rate of the align stage (default: --lr); each stage has its own schedule.
+        loss_reduction: mean per real token (matvlm's default) or sum (MaTVLM's unnormalised sums).
+        train: parameter groups that train, comma-separated: mamba, connector (the paper's), mlp (the MLPs of
+            the Mamba layers), all.
+        save_every: checkpoint every N optimizer steps, and at the end.
+        keep_last: keep only the newest N checkpoints (default: all).
+        seed: seed of the data order and the Mamba init.
+        gradient_checkpointing: recompute decoder layers in the backward pass to save memory.
+        mixed_precision: auto = bf16 on CUDA, fp32 on CPU.
+        strict: fail on a missing image instead of counting and skipping it.
+        num_workers: data-loading worker processes.
+        tensorboard: also log to OUT/tensorboard when tensorboard is installed (log.jsonl is always written).
+        wandb: also log to Weights & Biases (needs wandb).
     """
 
     teacher: str = ""
@@ -60,11 +77,11 @@ class DistillConfig:
     out: str = ""
     student: str | None = None
     mamba_ratio: float | None = None
-    placement: str = "even"
+    placement: Literal["even", "begin", "middle", "end", "auto"] = "even"
     image_root: str | None = None
-    template: str | None = None
+    template: Literal["phi", "vicuna", "chatml", "plain"] | None = None
     max_length: int = 2048
-    image_aspect: str | None = None
+    image_aspect: Literal["pad", "square"] | None = None
     max_steps: int | None = None
     epochs: float = 1.0
     global_batch_size: int = 64
@@ -79,16 +96,16 @@ class DistillConfig:
     beta: float = 1.0
     gamma: float = 0.0
     temperature: float = 1.0
-    stage: str = "e2e"
+    stage: Literal["e2e", "align", "both"] = "e2e"
     align_steps: int | None = None
     align_lr: float | None = None
-    loss_reduction: str = "mean"
+    loss_reduction: Literal["mean", "sum"] = "mean"
     train: list[str] = field(default_factory=lambda: ["mamba", "connector"])
     save_every: int = 500
     keep_last: int | None = None
     seed: int = 0
     gradient_checkpointing: bool = False
-    mixed_precision: str = "auto"
+    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"
     strict: bool = False
     num_workers: int = 0
     tensorboard: bool = True
@@ -124,6 +141,8 @@ class DistillConfig:
             bad(f"warmup_ratio + decay_ratio must lie in [0, 1], got {self.warmup_ratio} + {self.decay_ratio}")
         if min(self.alpha, self.beta, self.gamma) < 0 or self.alpha + self.beta + self.gamma == 0:
             bad(f"loss weights must be >= 0 and not all 0, got alpha={self.alpha} beta={self.beta} gamma={self.gamma}")
+        if self.placement not in PLACEMENTS:
+            bad(f"--placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
         if self.stage not in STAGES:
             bad(f"--stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
         if self.align_steps is not None and (self.align_steps < 1 or self.stage != "both"):
@@ -140,6 +159,8 @@ class DistillConfig:
             bad(f"--train takes a comma list of {', '.join(TRAINABLE_GROUPS)}; got {','.join(self.train) or 'nothing'}")
         if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
             bad(f"--mixed-precision must be auto, bf16, fp16 or no, got {self.mixed_precision!r}")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            bad(f"--adam-betas takes two values in [0, 1), got {','.join(map(str, self.adam_betas))}")
         if self.image_aspect not in (None, "pad", "square"):
             bad(f"--image-aspect must be pad or square, got {self.image_aspect!r}")
 
