@@ -356,7 +356,11 @@ class Engine:
     def _run(self, requests: list[Request], stream: bool = False, encoded: list | None = None):
         """Generator: yields [partial text per request] after each step (kept current only with `stream`
         or for requests with stop strings), and finally [Output, ...]. `encoded`: the requests' `encode`
-        results where the caller has them already."""
+        results where the caller has them already.
+
+        The walk: size the batch's static state, prefill the prompts (`_prefill`), capture the decode step,
+        then decode, with what each request has produced kept in a `_Decoding`, which also assembles the
+        outputs."""
         t0 = time.perf_counter()
         encoded = encoded if encoded is not None else [self.encode(r) for r in requests]
         n = len(requests)
@@ -366,9 +370,51 @@ class Engine:
         length = _round_up(prompt_len + max(max_new, 3))   # capturing a step runs 3 past the prompt
         check_fits(self.model, prompt_len, max_new)
         st = self._static(b, length)
-        st.cache.clear()
-        dev = self.device
+        logits = self._prefill(st, encoded, b, prompt_len)
+        t_prefill = time.perf_counter() - t0
+        if self.cuda_graphs and st.graph is None:
+            self._capture(st)
 
+        dec = _Decoding(self, requests, encoded, stream, vocab=logits.shape[-1])
+        # Greedy runs queue each step before reading the previous one's tokens (the step feeds its own
+        # argmax forward), so the device never waits for the host; sampled runs sample on the host
+        # between steps. Either way a step's tokens are read back once, after it ran.
+        st.feed.fill_(dec.greedy)
+        reader = _TokenReader(st.greedy, n)
+        tokens = self._sample(logits[:n], dec.params, dec.keys, 0, dec.seen)
+        _feed(st, tokens)
+        t_first = time.perf_counter() - t0
+        launched = steps = 0
+        while True:
+            dec.accept(tokens)
+            yield list(dec.texts)
+            if all(dec.done):
+                break
+            if dec.greedy:
+                while reader.pending < 2 and launched < max_new - 1:     # never past the cache's length
+                    self._launch(st)
+                    reader.push()
+                    launched += 1
+                tokens = reader.pop()
+            else:
+                self._launch(st)
+                tokens = self._sample(st.logits[:n], dec.params, dec.keys, steps + 1, dec.seen)
+                _feed(st, tokens)
+            steps += 1
+        t_last = time.perf_counter() - t0
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        total = time.perf_counter() - t0
+        yield dec.outputs({"prefill_s": t_prefill, "ttft_s": t_first, "total_s": total, "decode_steps": steps,
+                           "decode_s_per_step": (t_last - t_first) / steps if steps else None, "batch_bucket": b,
+                           "cache_length": length, "cache_bytes": st.cache.nbytes()})
+
+    def _prefill(self, st: _Static, encoded: list, b: int, prompt_len: int) -> Tensor:
+        """Write the prompts into `st`'s cache, left-padded to `prompt_len` in `b` rows (rows past the
+        requests repeat the last one), in chunks of `prefill_chunk(b)` tokens; leave `st` ready for the
+        first decode step. Returns the last position's logits (b, V)."""
+        n, dev = len(encoded), self.device
+        st.cache.clear()
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = torch.full((b, prompt_len), pad_id, dtype=torch.long)
         valid = torch.zeros((b, prompt_len), dtype=torch.bool)
@@ -407,86 +453,9 @@ class Engine:
         st.mask.zero_()
         st.mask[:, 0, 0, :prompt_len] = valid
         st.position.copy_(valid.long().sum(-1, keepdim=True))
-        if self.device.type == "cuda":
+        if dev.type == "cuda":
             torch.cuda.synchronize()
-        t_prefill = time.perf_counter() - t0
-        if self.cuda_graphs and st.graph is None:
-            self._capture(st)
-
-        params = [r.params for r in requests]
-        greedy = _all_greedy(params)
-        # per-request sampling keys: the request's seed, or a fresh draw from torch's generator
-        keys = torch.tensor([p.seed if p.seed is not None else int(torch.randint(0, 2 ** 31 - 1, ()))
-                             for p in params], dtype=torch.int64, device=dev)
-        need_seen = any(p.repetition_penalty != 1.0 for p in params)
-        seen = torch.zeros(n, logits.shape[-1], dtype=torch.bool, device=dev) if need_seen else None
-        if need_seen:
-            for row, (src, _) in enumerate(encoded):
-                seen[row, torch.tensor(src, device=dev)] = True
-        out_ids: list[list[int]] = [[] for _ in range(n)]
-        done = [False] * n
-        reason = ["length"] * n
-        texts = [""] * n
-        # the text so far is decoded each step only where it is read: streaming, or stop strings to find
-        live = [stream or bool(p.stop) for p in params]
-
-        def accept(tokens: list[int]) -> None:
-            for row, tok in enumerate(tokens):
-                if done[row]:
-                    continue
-                p = params[row]
-                if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
-                    done[row], reason[row] = True, "stop"
-                    continue
-                out_ids[row].append(tok)
-                if seen is not None:
-                    seen[row, tok] = True
-                if not live[row]:
-                    if len(out_ids[row]) >= p.max_new_tokens:
-                        done[row] = True
-                    continue
-                texts[row] = self.tokenizer.decode(out_ids[row], skip_special_tokens=True)
-                cut = _first_stop(texts[row], p.stop)
-                if cut is not None:
-                    texts[row], done[row], reason[row] = texts[row][:cut], True, "stop"
-                elif len(out_ids[row]) >= p.max_new_tokens:
-                    done[row] = True
-
-        # Greedy runs queue each step before reading the previous one's tokens (the step feeds its own
-        # argmax forward), so the device never waits for the host; sampled runs sample on the host
-        # between steps. Either way a step's tokens are read back once, after it ran.
-        st.feed.fill_(greedy)
-        reader = _TokenReader(st.greedy, n)
-        tokens = self._sample(logits[:n], params, keys, 0, seen)
-        _feed(st, tokens)
-        t_first = time.perf_counter() - t0
-        launched = steps = 0
-        while True:
-            accept(tokens)
-            yield [t for t in texts]
-            if all(done):
-                break
-            if greedy:
-                while reader.pending < 2 and launched < max_new - 1:     # never past the cache's length
-                    self._launch(st)
-                    reader.push()
-                    launched += 1
-                tokens = reader.pop()
-            else:
-                self._launch(st)
-                tokens = self._sample(st.logits[:n], params, keys, steps + 1, seen)
-                _feed(st, tokens)
-            steps += 1
-        t_last = time.perf_counter() - t0
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        total = time.perf_counter() - t0
-        timings = {"prefill_s": t_prefill, "ttft_s": t_first, "total_s": total, "decode_steps": steps,
-                   "decode_s_per_step": (t_last - t_first) / steps if steps else None, "batch_bucket": b,
-                   "cache_length": length, "cache_bytes": st.cache.nbytes()}
-        texts = [t if live[i] else self.tokenizer.decode(out_ids[i], skip_special_tokens=True)
-                 for i, t in enumerate(texts)]
-        yield [Output(texts[i], out_ids[i], reason[i], len(encoded[i][0]), timings) for i in range(n)]
+        return logits
 
     def _launch(self, st: _Static) -> None:
         if st.graph is not None:
@@ -502,6 +471,59 @@ class Engine:
         if _all_greedy(params):
             return logits.argmax(-1).tolist()
         return sample_batch(logits.float(), params, seen, keys, torch.full_like(keys, step)).tolist()
+
+
+class _Decoding:
+    """What the requests of one static batch have produced while it decodes: tokens, finish reasons, text
+    (decoded each step only where it is read: streaming, or stop strings to find), sampling keys and the
+    tokens seen (repetition penalty); `accept` takes a step's tokens, `outputs` assembles the answers."""
+
+    def __init__(self, engine: Engine, requests: list[Request], encoded: list, stream: bool, vocab: int):
+        n, dev = len(requests), engine.device
+        self.tokenizer, self.eos_ids, self.encoded = engine.tokenizer, engine.eos_ids, encoded
+        self.params = [r.params for r in requests]
+        self.greedy = _all_greedy(self.params)
+        # per-request sampling keys: the request's seed, or a fresh draw from torch's generator
+        self.keys = torch.tensor([p.seed if p.seed is not None else int(torch.randint(0, 2 ** 31 - 1, ()))
+                                  for p in self.params], dtype=torch.int64, device=dev)
+        self.seen = None
+        if any(p.repetition_penalty != 1.0 for p in self.params):
+            self.seen = torch.zeros(n, vocab, dtype=torch.bool, device=dev)
+            for row, (src, _) in enumerate(encoded):
+                self.seen[row, torch.tensor(src, device=dev)] = True
+        self.out_ids: list[list[int]] = [[] for _ in range(n)]
+        self.done = [False] * n
+        self.reason = ["length"] * n
+        self.texts = [""] * n
+        self.live = [stream or bool(p.stop) for p in self.params]
+
+    def accept(self, tokens: list[int]) -> None:
+        for row, tok in enumerate(tokens):
+            if self.done[row]:
+                continue
+            p = self.params[row]
+            if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+                self.done[row], self.reason[row] = True, "stop"
+                continue
+            self.out_ids[row].append(tok)
+            if self.seen is not None:
+                self.seen[row, tok] = True
+            if not self.live[row]:
+                if len(self.out_ids[row]) >= p.max_new_tokens:
+                    self.done[row] = True
+                continue
+            self.texts[row] = self.tokenizer.decode(self.out_ids[row], skip_special_tokens=True)
+            cut = _first_stop(self.texts[row], p.stop)
+            if cut is not None:
+                self.texts[row], self.done[row], self.reason[row] = self.texts[row][:cut], True, "stop"
+            elif len(self.out_ids[row]) >= p.max_new_tokens:
+                self.done[row] = True
+
+    def outputs(self, timings: dict) -> list[Output]:
+        texts = [t if self.live[i] else self.tokenizer.decode(self.out_ids[i], skip_special_tokens=True)
+                 for i, t in enumerate(self.texts)]
+        return [Output(texts[i], self.out_ids[i], self.reason[i], len(self.encoded[i][0]), timings)
+                for i in range(len(texts))]
 
 
 def _feed(st: _Static, tokens: list[int]) -> None:
