@@ -15,6 +15,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ import torch
 from ..errors import MatvlmError
 from . import state as ckpt
 from .config import DistillConfig
-from .model import DistillStep, build, is_vlm
+from .model import DistillStep, build
 
 log = logging.getLogger("matvlm.distill")
 CONFIG_NAME = "distill_config.json"
@@ -267,14 +268,124 @@ def _sum_mode_loss(o: dict, w: tuple[float, float, float], batch_size: int) -> t
 
 
 def run(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Distil `cfg.student` (or a fresh conversion) from `cfg.teacher`; returns the output directory."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+    """Distil `cfg.student` (or a fresh conversion) from `cfg.teacher`; returns the output directory.
+
+    The recipe: `setup` (processes, inputs checked, model, data, optimizer) -> `resume_from` (the newest
+    checkpoint's weights, optimizer, schedule and RNG) -> `prepare` (the step module under accelerate) ->
+    `train_step` per optimizer step, checkpoints every `save_every` -> `save_final`."""
     from tqdm.auto import tqdm
 
+    r = setup(cfg, resume)
+    start = resume_from(r) if resume else 0
+    if start >= r.total:
+        raise MatvlmError(f"the run in {r.out} already reached step {start} of {r.total}; raise --max-steps to go on")
+    prepare(r)
+    batches = r.batches(start)
+    bar = tqdm(total=r.total, initial=start, disable=not (r.main and progress), desc="distill", unit="step",
+               dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30)   # logs: a line per 30 s
+    try:
+        for step in range(start, r.total):
+            rec = train_step(r, step, [next(batches) for _ in range(r.plan.accumulation)])
+            r.loggers.write(rec)
+            bar.update(1)
+            bar.set_postfix({k: f"{rec[k]:.4g}" for k in ("loss", "loss_layer", "loss_prob", "lr", "tokens_per_s")
+                             if rec[k] is not None})
+            if (step + 1) % cfg.save_every == 0 or step + 1 == r.total:
+                save_checkpoint(r, step + 1)
+    finally:
+        bar.close()
+        r.loggers.close()
+    with r.full_params():
+        if r.main:
+            save_final(r.accelerator.unwrap_model(r.step_module).model, r.out, r.processor, r.frozen_dtype, cfg)
+    r.accelerator.wait_for_everyone()
+    return r.out
+
+
+@dataclass
+class Run:
+    """Everything one distillation run holds, from `setup` to `save_final`."""
+
+    cfg: DistillConfig
+    out: Path
+    accelerator: object
+    mp: str                                 # mixed precision: bf16, fp16 or no
+    fsdp: bool
+    deepspeed: bool
+    frozen_dtype: torch.dtype
+    model: torch.nn.Module
+    teacher: object
+    trainable_names: list[str]
+    processor: object
+    dataset: object
+    plan: BatchPlan
+    total: int                              # optimizer steps
+    n_align: int                            # the first n_align of them are align-stage steps
+    optimizer: object
+    scheduler: object
+    loggers: "_Loggers"
+    step_module: object = None              # set by `prepare`: the DistillStep as accelerate wraps it
+    inner: DistillStep | None = None        # the DistillStep itself (which losses the stage needs)
+    params: list | None = None              # the trainable parameters, as the prepared module holds them
+    tokens_done: int = 0
+    t0: float = 0.0
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    def batches(self, start: int):
+        """The micro-batches of this process from step `start` on, in order."""
+        from ..inputs.data import collate
+
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        return iter(torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=list(self.plan.micro_batches(self.accelerator.process_index, start, self.total)),
+            collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id), num_workers=self.cfg.num_workers))
+
+    def full_params(self):
+        """Outside forward/backward FSDP holds each rank's shard only; saving needs the whole tensors
+        (every process must enter)."""
+        if not self.fsdp:
+            return nullcontext()
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel.summon_full_params(self.step_module, writeback=False)
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        if not self.deepspeed:
+            self.accelerator.backward(loss)
+            return
+        # DeepSpeed's engine: mark the accumulation boundary ourselves (accelerate would mark every
+        # micro-batch as one, stepping the optimizer on partial gradients) and step only there; its
+        # backward scales by 1/accumulation, which matvlm's normalisation already did
+        engine = self.accelerator.deepspeed_engine_wrapped.engine
+        engine.set_gradient_accumulation_boundary(is_boundary=last)
+        engine.backward(loss * self.plan.accumulation)
+        if last:
+            engine.step()
+
+    def autocast(self):
+        """accelerate's autocast, which it turns off under DeepSpeed (DeepSpeed casts the module to bf16
+        instead); matvlm autocasts there too, so that norms, softmax and the SSM's element-wise work
+        run in float32 as in single-process and DDP runs."""
+        if self.deepspeed and torch.cuda.is_available() and self.mp in ("bf16", "fp16"):
+            return torch.autocast("cuda", dtype=torch.bfloat16 if self.mp == "bf16" else torch.float16)
+        return self.accelerator.autocast()
+
+
+def setup(cfg: DistillConfig, resume: bool) -> Run:
+    """Processes, leftovers of an interrupted run removed, inputs checked (before the model loads, which
+    can take a minute), model and teacher view, data, batch plan, optimizer, schedule, loggers; the run's
+    config is written once the model and the data are known to load."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
     from ..convert import formats
-    from ..model.io import save_hybrid
-    from ..inputs.data import collate
 
     cfg.validate()
     out = Path(cfg.out)
@@ -283,13 +394,12 @@ def run(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Path
     accelerator = Accelerator(mixed_precision=mp, cpu=not cuda,
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     main = accelerator.is_main_process
-    world, rank = accelerator.num_processes, accelerator.process_index
     if main and out.is_dir():
         for p in remove_leftovers(out):
             log.info("removed %s, left by an interrupted run", p)
     accelerator.wait_for_everyone()
     _check_out_dir(out, resume)
-    check_inputs(cfg)                # seconds, before the model loads (which can take a minute)
+    check_inputs(cfg)
     accelerator.wait_for_everyone()  # every process checks before the main one writes there
 
     frozen_dtype = torch.bfloat16 if mp == "bf16" else (torch.float16 if mp == "fp16" else torch.float32)
@@ -304,172 +414,134 @@ def run(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Path
         enable_checkpointing(model)
     processor = formats.load_processor(cfg.teacher)
     dataset = make_dataset(cfg, processor, model.config)
-    tokenizer = getattr(processor, "tokenizer", processor)
-    plan = BatchPlan(len(dataset), cfg.global_batch_size, world, cfg.micro_batch_size, cfg.seed,
+    plan = BatchPlan(len(dataset), cfg.global_batch_size, accelerator.num_processes, cfg.micro_batch_size, cfg.seed,
                      getattr(dataset, "lengths", None) or None)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * plan.steps_per_epoch))
-    if main:                       # written once the model and the data are known to load
+    if main:
         out.mkdir(parents=True, exist_ok=True)
         if not resume:
             (out / CONFIG_NAME).write_text(json.dumps(cfg.to_dict(), indent=1))
     accelerator.wait_for_everyone()
-
     optimizer = torch.optim.AdamW(param_groups(model, trainable_names, cfg.weight_decay), lr=cfg.lr,
                                   betas=tuple(cfg.adam_betas))
-    n_align = align_steps(cfg, total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, staged_lambda(cfg, total))
-    loggers = _Loggers(out, cfg, main)
-    start = 0
-    found = ckpt.list_checkpoints(out / "checkpoints") if resume else []
-    if resume and not found:      # stopped before its first checkpoint: nothing to continue, start over
-        log.info("%s has no checkpoint yet; starting the run from step 0", out)
-        loggers.truncate_after(0)
-    elif resume:
-        weights, opt_t, rng_t, st = ckpt.load_checkpoint(found[-1])
-        if st["optimizer"] is None:
-            raise MatvlmError(f"checkpoint {found[-1]} was written under DeepSpeed ZeRO or FSDP, which shard the "
-                              "optimizer state; matvlm cannot resume it exactly (resume works for single-process "
-                              "and DDP runs)")
-        params = dict(model.named_parameters())
-        missing = set(trainable_names) - set(weights)
-        if missing:
-            raise MatvlmError(f"checkpoint {found[-1]} lacks trainable tensors (e.g. {sorted(missing)[0]}); "
-                              "was it written with other --train groups?")
-        with torch.no_grad():
-            for n in trainable_names:
-                params[n].copy_(weights[n])
-        optimizer.load_state_dict(ckpt.optimizer_from_flat(opt_t, st["optimizer"]))
-        scheduler.load_state_dict(st["scheduler"])
-        ckpt.set_rng_state(rng_t, st["rng"])
-        start = st["step"]
-        loggers.truncate_after(start)
-        log.info("resuming from %s at step %d", found[-1], start)
-    if start >= total:
-        raise MatvlmError(f"the run in {out} already reached step {start} of {total}; raise --max-steps to go on")
+    return Run(cfg=cfg, out=out, accelerator=accelerator, mp=mp, fsdp=fsdp,
+               deepspeed=getattr(accelerator.state, "deepspeed_plugin", None) is not None, frozen_dtype=frozen_dtype,
+               model=model, teacher=teacher, trainable_names=trainable_names, processor=processor, dataset=dataset,
+               plan=plan, total=total, n_align=align_steps(cfg, total), optimizer=optimizer, scheduler=scheduler,
+               loggers=_Loggers(out, cfg, main))
 
-    step_module = DistillStep(model, teacher, cfg.temperature, need_ce=False, need_layer=False, need_prob=False)
-    inner = step_module
-    deepspeed = getattr(accelerator.state, "deepspeed_plugin", None) is not None
-    if deepspeed:
-        # matvlm's accumulation, micro-batch and clipping, told to DeepSpeed's engine (which steps the
-        # optimizer itself at its accumulation boundary and scales each backward by 1/accumulation)
-        dsc = accelerator.state.deepspeed_plugin.deepspeed_config
-        dsc.update(train_micro_batch_size_per_gpu=cfg.micro_batch_size, gradient_accumulation_steps=plan.accumulation,
-                   train_batch_size=cfg.global_batch_size, gradient_clipping=cfg.max_grad_norm)
-    step_module, optimizer = accelerator.prepare(step_module, optimizer)
 
-    def full_params():
-        """Outside forward/backward FSDP holds each rank's shard only; saving needs the whole tensors
-        (every process must enter)."""
-        if not fsdp:
-            return nullcontext()
-        from torch.distributed.fsdp import FullyShardedDataParallel
+def resume_from(r: Run) -> int:
+    """Load the newest checkpoint of `r.out` (trainable weights, optimizer, schedule, RNG) and drop log
+    lines after it; returns the step to continue from (0 when the run stopped before its first one)."""
+    found = ckpt.list_checkpoints(r.out / "checkpoints")
+    if not found:                 # stopped before its first checkpoint: nothing to continue, start over
+        log.info("%s has no checkpoint yet; starting the run from step 0", r.out)
+        r.loggers.truncate_after(0)
+        return 0
+    weights, opt_t, rng_t, st = ckpt.load_checkpoint(found[-1])
+    if st["optimizer"] is None:
+        raise MatvlmError(f"checkpoint {found[-1]} was written under DeepSpeed ZeRO or FSDP, which shard the "
+                          "optimizer state; matvlm cannot resume it exactly (resume works for single-process "
+                          "and DDP runs)")
+    params = dict(r.model.named_parameters())
+    missing = set(r.trainable_names) - set(weights)
+    if missing:
+        raise MatvlmError(f"checkpoint {found[-1]} lacks trainable tensors (e.g. {sorted(missing)[0]}); "
+                          "was it written with other --train groups?")
+    with torch.no_grad():
+        for n in r.trainable_names:
+            params[n].copy_(weights[n])
+    r.optimizer.load_state_dict(ckpt.optimizer_from_flat(opt_t, st["optimizer"]))
+    r.scheduler.load_state_dict(st["scheduler"])
+    ckpt.set_rng_state(rng_t, st["rng"])
+    r.loggers.truncate_after(st["step"])
+    log.info("resuming from %s at step %d", found[-1], st["step"])
+    return st["step"]
 
-        return FullyShardedDataParallel.summon_full_params(step_module, writeback=False)
 
-    def backward(loss, last: bool) -> None:
-        if not deepspeed:
-            accelerator.backward(loss)
-            return
-        # DeepSpeed's engine: mark the accumulation boundary ourselves (accelerate would mark every
-        # micro-batch as one, stepping the optimizer on partial gradients) and step only there; its
-        # backward scales by 1/accumulation, which matvlm's normalisation already did
-        engine = accelerator.deepspeed_engine_wrapped.engine
-        engine.set_gradient_accumulation_boundary(is_boundary=last)
-        engine.backward(loss * plan.accumulation)
-        if last:
-            engine.step()
+def prepare(r: Run) -> None:
+    """The step module (teacher pass, student pass, losses) and the optimizer under accelerate; DeepSpeed
+    is told matvlm's micro-batch, accumulation and clipping (its engine steps the optimizer itself)."""
+    module = DistillStep(r.model, r.teacher, r.cfg.temperature, need_ce=False, need_layer=False, need_prob=False)
+    if r.deepspeed:
+        dsc = r.accelerator.state.deepspeed_plugin.deepspeed_config
+        dsc.update(train_micro_batch_size_per_gpu=r.cfg.micro_batch_size, gradient_accumulation_steps=r.plan.accumulation,
+                   train_batch_size=r.cfg.global_batch_size, gradient_clipping=r.cfg.max_grad_norm)
+    r.step_module, r.optimizer = r.accelerator.prepare(module, r.optimizer)
+    r.inner = module
+    names = set(r.trainable_names)
+    r.params = [p for n, p in r.accelerator.unwrap_model(r.step_module).model.named_parameters() if n in names]
+    r.t0 = time.time()
 
-    def autocast():
-        """accelerate's autocast, which it turns off under DeepSpeed (DeepSpeed casts the module to bf16
-        instead); matvlm autocasts there too, so that norms, softmax and the SSM's element-wise work
-        run in float32 as in single-process and DDP runs."""
-        if deepspeed and cuda and mp in ("bf16", "fp16"):
-            return torch.autocast("cuda", dtype=torch.bfloat16 if mp == "bf16" else torch.float16)
-        return accelerator.autocast()
-    params = [p for n, p in accelerator.unwrap_model(step_module).model.named_parameters() if n in set(trainable_names)]
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=list(plan.micro_batches(rank, start, total)),
-        collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id), num_workers=cfg.num_workers)
-    batches = iter(loader)
-    keys = ("input_ids", "attention_mask", "labels", "pixel_values")
 
-    import sys
+BATCH_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values")
 
-    bar = tqdm(total=total, initial=start, disable=not (main and progress), desc="distill", unit="step",
-               dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30)   # logs: a line per 30 s
-    t0, tokens_done = time.time(), 0
-    try:
-        for step in range(start, total):
-            stage = "align" if step < n_align else "e2e"
-            w = loss_weights(cfg, stage)
-            need_logits = w[1] > 0 or w[2] > 0         # the align stage runs no LM head and no student stack
-            inner.need_ce, inner.need_layer, inner.need_prob = need_logits, w[0] > 0, w[1] > 0
-            micro = [next(batches) for _ in range(plan.accumulation)]
-            counts = torch.tensor([[float(b["attention_mask"].sum()),
-                                    float(((b["labels"][:, 1:] != -100) & (b["attention_mask"][:, :-1] > 0)).sum())]
-                                   for b in micro]).sum(0).to(accelerator.device)
-            n_tok, n_ans = accelerator.reduce(counts, "sum")
-            sums = torch.zeros(4, device=accelerator.device)      # loss, layer, prob, ce (for logging)
-            step_module.train()
-            for j, b in enumerate(micro):
-                b = {k: b[k].to(accelerator.device) for k in keys if b.get(k) is not None}
-                sync = accelerator.no_sync(step_module) if j < len(micro) - 1 else nullcontext()
-                with sync, autocast():
-                    o = step_module(**b)
-                    if cfg.loss_reduction == "mean":
-                        loss = _mean_mode_loss(o, w, n_tok, n_ans)
-                        backward(loss * world, j == len(micro) - 1)       # DDP averages over processes
-                        sums += torch.stack([loss.detach(), o["layer_sum"].detach() / n_tok,
-                                             o["prob_sum"].detach() / n_tok, o["ce_sum"].detach() / n_ans.clamp_min(1)])
-                    else:
-                        loss = _sum_mode_loss(o, w, b["input_ids"].shape[0])
-                        backward(loss, j == len(micro) - 1)
-                        n_mb = len(micro) * world
-                        sums += torch.stack([loss.detach(), o["layer_sq"].detach().clamp_min(0).sqrt().sum(),
-                                             o["prob_sum"].detach() / b["input_ids"].shape[0],
-                                             o["ce_sum"].detach() / o["n_answer"].clamp_min(1)]) / n_mb
-            sums = accelerator.reduce(sums, "sum")
-            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)  # DeepSpeed: the norm it clipped
-            grad_norm = float("nan") if grad_norm is None else grad_norm
-            loss_value = float(sums[0])
-            if not math.isfinite(loss_value) or (not math.isfinite(float(grad_norm)) and not deepspeed):
-                last = ckpt.list_checkpoints(out / "checkpoints")
-                raise MatvlmError(f"non-finite loss ({loss_value}) or gradient norm ({float(grad_norm)}) at step "
-                                  f"{step + 1}; stopped. Last good checkpoint: {last[-1] if last else 'none'}")
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            tokens_done += int(n_tok)
-            elapsed = time.time() - t0
-            rec = {"step": step + 1, "stage": stage, "loss": loss_value,
-                   "loss_layer": float(sums[1]) if w[0] > 0 else None, "loss_prob": float(sums[2]) if w[1] > 0 else None,
-                   "loss_ce": float(sums[3]) if need_logits else None, "lr": lr, "grad_norm": float(grad_norm),
-                   "tokens": int(n_tok), "tokens_per_s": tokens_done / max(elapsed, 1e-9), "elapsed_s": elapsed}
-            loggers.write(rec)
-            bar.update(1)
-            bar.set_postfix({k: f"{rec[k]:.4g}" for k in ("loss", "loss_layer", "loss_prob", "lr", "tokens_per_s")
-                             if rec[k] is not None})
-            if (step + 1) % cfg.save_every == 0 or step + 1 == total:
-                with full_params():
-                    if main:
-                        trained = {n: p for n, p in accelerator.unwrap_model(step_module).model.named_parameters()
-                                   if n in set(trainable_names)}
-                        ckpt.save_checkpoint(out / "checkpoints", step + 1, trained, None if deepspeed or fsdp else (
-                            optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer), scheduler,
-                            {"total_steps": total, "config": cfg.to_dict()}, cfg.keep_last)
-                accelerator.wait_for_everyone()
-    finally:
-        bar.close()
-        loggers.close()
 
-    with full_params():
-        if main:
-            student = accelerator.unwrap_model(step_module).model
-            save_final(student, out, processor, frozen_dtype, cfg)
-    accelerator.wait_for_everyone()
-    return out
+def train_step(r: Run, step: int, micro: list[dict]) -> dict:
+    """One optimizer step over this process's micro-batches: token counts all-reduced first (every loss is
+    normalised by the global batch's), forward and backward per micro-batch (gradients synchronised on the
+    last), clipping, optimizer and schedule; returns the step's log record."""
+    cfg, acc = r.cfg, r.accelerator
+    stage = "align" if step < r.n_align else "e2e"
+    w = loss_weights(cfg, stage)
+    need_logits = w[1] > 0 or w[2] > 0         # the align stage runs no LM head and no student stack
+    r.inner.need_ce, r.inner.need_layer, r.inner.need_prob = need_logits, w[0] > 0, w[1] > 0
+    counts = torch.tensor([[float(b["attention_mask"].sum()),
+                            float(((b["labels"][:, 1:] != -100) & (b["attention_mask"][:, :-1] > 0)).sum())]
+                           for b in micro]).sum(0).to(acc.device)
+    n_tok, n_ans = acc.reduce(counts, "sum")
+    sums = torch.zeros(4, device=acc.device)      # loss, layer, prob, ce (for logging)
+    r.step_module.train()
+    for j, b in enumerate(micro):
+        b = {k: b[k].to(acc.device) for k in BATCH_KEYS if b.get(k) is not None}
+        last = j == len(micro) - 1
+        with acc.no_sync(r.step_module) if not last else nullcontext(), r.autocast():
+            o = r.step_module(**b)
+            if cfg.loss_reduction == "mean":
+                loss = _mean_mode_loss(o, w, n_tok, n_ans)
+                r.backward(loss * r.world, last)       # DDP averages over processes
+                sums += torch.stack([loss.detach(), o["layer_sum"].detach() / n_tok,
+                                     o["prob_sum"].detach() / n_tok, o["ce_sum"].detach() / n_ans.clamp_min(1)])
+            else:
+                loss = _sum_mode_loss(o, w, b["input_ids"].shape[0])
+                r.backward(loss, last)
+                n_mb = len(micro) * r.world
+                sums += torch.stack([loss.detach(), o["layer_sq"].detach().clamp_min(0).sqrt().sum(),
+                                     o["prob_sum"].detach() / b["input_ids"].shape[0],
+                                     o["ce_sum"].detach() / o["n_answer"].clamp_min(1)]) / n_mb
+    sums = acc.reduce(sums, "sum")
+    grad_norm = acc.clip_grad_norm_(r.params, cfg.max_grad_norm)  # DeepSpeed: the norm it clipped
+    grad_norm = float("nan") if grad_norm is None else grad_norm
+    loss_value = float(sums[0])
+    if not math.isfinite(loss_value) or (not math.isfinite(float(grad_norm)) and not r.deepspeed):
+        last_ok = ckpt.list_checkpoints(r.out / "checkpoints")
+        raise MatvlmError(f"non-finite loss ({loss_value}) or gradient norm ({float(grad_norm)}) at step "
+                          f"{step + 1}; stopped. Last good checkpoint: {last_ok[-1] if last_ok else 'none'}")
+    lr = r.scheduler.get_last_lr()[0]
+    r.optimizer.step()
+    r.scheduler.step()
+    r.optimizer.zero_grad(set_to_none=True)
+    r.tokens_done += int(n_tok)
+    elapsed = time.time() - r.t0
+    return {"step": step + 1, "stage": stage, "loss": loss_value,
+            "loss_layer": float(sums[1]) if w[0] > 0 else None, "loss_prob": float(sums[2]) if w[1] > 0 else None,
+            "loss_ce": float(sums[3]) if need_logits else None, "lr": lr, "grad_norm": float(grad_norm),
+            "tokens": int(n_tok), "tokens_per_s": r.tokens_done / max(elapsed, 1e-9), "elapsed_s": elapsed}
+
+
+def save_checkpoint(r: Run, step: int) -> None:
+    """Checkpoint `step` (every process enters; the main one writes): trainable weights, and, where this
+    process holds it whole (not under ZeRO or FSDP), the optimizer state, schedule and RNG."""
+    with r.full_params():
+        if r.main:
+            names = set(r.trainable_names)
+            trained = {n: p for n, p in r.accelerator.unwrap_model(r.step_module).model.named_parameters() if n in names}
+            opt = None if r.deepspeed or r.fsdp else getattr(r.optimizer, "optimizer", r.optimizer)
+            ckpt.save_checkpoint(r.out / "checkpoints", step, trained, opt, r.scheduler,
+                                 {"total_steps": r.total, "config": r.cfg.to_dict()}, r.cfg.keep_last)
+    r.accelerator.wait_for_everyone()
 
 
 def save_final(model: torch.nn.Module, out: Path, processor, dtype: torch.dtype, cfg: DistillConfig) -> None:
