@@ -1,6 +1,7 @@
 """Where a small model's distillation step spends its time (issue 16): SmolLM2-135M shapes, random weights.
 
-    python scripts/profile-distill-step.py --config DIR [--ratio 0.25] [--micro 16,32,64] [--seq 1024] --out DIR
+    python scripts/profile-distill-step.py --config DIR [--ratio 0.25] [--micro 16,32,64] [--seq 1024]
+        [--compile norm,mlp] --out DIR
 
 DIR is any causal-LM directory with a config.json (only the config is read; weights are random). For each
 micro-batch size it times one optimizer step of matvlm's DistillStep (teacher pass, student pass, chunked
@@ -39,6 +40,39 @@ def text_flops(cfg, n_mamba: int, micro: int, seq: int) -> float:
     return float(teacher + 2 * student + 2 * n * n_mamba * mamba + 3 * 2 * n * n_mamba * (mamba + mlp) + head)
 
 
+def compile_parts(model, step, cfg, parts: list[str], seq: int) -> dict:
+    """torch.compile the decoder layers' `parts` (norm: input/post-attention RMSNorms and the final norm;
+    mlp: the MLPs) in place, after one eager forward; returns the largest relative difference of the step's
+    losses, compiled against eager, on the same batch (the compiled step must compute the same thing)."""
+    from matvlm.model.hybrid import decoder_layers
+
+    unknown = set(parts) - {"norm", "mlp"}
+    if unknown:
+        raise SystemExit(f"--compile takes norm and/or mlp; got {','.join(sorted(unknown))}")
+    g = torch.Generator(device="cuda").manual_seed(2)
+    ids = torch.randint(0, cfg.vocab_size, (2, seq), device="cuda", generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+    def losses():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            o = step(**batch)
+        return {k: o[k].double() for k in ("prob_sum", "layer_sum")}
+
+    eager = losses()
+    n = 0
+    for layer in decoder_layers(model):
+        for name in (["input_layernorm", "post_attention_layernorm"] if "norm" in parts else []) + \
+                (["mlp"] if "mlp" in parts else []):
+            getattr(layer, name).compile(dynamic=True)
+            n += 1
+    if "norm" in parts:
+        model.model.norm.compile(dynamic=True)
+        n += 1
+    compiled = losses()
+    return {"compiled_modules": n, "max_rel_diff_vs_eager": max(
+        float((compiled[k] - eager[k]).abs() / eager[k].abs().clamp_min(1e-12)) for k in eager)}
+
+
 def main(argv=None):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -53,6 +87,8 @@ def main(argv=None):
     ap.add_argument("--micro", default="16,32,64")
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--out", type=Path, default=Path("."))
+    ap.add_argument("--compile", default="", help="torch.compile these submodules of every decoder layer before "
+                    "timing, comma-separated: norm (the RMSNorms), mlp; the losses are checked against eager first")
     args = ap.parse_args(argv)
 
     res = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "ceilings": ceilings(),
@@ -70,6 +106,11 @@ def main(argv=None):
     params = [p for n, p in model.named_parameters() if n in set(names)]
     opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.01)
     n_mamba = len(model.hybrid_config.mamba_layers)
+
+    res["compile"] = args.compile
+    if args.compile:
+        res["compile_check"] = compile_parts(model, step, cfg, args.compile.split(","), args.seq)
+        print(json.dumps(res["compile_check"]), flush=True)
 
     for k, micro in enumerate(int(m) for m in args.micro.split(",")):
         g = torch.Generator(device="cuda").manual_seed(1)
