@@ -15,7 +15,7 @@ Every timing is the median of CUDA-graph replays over enough weight copies to mi
 """
 import json, os, sys, math, itertools
 from matvlm import ops
-from matvlm.ops import triton_decode as td
+from matvlm.ops import attention_triton as at, mamba_decode_triton as mt
 import torch, triton, triton.language as tl
 import torch.nn.functional as F
 
@@ -215,12 +215,12 @@ def attention_sweep():
             ref = F.scaled_dot_product_attention(q[:, :, None].double(), Ks[0].double(), Vs[0].double(),
                                                  attn_mask=mask[:, None, None])[:, :, 0]
             def timed_plan(plan):
-                out = td.launch_attention(q, Ks[0], Vs[0], mask, nk, 80 ** -0.5, sms, plan)
+                out = at.launch_attention(q, Ks[0], Vs[0], mask, nk, 80 ** -0.5, sms, plan)
                 err = ((out.double() - ref).norm() / ref.norm()).item()
-                t = graph_time(lambda: [td.launch_attention(q, k, v, mask, nk, 80 ** -0.5, sms, plan)
+                t = graph_time(lambda: [at.launch_attention(q, k, v, mask, nk, 80 ** -0.5, sms, plan)
                                         for k, v in zip(Ks, Vs)], reps=10) / copies
                 return t, err
-            default = td.attention_plan(B, 32, L, sms)
+            default = at.attention_plan(B, 32, L, sms)
             t_def, err_def = timed_plan(None)
             rows = []
             for split_len in (64, 128, 256, 512, 1024, 2048):
@@ -268,16 +268,16 @@ class AttendCase:
         self.ref = attention_f64(q, kr, vr, self.mask, self.slot + 1, self.scale)
 
     def rope_sdpa(self, k, v):
-        q = td.rope_kv(self.qkv, self.cos, self.sin, k, v, self.st, self.H)
+        q = at.rope_kv(self.qkv, self.cos, self.sin, k, v, self.st, self.H)
         return F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=self.bias, scale=self.scale,
                                               enable_gqa=self.group > 1)[:, :, 0]
 
     def rope_split(self, k, v, sms, plan=None):
-        q = td.rope_kv(self.qkv, self.cos, self.sin, k, v, self.st, self.H)
-        return td.launch_attention(q, k, v, self.mask, self.nk, self.scale, sms, plan)
+        q = at.rope_kv(self.qkv, self.cos, self.sin, k, v, self.st, self.H)
+        return at.launch_attention(q, k, v, self.mask, self.nk, self.scale, sms, plan)
 
     def attend(self, k, v, sms, plan=None):
-        return td.launch_attend(self.qkv, self.cos, self.sin, k, v, self.mask, self.st, self.H, self.scale, sms, plan)
+        return at.launch_attend(self.qkv, self.cos, self.sin, k, v, self.mask, self.st, self.H, self.scale, sms, plan)
 
     def timed(self, fn):
         out = fn(self.Ks[0], self.Vs[0])
@@ -296,7 +296,7 @@ def attend_sweep():
         c = AttendCase(B, 32, 32, 80, L, 32)
         row = {"L": L, "B": B, "GB": c.nbytes / 1e9}
         row["rope_sdpa_us"], row["rope_sdpa_err"] = c.timed(c.rope_sdpa)
-        row["default_plan"] = td.attention_plan(B, 32, L, sms)
+        row["default_plan"] = at.attention_plan(B, 32, L, sms)
         row["rope_split_us"], row["rope_split_err"] = c.timed(lambda k, v: c.rope_split(k, v, sms))
         row["attend_us"], row["attend_err"] = c.timed(lambda k, v: c.attend(k, v, sms))
         rows = []
@@ -338,7 +338,7 @@ def attend_shapes():
     for H, KV, D in ((32, 8, 128), (14, 2, 64), (32, 32, 128)):
         for L in (1280, 4352, 8448):
             c = AttendCase(1, H, KV, D, L, D)
-            default = td.attention_plan(1, H, L, sms)
+            default = at.attention_plan(1, H, L, sms)
             row = {"H": H, "KV": KV, "D": D, "L": L, "default_plan": default,
                    "rope_sdpa": rounded(c.timed(c.rope_sdpa)),
                    "attend_default": rounded(c.timed(lambda k, v: c.attend(k, v, sms)))}
@@ -362,22 +362,18 @@ def mamba_sweep():
         ssms = [torch.randn(B, 32, 80, 80, device=dev) for _ in range(8)]
         args = (mixer.conv1d.weight[:, 0], mixer.conv1d.bias, mixer.dt_bias, mixer.A_log, mixer.D, mixer.norm.weight)
         row = {"B": B}
-        saved = ops._decode_kernels
-        ops._decode_kernels = lambda x: None
-        try:
-            row["torch_ops_us"] = graph_time(lambda: [ops.mamba_step(zx, c, s, *args, 1e-5, 32)
-                                                     for c, s in zip(convs, ssms)]) / 8 * 1e3
-        finally:
-            ops._decode_kernels = saved
+        from matvlm.ops.mamba_decode import mamba_step_ref      # the PyTorch twin (its scan ops still dispatch)
+        row["torch_ops_us"] = graph_time(lambda: [mamba_step_ref(zx, c, s, *args, 1e-5, 32)
+                                                 for c, s in zip(convs, ssms)]) / 8 * 1e3
         best = None
         for bp in (16, 32, 64, 128):
             for nw_ in (2, 4, 8):
-                t = graph_time(lambda: [td.launch_mamba_step(zx, c, s, *args, 1e-5, 32, block_p=bp, warps=nw_)
+                t = graph_time(lambda: [mt.launch_mamba_step(zx, c, s, *args, 1e-5, 32, block_p=bp, warps=nw_)
                                         for c, s in zip(convs, ssms)]) / 8
                 if best is None or t < best[0]:
                     best = (t, bp, nw_)
         row.update(kernel_us=best[0] * 1e3, block_p=best[1], warps=best[2])
-        row["default_us"] = graph_time(lambda: [td.mamba_step(zx, c, s, *args, 1e-5, 32)
+        row["default_us"] = graph_time(lambda: [mt.mamba_step(zx, c, s, *args, 1e-5, 32)
                                                 for c, s in zip(convs, ssms)]) / 8 * 1e3
         state_bytes = B * (32 * 80 * 80 * 4 * 2 + mixer.cfg.conv_dim * 3 * 2 * 2)
         row["roofline_us"] = state_bytes / 2.98e12 * 1e6        # at the H100's copy bandwidth

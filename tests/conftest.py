@@ -5,7 +5,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Triton kernels run in Triton's interpreter on CPU tensors (tests/ops/test_triton_decode.py); it must be
+# Triton kernels run in Triton's interpreter on CPU tensors (tests/ops/test_decode_kernels.py); it must be
 # chosen before anything imports triton.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -87,7 +87,7 @@ def scan_inputs(T: int, H=32, P=80, G=32, N=80, B=1, seed=0):
 
 
 def check_scan(T: int) -> dict:
-    from matvlm.ops import ssd_ref, triton_ssd
+    from matvlm.ops import ssd_ref, ssd_triton
 
     inputs = scan_inputs(T, seed=T)
     wy = torch.randn(1, T, 32, 80, device="cuda")
@@ -99,7 +99,7 @@ def check_scan(T: int) -> dict:
         return y.detach(), f.detach(), [l.grad for l in leaves]
 
     tr_leaves = [t.clone().requires_grad_(True) for t in inputs]
-    y_t, f_t, g_t = run(lambda *a: triton_ssd.ssd(*a, chunk_size=256), tr_leaves)
+    y_t, f_t, g_t = run(lambda *a: ssd_triton.ssd(*a, chunk_size=256), tr_leaves)
     ref_leaves = [t.double().clone().requires_grad_(True) for t in inputs]
     y_r, f_r, g_r = run(lambda *a: ssd_ref.ssd_chunked(*a, chunk_size=64), ref_leaves)
     out = {"T": T, "y": rel(y_t, y_r), "final_state": rel(f_t, f_r)}
@@ -111,7 +111,7 @@ def check_scan(T: int) -> dict:
 
 
 def check_step_and_norm() -> dict:
-    from matvlm.ops import ssd_ref, triton_ssd
+    from matvlm.ops import ssd_ref, ssd_triton
 
     g = torch.Generator(device="cuda").manual_seed(7)
     H, P, N, B = 32, 80, 80, 4
@@ -123,12 +123,12 @@ def check_step_and_norm() -> dict:
     C = torch.randn(B, H, N, device="cuda", generator=g).bfloat16()
     D = torch.randn(H, device="cuda", generator=g)
     s_t, s_r = state.clone(), state.double()
-    y_t = triton_ssd.ssd_step(s_t, x, dt, A, Bm, C, D)
+    y_t = ssd_triton.ssd_step(s_t, x, dt, A, Bm, C, D)
     y_r = ssd_ref.ssd_step(s_r, x.double(), dt.double(), A.double(), Bm.double(), C.double(), D.double())
     y = torch.randn(2, 64, 2560, device="cuda", generator=g).bfloat16()
     z = torch.randn(2, 64, 2560, device="cuda", generator=g).bfloat16()
     w = torch.randn(2560, device="cuda", generator=g)
-    n_t = triton_ssd.gated_rmsnorm(y, z, w.bfloat16(), 1e-5, 80)
+    n_t = ssd_triton.gated_rmsnorm(y, z, w.bfloat16(), 1e-5, 80)
     n_r = ssd_ref.gated_rmsnorm_ref(y.double(), z.double(), w.double(), 1e-5, 80)
     return {"step_y": rel(y_t, y_r), "step_state": rel(s_t, s_r), "gated_norm": rel(n_t, n_r)}
 
@@ -154,11 +154,11 @@ def attention_f64(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mas
 
 
 def check_decode_kernels() -> dict:
-    """The decode step's Triton kernels (`ops.triton_decode`) against float64 on fresh random inputs:
+    """The decode step's Triton kernels (`ops.gemv_triton`, `ops.attention_triton`, `ops.mamba_decode_triton`) against float64 on fresh random inputs:
     the matrix-vector product for 1-16 rows (TinyLLaVA's fused shapes and ragged ones, with and without
     bias and residual), and split-KV attention (MHA and GQA, ragged masks, unread keys past n_keys
     filled with NaN, which must not leak into the output)."""
-    from matvlm.ops import triton_decode as td
+    from matvlm.ops import attention_triton as at, gemv_triton as gt, mamba_decode_triton as mt
 
     g = torch.Generator(device="cuda").manual_seed(11)
     out = {"gemv": [], "attention": []}
@@ -168,8 +168,8 @@ def check_decode_kernels() -> dict:
         w = (torch.randn(n, k, device="cuda", generator=g) / math.sqrt(k)).bfloat16()
         b = torch.randn(n, device="cuda", generator=g).bfloat16()
         r = torch.randn(m, n, device="cuda", generator=g).bfloat16()
-        plain = td.gemv(x, w)
-        full = td.gemv(x, w, b, r)
+        plain = gt.gemv(x, w)
+        full = gt.gemv(x, w, b, r)
         ref = x.double() @ w.double().T
         out["gemv"].append({"shape": [m, n, k], "plain": rel(plain, ref), "bias_residual": rel(full, ref + b.double() + r.double())})
     from matvlm import ops
@@ -191,7 +191,7 @@ def check_decode_kernels() -> dict:
         nw = torch.randn(2560, device="cuda", generator=g).bfloat16()
         nb = torch.randn(2560, device="cuda", generator=g).bfloat16() if kind == "layer" else None
         split = 7680 if out_act else 0
-        got = td.gemv(x, w, b, r, tail, nw, nb, 1e-5, td.NORMS[kind if k1 else None], td.ACTS[act], td.ACTS[out_act],
+        got = gt.gemv(x, w, b, r, tail, nw, nb, 1e-5, gt.NORMS[kind if k1 else None], gt.ACTS[act], gt.ACTS[out_act],
                       split)
         d64 = (lambda t: t.double() if t is not None else None)
         ref = ops.linear(d64(x), w.double(), b.double(), r.double(), tail=d64(tail), act=act,
@@ -222,7 +222,7 @@ def check_decode_kernels() -> dict:
         ref = attention_f64(q, keys, values, mask, n_keys, scale)
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         for plan in (None, {"split_len": 256, "block_l": 64, "warps": 4}):
-            got = td.launch_attention(q, keys, values, mask, torch.tensor(n_keys, device="cuda"), scale, sms, plan)
+            got = at.launch_attention(q, keys, values, mask, torch.tensor(n_keys, device="cuda"), scale, sms, plan)
             out["attention"].append({"shape": [bsz, heads, kv, d, length, n_keys], "plan": plan or "default",
                                      "rel": rel(got, ref)})
     for bsz, heads, kv, d, rdim, length, slot in [(1, 32, 32, 80, 32, 4352, 4000), (1, 32, 8, 128, 128, 1280, 1023),
@@ -235,7 +235,7 @@ def check_decode_kernels() -> dict:
         refs = [c.double() for c in caches]
         for c in caches:
             c[:, :, slot:] = float("nan")                       # written at the slot, never read from it on
-        got = td.attend_step(qkv, cos, sin, caches[0], caches[1], mask, torch.tensor(slot, device="cuda"), heads,
+        got = at.attend_step(qkv, cos, sin, caches[0], caches[1], mask, torch.tensor(slot, device="cuda"), heads,
                              d ** -0.5)
         q = ops.rope_kv(qkv.double(), cos.double(), sin.double(), refs[0], refs[1],
                         torch.tensor(slot, device="cuda"), heads)
@@ -257,7 +257,7 @@ def check_decode_kernels() -> dict:
         worst = {"y": 0.0, "conv_state": 0.0, "ssm_state": 0.0}
         for _ in range(3):
             zxbcdt = torch.randn(bsz, 2 * di + 2 * gn + heads, device="cuda", generator=g).bfloat16()
-            got = td.mamba_step(zxbcdt, *states, conv_w, conv_b, dt_bias, a_log, d_skip, norm_w, 1e-5, groups)
+            got = mt.mamba_step(zxbcdt, *states, conv_w, conv_b, dt_bias, a_log, d_skip, norm_w, 1e-5, groups)
             with kernels_env("torch"):                          # the float64 reference throughout
                 want = ops.mamba_step(zxbcdt.double(), *refs, conv_w.double(), conv_b.double(), dt_bias.double(),
                                       a_log.double(), d_skip.double(), norm_w.double(), 1e-5, groups)
@@ -364,9 +364,9 @@ def run_checks(lengths: list[int], only_decode: bool = False, log=lambda line: N
     log(json.dumps(decode))
     if only_decode:
         return {"decode_kernels": decode}
-    from matvlm.ops import triton_ssd
+    from matvlm.ops import ssd_triton
 
-    kernels, why = triton_ssd.load()
+    kernels, why = ssd_triton.load()
     if kernels is None:
         from ..errors import MatvlmError
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from matvlm import ops
-from matvlm.ops import triton_decode as td
+from matvlm.ops import attention_triton as at, gemv_triton as gt, mamba_decode_triton as mt
 
 
 def rel(a, b):
@@ -29,7 +29,7 @@ def test_matrix_vector_kernel_equals_the_pytorch_path(rows, k1, kt, act, norm, o
     nw = torch.randn(max(k1, 1), generator=g, dtype=torch.float32)
     nb = torch.randn(max(k1, 1), generator=g, dtype=torch.float32) if norm == "layer" else None
     spec = (norm, nw, nb, 1e-5) if norm else None
-    got = td.launch_gemv(x, w, b, r, tail, nw, nb, 1e-5, td.NORMS[norm], td.ACTS[act], td.ACTS[out_act], 17,
+    got = gt.launch_gemv(x, w, b, r, tail, nw, nb, 1e-5, gt.NORMS[norm], gt.ACTS[act], gt.ACTS[out_act], 17,
                          config={"BLOCK_N": 16, "BLOCK_K": 64})
     want = ops.linear(x, w, b, r, norm=spec, tail=tail, act=act, out_act=out_act, out_act_from=17)
     assert rel(got, want) < 1e-5
@@ -39,15 +39,15 @@ def test_matrix_vector_kernel_equals_the_pytorch_path(rows, k1, kt, act, norm, o
         assert rel(got[:, :17], plain[:, :17] + r[:, :17]) < 1e-5
         assert rel(got[:, 17:], gelu[:, 17:] + r[:, 17:]) < 1e-5
     if norm and rows == 1:              # the norm's statistics in blocks of K, as for x wider than MAX_STATS_BLOCK
-        saved, td.MAX_STATS_BLOCK = td.MAX_STATS_BLOCK, 16
+        saved, gt.MAX_STATS_BLOCK = gt.MAX_STATS_BLOCK, 16
         try:
-            blocks = td.launch_gemv(x, w, b, r, tail, nw, nb, 1e-5, td.NORMS[norm], td.ACTS[act], td.ACTS[out_act], 17,
+            blocks = gt.launch_gemv(x, w, b, r, tail, nw, nb, 1e-5, gt.NORMS[norm], gt.ACTS[act], gt.ACTS[out_act], 17,
                                     config={"BLOCK_N": 16, "BLOCK_K": 64})
         finally:
-            td.MAX_STATS_BLOCK = saved
+            gt.MAX_STATS_BLOCK = saved
         assert rel(blocks, want) < 1e-5
     v = torch.randn(rows, w.shape[1], generator=g)
-    bare = td.launch_gemv(v, w, None, None, None, None, None, 1e-5, 0, 0, config={"BLOCK_N": 8, "BLOCK_K": 32})
+    bare = gt.launch_gemv(v, w, None, None, None, None, None, 1e-5, 0, 0, config={"BLOCK_N": 8, "BLOCK_K": 32})
     assert rel(bare, v.double() @ w.double().T) < 1e-5
 
 
@@ -60,7 +60,7 @@ def test_rope_and_cache_write_kernel_equals_the_pytorch_path(bsz, heads, kv, d, 
     caches = [torch.randn(bsz, kv, 10, d, generator=g) for _ in range(2)]
     refs = [c.clone() for c in caches]
     slot = torch.tensor(7)
-    q = td.rope_kv(qkv, cos, sin, caches[0], caches[1], slot, heads)        # CPU tensors: the interpreter
+    q = at.rope_kv(qkv, cos, sin, caches[0], caches[1], slot, heads)        # CPU tensors: the interpreter
     q_ref = ops.rope_kv(qkv, cos, sin, refs[0], refs[1], slot, heads)       # CPU tensors: PyTorch
     assert rel(q, q_ref) < 1e-6
     assert rel(caches[0], refs[0]) < 1e-6 and torch.equal(caches[1], refs[1])
@@ -83,7 +83,7 @@ def test_split_kv_attention_kernel_reads_only_written_keys_and_equals_sdpa(bsz, 
     want = ops.decode_attention(q, keys, values, mask, torch.tensor(n_keys), d ** -0.5)
     keys[:, :, n_keys:] = float("nan")          # never read: the kernel stops at n_keys
     values[:, :, n_keys:] = float("nan")
-    got = td.launch_attention(q, keys, values, mask, torch.tensor(n_keys), d ** -0.5, sms=2, plan=plan)
+    got = at.launch_attention(q, keys, values, mask, torch.tensor(n_keys), d ** -0.5, sms=2, plan=plan)
     assert rel(got, want) < 1e-5
 
 
@@ -107,7 +107,7 @@ def test_attend_step_kernel_equals_rotary_then_attention(bsz, heads, kv, d, rota
                       d ** -0.5)                                              # CPU: rope_kv then sdpa
     for c in caches:
         c[:, :, slot:] = float("nan")           # the slot is written, not read; later positions are never read
-    got = td.launch_attend(qkv, cos, sin, caches[0], caches[1], mask, torch.tensor(slot), heads, d ** -0.5, sms=2,
+    got = at.launch_attend(qkv, cos, sin, caches[0], caches[1], mask, torch.tensor(slot), heads, d ** -0.5, sms=2,
                            plan=plan)
     assert rel(got, want) < 1e-5
     assert rel(caches[0][:, :, :slot + 1], refs[0][:, :, :slot + 1]) < 1e-6
@@ -117,11 +117,11 @@ def test_attend_step_kernel_equals_rotary_then_attention(bsz, heads, kv, d, rota
 
 def test_attention_plan_covers_the_buffer_in_whole_key_blocks():
     for bsz, length in [(1, 1280), (1, 16640), (8, 4352), (64, 100)]:
-        p = td.attention_plan(bsz, 32, length, sms=132)
+        p = at.attention_plan(bsz, 32, length, sms=132)
         assert p["split_len"] % p["block_l"] == 0 and p["split_len"] >= p["block_l"]
         splits = -(-length // p["split_len"])
         assert splits * p["split_len"] >= length and splits <= 1024
-    assert td.attention_plan(1, 32, 4352, sms=132) == {"split_len": 256, "block_l": 64, "warps": 1}   # the sweep's best
+    assert at.attention_plan(1, 32, 4352, sms=132) == {"split_len": 256, "block_l": 64, "warps": 1}   # the sweep's best
 
 
 def test_split_kv_kernel_only_for_one_sequence_without_grouped_kv_heads_and_up_to_8k():
@@ -145,7 +145,7 @@ def test_mamba_step_kernel_equals_the_pytorch_path(bsz, heads, groups, p, n, blo
     refs = [t.clone() for t in states]
     for step in range(2):
         zxbcdt = torch.randn(bsz, 2 * di + 2 * gn + heads, generator=g) * 2
-        got = td.launch_mamba_step(zxbcdt, *states, conv_w, conv_b, dt_bias, a_log, d_skip, norm_w, 1e-5, groups,
+        got = mt.launch_mamba_step(zxbcdt, *states, conv_w, conv_b, dt_bias, a_log, d_skip, norm_w, 1e-5, groups,
                                    block_p=block_p, warps=1)
         want = ops.mamba_step(zxbcdt, *refs, conv_w, conv_b, dt_bias, a_log, d_skip, norm_w, 1e-5, groups)
         assert rel(got, want) < 1e-5, step

@@ -1,0 +1,65 @@
+"""Which backend runs an op: mamba_ssm's Triton kernels or PyTorch for the Mamba-2 scan (`backend_for`),
+matvlm's Triton decode kernels or PyTorch for the decode step (`decode_kernels`).
+
+``MATVLM_KERNELS=torch|triton|auto`` (default ``auto``) forces a choice; asking for ``triton`` where it
+cannot run is an error. The path taken is logged once. Code being traced by `torch.compile` always takes
+the PyTorch path for the Mamba-2 scan (inductor fuses its element-wise work, which the opaque mamba_ssm
+launchers would prevent).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+
+import torch
+from torch import Tensor
+
+from . import ssd_triton
+
+log = logging.getLogger("matvlm.ops")
+_announced: set[str] = set()
+
+
+def _wanted() -> str:
+    """MATVLM_KERNELS: 'auto', 'torch' or 'triton'."""
+    want = os.environ.get("MATVLM_KERNELS", "auto").lower()
+    if want not in ("auto", "torch", "triton"):
+        raise ValueError(f"MATVLM_KERNELS must be auto, torch or triton, got {want!r}")
+    return want
+
+
+def backend_for(x: Tensor) -> str:
+    """The backend a call on `x` will use: 'triton' or 'torch'."""
+    if torch.compiler.is_compiling():
+        return "torch"
+    want = _wanted()
+    if want == "torch":
+        choice = "torch"
+    else:
+        kernels, why = ssd_triton.load() if x.is_cuda else (None, "tensor is on the CPU")
+        if kernels is None and want == "triton":
+            raise RuntimeError(f"MATVLM_KERNELS=triton but the Triton path is unavailable: {why}")
+        choice = "triton" if kernels is not None else "torch"
+        if choice == "torch" and x.is_cuda and "fallback" not in _announced:
+            _announced.add("fallback")
+            log.warning("Mamba-2 kernels: pure-PyTorch fallback on CUDA (%s); expect slow prefill", why)
+    if choice not in _announced:
+        _announced.add(choice)
+        log.info("Mamba-2 kernels: %s", "mamba_ssm Triton" if choice == "triton" else "pure PyTorch")
+    return choice
+
+
+def decode_kernels(module: str, x: Tensor):
+    """The decode-kernel module `matvlm.ops.<module>` (gemv_triton, attention_triton, mamba_decode_triton)
+    when its kernels can run on `x` (CUDA, bf16/fp16, triton installed, not MATVLM_KERNELS=torch), else
+    None; the caller then takes the kernel's PyTorch twin."""
+    if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    if _wanted() == "torch":
+        return None
+    try:
+        return importlib.import_module(f"{__package__}.{module}")
+    except ImportError:
+        return None
