@@ -21,7 +21,9 @@ from torch import nn
 
 from ..config import HybridConfig
 from .cache import CACHE_KWARGS, HybridCache, cache_kwarg
+from .layers import decoder_layers, decoder_stack, text_config
 from .mixer import Mamba2Mixer
+from .save import save_hybrid
 
 
 @dataclass(frozen=True)
@@ -41,27 +43,6 @@ ATTENTION_NAMES: dict[str, AttentionNames] = {
     "mistral": AttentionNames(),
     "qwen2": AttentionNames(),
 }
-
-
-def text_config(config):
-    """The decoder's config: `config.text_config` for a VLM, the config itself for a causal LM."""
-    return config.text_config if hasattr(config, "text_config") else config
-
-
-def decoder_stack(model: nn.Module) -> nn.Module:
-    """The module that owns `.layers` (e.g. `LlamaModel`): the text model of a VLM, or
-    `model.model` of a causal LM."""
-    inner = getattr(model, "model", None)
-    if inner is None:
-        raise ValueError(f"{type(model).__name__} has no `.model`; not a supported transformers model")
-    stack = getattr(inner, "language_model", inner)
-    if not isinstance(getattr(stack, "layers", None), nn.ModuleList):
-        raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
-    return stack
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    return decoder_stack(model).layers
 
 
 def attention_names(config) -> AttentionNames:
@@ -121,8 +102,6 @@ class HybridModelMixin:
         return super().generate(*args, **kwargs)
 
     def save_pretrained(self, save_directory, **kwargs):
-        from .io import save_hybrid
-
         save_hybrid(self, save_directory, src_dir=kwargs.get("src_dir"))
 
     @property

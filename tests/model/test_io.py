@@ -9,7 +9,7 @@ from safetensors import safe_open
 import matvlm
 from matvlm.convert import convert
 from matvlm.errors import MatvlmError
-from matvlm.model import io
+from matvlm.model import io, save
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_a_failed_save_leaves_nothing_behind(hybrid_dir, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(io, "write_safetensors", boom)
+    monkeypatch.setattr(save, "write_safetensors", boom)            # where save_hybrid writes the weights
     with pytest.raises(OSError):
         io.save_hybrid(model, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
