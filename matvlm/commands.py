@@ -477,6 +477,8 @@ def bench(model: str, vs: str | None = None, context: list[str] = ("1k", "4k", "
         fuse: the engine's fused decode step (fused projections, Triton matrix-vector and split-KV attention
             kernels): auto (on for CUDA), off, on, or both (side by side).
     """
+    import json
+
     from .bench.speed import run
 
     res = run(model, vs, _lengths(context), list(batch), list(gen), Path(out), hf=hf,
@@ -484,7 +486,7 @@ def bench(model: str, vs: str | None = None, context: list[str] = ("1k", "4k", "
               device=device, compile={"off": [False], "on": [True], "both": [False, True]}[compile],
               max_batch_contexts=_lengths(max_batch_context) if max_batch_context else [],
               fuse={"auto": [None], "off": [False], "on": [True], "both": [False, True]}[fuse],
-              hf_static_batches=list(hf_static_batch))
+              hf_static_batches=list(hf_static_batch), on_row=lambda row: print(json.dumps(row), flush=True))
     from .bench.speed import table
     print(table(res))
     plots = [n for n in ("tokens_per_s.png", "memory.png") if (Path(out) / n).is_file()]

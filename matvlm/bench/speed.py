@@ -212,8 +212,9 @@ def hf_variants(cell: Cell, device: str, static_contexts: list[int] | None, stat
 def run(model: str, vs: str | None, contexts: list[int], batches: list[int], gens: list[int], out: Path,
         hf: bool = True, hf_static_contexts: list[int] | None = None, dtype: str = "bfloat16",
         device: str | None = None, compile: list[bool] = (False,), max_batch_contexts: list[int] = (),
-        fuse: list[bool | None] = (None,), hf_static_batches: list[int] = (1,)) -> dict:
-    """Measure every cell for the model and the teacher; `hf_static_contexts` and `hf_static_batches`
+        fuse: list[bool | None] = (None,), hf_static_batches: list[int] = (1,), on_row=None) -> dict:
+    """Measure every cell for the model and the teacher (`on_row(row)` sees each row as it is measured);
+    `hf_static_contexts` and `hf_static_batches`
     limit the (slow to compile) static+compiled transformers runs to those contexts (None: all) and batch
     sizes; `compile` and `fuse` list the engine variants (decode step eager-captured and/or compiled;
     the model's own layers and/or the fused step, None: the engine's default) each system is measured
@@ -222,6 +223,7 @@ def run(model: str, vs: str | None, contexts: list[int], batches: list[int], gen
     from ..engine.engine import Engine
     from .kernels import ceilings
 
+    emit = on_row or (lambda row: None)
     if any(g < 2 for g in gens):
         raise MatvlmError(f"generated lengths must be at least 2 (one decode step or more), got {list(gens)}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -245,12 +247,12 @@ def run(model: str, vs: str | None, contexts: list[int], batches: list[int], gen
                     roof = step_bytes(m, cell.batch, cell.context + cell.gen // 2) / (copy_gbps * 1e9) * 1e3
                     r.update(roofline_ms=roof, of_roofline=roof / r["step_ms"])
                 res["rows"].append({"system": engine_name(role, engine), **cell.__dict__, **r})
-                print(json.dumps(res["rows"][-1]), flush=True)
+                emit(res["rows"][-1])
             if (fu, comp) == variants[0]:
                 for context in max_batch_contexts:
                     r = max_batch(engine, context, vocab)
                     res["rows"].append({"system": engine_name(role, engine), "context": context, "kind": "max_batch", **r})
-                    print(json.dumps(res["rows"][-1]), flush=True)
+                    emit(res["rows"][-1])
             del engine
             _peak_reset()
         if role == "teacher" and hf:
@@ -259,7 +261,7 @@ def run(model: str, vs: str | None, contexts: list[int], batches: list[int], gen
                     r = hf_cell(m, cell, vocab, static)
                     name = "teacher (transformers generate, " + ("static+compiled)" if static else "dynamic cache)")
                     res["rows"].append({"system": name, **cell.__dict__, **r})
-                    print(json.dumps(res["rows"][-1]), flush=True)
+                    emit(res["rows"][-1])
         del m
         _peak_reset()
     out.mkdir(parents=True, exist_ok=True)

@@ -166,3 +166,20 @@ def test_static_transformers_cell_sizes_its_cache_to_its_own_length(text_engine)
     r = hf_cell(model, Cell(12, 1, 3), model.get_output_embeddings().out_features, static=True)
     assert "error" not in r and "oom" not in r                   # measured (its timing is noise on CPU)
     assert model._previous_max_cache_length <= 15                # about 12 + 3, not 3000
+
+
+def test_bench_streams_each_row_through_the_cli_and_the_library_prints_nothing(tmp_path, capsys):
+    import json
+
+    from matvlm.bench.speed import run
+    from matvlm.cli import main
+    from matvlm.toy.demo import ASSET
+
+    seen = []
+    res = run(str(ASSET), None, [16], [1, 2], [4], tmp_path / "lib", hf=False, dtype="float32", device="cpu",
+              on_row=seen.append)
+    assert capsys.readouterr().out == "" and seen == res["rows"] and len(seen) == 2
+    assert main(["bench", str(ASSET), "--context", "16", "--batch", "1", "--gen", "4", "--no-hf", "--device", "cpu",
+                 "--dtype", "float32", "--out", str(tmp_path / "cli")]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert rows == json.loads((tmp_path / "cli" / "bench.json").read_text())["rows"] and len(rows) == 1
