@@ -985,7 +985,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     engine = _engine(model, device, dtype, compile=compile and scheduler == "static")
     if scheduler == "continuous":
         service = ContinuousService(engine, max_batch=max_batch, max_waiting=max_waiting, max_len=max_len)
-        per_slot = f", up to {service.batcher.pool.length} tokens each"
+        per_slot = f", up to {service.batcher.pool.length} tokens each; warmed up in {service.warm_up_s:.1f} s"
     else:
         service = BatchingService(engine, max_batch=max_batch, max_waiting=max_waiting)
         per_slot = ""

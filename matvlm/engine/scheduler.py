@@ -220,6 +220,43 @@ class ContinuousBatcher:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def warm_up(self) -> float:
+        """Pay the one-time costs before the first request does: a short dummy request (with an image for a
+        VLM) runs through encoding, the vision tower, chunked prefill and decoding (kernel compilation and
+        autotuning happen there), then, where CUDA graphs are on, the decode step of every slot bucket is
+        captured at the shortest length bucket. Nothing of it stays: the slots are free and their state is
+        rewritten when a request takes them. Returns the seconds it took."""
+        from ..inputs.prompts import render
+        from .sampling import SamplingParams
+
+        if self.busy:
+            raise MatvlmError("warm_up runs before the first request")
+        t0 = time.perf_counter()
+        eng = self.engine
+        images = []
+        if eng.vlm:
+            from PIL import Image
+
+            images = [Image.new("RGB", (64, 64), (128, 128, 128))]
+        prompt = render(eng.processor, eng.model.config, [{"role": "user", "content": "Hello."}], len(images))
+        failed: list[BaseException] = []
+        self.add(Sequence(Request(prompt, images, SamplingParams(max_new_tokens=4, ignore_eos=True)),
+                          emit=lambda text: None, finish=lambda out, err: failed.extend([err] if err else [])))
+        while self.busy:
+            self.step()
+        if failed:
+            raise failed[0]
+        smallest = _length_bucket(1, self.pool.length)
+        with torch.no_grad():
+            for k in sorted({min(_bucket(n), self.pool.slots) for n in range(1, self.pool.slots + 1)}):
+                self.pool.position[:k] = 0                    # idle rows: a step writes only at position 0
+                self._launch(k, smallest)
+        self.pool.position.zero_()
+        self.steps = 0
+        if eng.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
     @property
     def busy(self) -> bool:
         return bool(self.waiting or self.prefilling or self.running)

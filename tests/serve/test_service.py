@@ -243,3 +243,23 @@ def test_a_decode_step_reads_only_the_kv_entries_its_requests_hold_not_the_whole
     assert [h.result(timeout=60).token_ids for h in [service.submit(r) for r in reqs]] == expected
     assert {length for _, length in service.batcher._caches} == {256}
     service.close()
+
+
+def test_warm_up_runs_a_dummy_request_and_every_slot_bucket_before_serving_and_leaves_no_trace(engine, monkeypatch):
+    reqs = [ask(engine, "Describe the image.", 9), ask(engine, "What color is the circle?", 5)]
+    expected = [o.token_ids for o in engine.generate(reqs)]
+    launched = []
+    from matvlm.engine.scheduler import ContinuousBatcher
+
+    real = ContinuousBatcher._launch
+    monkeypatch.setattr(ContinuousBatcher, "_launch", lambda self, k, n: (launched.append((k, n)), real(self, k, n)))
+    service = ContinuousService(engine, max_batch=6)
+    assert service.warm_up_s is not None and service.batcher.steps == 0
+    assert {(6, 256), (4, 256), (3, 256), (2, 256), (1, 256)} <= set(launched)   # every bucket of 6 slots
+    assert service.batcher.free == list(range(6)) and not service.batcher.busy
+    assert (service.batcher.pool.position == 0).all()
+    assert [h.result(timeout=60).token_ids for h in [service.submit(r) for r in reqs]] == expected
+    service.close()
+    cold = ContinuousService(engine, max_batch=2, warm_up=False)
+    assert cold.warm_up_s is None
+    cold.close()
