@@ -225,7 +225,8 @@ class ContinuousBatcher:
         VLM) runs through encoding, the vision tower, chunked prefill and decoding (kernel compilation and
         autotuning happen there), then, where CUDA graphs are on, the decode step of every slot bucket is
         captured at the shortest length bucket. Nothing of it stays: the slots are free and their state is
-        rewritten when a request takes them. Returns the seconds it took."""
+        rewritten when a request takes them. A failing dummy request is logged, not raised: serving goes
+        on. Returns the seconds it took."""
         from ..inputs.prompts import render
         from .sampling import SamplingParams
 
@@ -244,8 +245,8 @@ class ContinuousBatcher:
                           emit=lambda text: None, finish=lambda out, err: failed.extend([err] if err else [])))
         while self.busy:
             self.step()
-        if failed:
-            raise failed[0]
+        if failed:          # e.g. slots too short for an image: serving goes on, the first request pays instead
+            log.warning("warm-up request failed (%s); the first requests will wait for kernel compilation", failed[0])
         smallest = _length_bucket(1, self.pool.length)
         with torch.no_grad():
             for k in sorted({min(_bucket(n), self.pool.slots) for n in range(1, self.pool.slots + 1)}):

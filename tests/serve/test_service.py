@@ -263,3 +263,13 @@ def test_warm_up_runs_a_dummy_request_and_every_slot_bucket_before_serving_and_l
     cold = ContinuousService(engine, max_batch=2, warm_up=False)
     assert cold.warm_up_s is None
     cold.close()
+
+
+def test_a_warm_up_that_cannot_run_its_dummy_request_is_logged_and_serving_goes_on(engine, caplog):
+    with caplog.at_level("WARNING", logger="matvlm.engine"):
+        service = ContinuousService(engine, max_batch=2, max_len=40)        # 64 image tokens do not fit a slot
+    assert "warm-up request failed" in caplog.text and "exceeds the 40 tokens a slot holds" in caplog.text
+    short = Request(render(engine.processor, engine.model.config, [{"role": "user", "content": "Hi"}]), [],
+                    SamplingParams(max_new_tokens=3, ignore_eos=True))
+    assert len(service.submit(short).result(timeout=60).token_ids) == 3
+    service.close()
