@@ -64,6 +64,9 @@ class DistillConfig:
         save_every: checkpoint every N optimizer steps, and at the end.
         keep_last: keep only the newest N checkpoints (default: all).
         seed: seed of the data order and the Mamba init.
+        group_by_length: group samples of similar length into the same steps (each run of 32 steps is sorted
+            by length, cut into steps and taken in shuffled order), so micro-batches pad far less; every
+            epoch still sees every sample once.
         gradient_checkpointing: recompute decoder layers in the backward pass to save memory.
         mixed_precision: auto = bf16 on CUDA, fp32 on CPU.
         strict: fail on a missing image instead of counting and skipping it.
@@ -104,6 +107,7 @@ class DistillConfig:
     save_every: int = 500
     keep_last: int | None = None
     seed: int = 0
+    group_by_length: bool = False
     gradient_checkpointing: bool = False
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"
     strict: bool = False

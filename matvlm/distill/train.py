@@ -33,6 +33,7 @@ log = logging.getLogger("matvlm.distill")
 CONFIG_NAME = "distill_config.json"
 LOG_NAME = "log.jsonl"
 SELF_GENERATED = "self-generated.jsonl"  # --self-generate writes the training data here
+GROUP_STEPS = 32                         # --group-by-length: steps whose samples are sorted by length together
 
 
 @dataclass
@@ -44,6 +45,11 @@ class BatchPlan:
     share of it, cut into micro-batches. With `lengths` (tokens per sample) a share is sorted by length,
     longest first, before it is cut, so each micro-batch pads to lengths close to its own: a step still
     sums the gradients of the same samples, with less padding computed.
+
+    With `group` (steps) the samples are also grouped by length across steps, as length-grouped samplers
+    do: each run of `group` steps of the epoch's permutation is sorted by length, cut into global batches,
+    and those are taken in an order shuffled by (seed, epoch, run). Every epoch still sees every usable
+    sample once; a step then holds samples of similar lengths, so its micro-batches pad far less.
     """
 
     n: int
@@ -52,6 +58,7 @@ class BatchPlan:
     micro: int
     seed: int
     lengths: list[int] | None = None
+    group: int = 0                    # steps per length group (0: no grouping across steps)
 
     def __post_init__(self):
         if self.global_batch % (self.world * self.micro):
@@ -73,7 +80,15 @@ class BatchPlan:
         epoch, k = divmod(step, self.steps_per_epoch)
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         perm = torch.randperm(self.n, generator=g)
-        return perm[k * self.global_batch:(k + 1) * self.global_batch].tolist()
+        gb = self.global_batch
+        if not (self.group and self.lengths is not None):
+            return perm[k * gb:(k + 1) * gb].tolist()
+        first = k // self.group * self.group                                  # the run of steps holding k
+        steps = min(self.group, self.steps_per_epoch - first)
+        run = sorted(perm[first * gb:(first + steps) * gb].tolist(), key=lambda i: -self.lengths[i])
+        g_order = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 1_000_033 + first)
+        j = int(torch.randperm(steps, generator=g_order)[k - first])
+        return run[j * gb:(j + 1) * gb]
 
     def micro_batches(self, rank: int, start: int, stop: int):
         share = self.global_batch // self.world
@@ -415,7 +430,7 @@ def setup(cfg: DistillConfig, resume: bool) -> Run:
     processor = formats.load_processor(cfg.teacher)
     dataset = make_dataset(cfg, processor, model.config)
     plan = BatchPlan(len(dataset), cfg.global_batch_size, accelerator.num_processes, cfg.micro_batch_size, cfg.seed,
-                     getattr(dataset, "lengths", None) or None)
+                     getattr(dataset, "lengths", None) or None, group=GROUP_STEPS if cfg.group_by_length else 0)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * plan.steps_per_epoch))
     if main:
         out.mkdir(parents=True, exist_ok=True)

@@ -338,6 +338,38 @@ def test_micro_batches_are_cut_from_a_length_sorted_share_of_the_same_samples():
     assert padded["grouped"] < 0.85 * padded["plain"], padded
 
 
+def test_grouping_by_length_keeps_every_epoch_complete_and_cuts_padding_across_steps():
+    import random
+
+    rng = random.Random(1)
+    lengths = [rng.choice([rng.randint(20, 80), rng.randint(700, 1024)]) for _ in range(1000)]
+    sorted_only = train_mod.BatchPlan(1000, 32, 2, 8, seed=5, lengths=lengths)
+    grouped = train_mod.BatchPlan(1000, 32, 2, 8, seed=5, lengths=lengths, group=8)
+    spe = grouped.steps_per_epoch                                         # 31 steps; 8 samples dropped
+    for epoch in (0, 1):
+        seen = [i for s in range(epoch * spe, (epoch + 1) * spe) for i in grouped.global_indices(s)]
+        plain = [i for s in range(epoch * spe, (epoch + 1) * spe) for i in sorted_only.global_indices(s)]
+        assert len(seen) == len(set(seen)) == spe * 32 and set(seen) == set(plain)   # the same usable samples
+    assert [grouped.global_indices(s) for s in range(40)] == [grouped.global_indices(s) for s in range(40)]
+    assert grouped.global_indices(3) != grouped.global_indices(3 + spe)          # another order each epoch
+
+    def cost(plan):                                       # positions computed per real token, both ranks
+        mbs = [mb for rank in (0, 1) for mb in plan.micro_batches(rank, 0, 2 * spe)]
+        return sum(len(mb) * max(lengths[i] for i in mb) for mb in mbs) / sum(lengths[i] for mb in mbs for i in mb)
+
+    assert cost(sorted_only) > 1.3 and cost(grouped) < 1.1
+    shares = [list(grouped.micro_batches(rank, 7, 8)) for rank in (0, 1)]       # the ranks split step 7
+    assert sorted(i for mbs in shares for mb in mbs for i in mb) == sorted(grouped.global_indices(7))
+
+
+def test_group_by_length_is_a_setting_that_reaches_the_plan(teacher_dirs, data, tmp_path, monkeypatch):
+    made = []
+    real = train_mod.BatchPlan
+    monkeypatch.setattr(train_mod, "BatchPlan", lambda *a, **k: made.append(k) or real(*a, **k))
+    run(cfg(teacher_dirs, data, tmp_path / "g", max_steps=2, save_every=100, group_by_length=True), progress=False)
+    assert made[-1]["group"] == train_mod.GROUP_STEPS
+
+
 def test_micro_batch_size_does_not_change_the_run(teacher_dirs, data, tmp_path):
     """Accumulating length-sorted micro-batches gives the losses of one micro-batch per step."""
     run(cfg(teacher_dirs, data, tmp_path / "mb2", max_steps=3, save_every=100))
