@@ -7,10 +7,10 @@
 #      and the teacher's greedy answers to held-out chat prompts;
 #   3. training data: `self-generate --kind text` ($TOKENS tokens: sampled continuations from the document
 #      start and from seeds, chats; long sequences);
-#   4. per run of $RUNS (ratio:placement:stage[:train]; placement even or auto = by measured sensitivity,
-#      stage e2e = single stage or both = align then e2e, train = the parameter groups that train, joined
-#      by '+', default mamba; default every $RATIOS x $STAGES, even): convert, distil $STEPS steps, score
-#      with eval-lm on both held-out sets.
+#   4. per run of $RUNS (ratio:placement:stage[:train[:opts]]; placement even or auto = by measured
+#      sensitivity, stage e2e = single stage or both = align then e2e, train = the parameter groups that
+#      train, joined by '+', default mamba; opts joined by '+': group = --group-by-length; default every
+#      $RATIOS x $STAGES, even): convert, distil $STEPS steps, score with eval-lm on both held-out sets.
 # Every stage is skipped when its output exists and distillation resumes from its checkpoints, so a run
 # cut by a time limit continues where it stopped when started again.
 #
@@ -41,12 +41,13 @@ t() { echo "[$(date +%T)] $*"; }
     --out "$W/general.jsonl" --batch-size "${GEN_BATCH:-256}" --max-new-tokens "$MAXLEN"; }
 cp "$W/general.jsonl.meta.json" "$OUT/general-meta.json"
 
-# RUNS: ratio:placement:stage[:train] (placement even or auto; stage both or e2e; train e.g. mamba+mlp),
+# RUNS: ratio:placement:stage[:train[:opts]] (placement even or auto; stage both or e2e; train e.g. mamba+mlp;
+# opts e.g. group),
 # run in the order given
 RUNS=${RUNS:-$(for r in $RATIOS; do for s in $STAGES; do printf '%s:even:%s ' "$r" "$s"; done; done)}
 one_run() {
-  local spec=$1 r place stage train tag scores layers run extra name set
-  IFS=: read -r r place stage train <<< "$spec"
+  local spec=$1 r place stage train opts tag scores layers run extra name set
+  IFS=: read -r r place stage train opts <<< "$spec"
   train=${train:-mamba}
   tag=h$($PY -c "print(f'{$r * 100:g}'.replace('.', 'p'))")
   [ "$place" = auto ] && tag="$tag-auto"
@@ -69,9 +70,10 @@ print(','.join(map(str, choose(json.load(open(sys.argv[1]))['scores'], $r))))" "
   } 9>"$W/.convert.lock"
   [ -f "$W/$tag/placement.json" ] && cp "$W/$tag/placement.json" "$OUT/$tag-placement.json"
   run="$W/$tag-$stage"; [ "$train" = mamba ] || run="$run-${train//+/-}"
+  extra=(); [ "$stage" = both ] && extra=(--align-steps "$ALIGN")
+  case "+${opts:-}+" in *+group+*) extra+=(--group-by-length); run="$run-group";; esac
   if [ ! -f "$run/config.json" ]; then
     t "distill $tag $stage"
-    extra=(); [ "$stage" = both ] && extra=(--align-steps "$ALIGN")
     if [ -f "$run/distill_config.json" ]; then
       $MATVLM distill --resume "$run"
     else
