@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..model.cache import MambaLayerState
-from ..model.hybrid import text_config
+from ..model.hybrid import attention_shape
 
 
 class BufferKVLayer(CacheLayerMixin):
@@ -76,11 +76,8 @@ class StaticHybridCache(Cache):
     """Pre-allocated cache for `batch` sequences of up to `length` tokens; `slot` is the next write index."""
 
     def __init__(self, model: nn.Module, batch: int, length: int, dtype, device):
-        tc = text_config(model.config)
         cfg = model.hybrid_config
-        heads = tc.num_attention_heads
-        kv = getattr(tc, "num_key_value_heads", None) or heads
-        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
+        _, kv, head_dim = attention_shape(model.config)
         self.slot = torch.zeros((), dtype=torch.long, device=device)
         layers = []
         for i in range(cfg.n_layer):

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..model.hybrid import attention_names, decoder_stack, text_config
+from ..model.hybrid import attention_names, attention_shape, decoder_stack, text_config
 from ..model.mixer import Mamba2Mixer
 
 log = logging.getLogger("matvlm.engine")
@@ -152,9 +152,7 @@ class FusedDecoder:
         if self.parallel and act == "silu_mul":
             raise ValueError("a parallel (Phi) MLP with a gated activation")
         names = attention_names(model.config)
-        heads = tc.num_attention_heads
-        kv_heads = getattr(tc, "num_key_value_heads", None) or heads
-        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
+        heads, kv_heads, head_dim = attention_shape(model.config)
         self.layers: list[_Layer] = []
         with torch.no_grad():
             for layer in stack.layers:

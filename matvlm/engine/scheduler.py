@@ -35,7 +35,7 @@ from torch import Tensor
 from transformers.cache_utils import Cache
 
 from ..errors import MatvlmError
-from ..model.hybrid import text_config
+from ..model.hybrid import attention_shape
 from ..model.vlm import embed, vision_features
 from .cache import SlotKVLayer, StaticMambaState
 from .engine import (Engine, Output, Request, _all_greedy, _bucket, _causal_lower_right, _first_stop, context_limit,
@@ -65,10 +65,8 @@ def free_memory(device: torch.device) -> int | None:
 def slot_bytes_per_token(engine: Engine) -> int:
     """KV bytes one slot holds per token: keys and values of every attention layer (Mamba layers hold a
     fixed-size state, whatever the length)."""
-    tc, cfg = text_config(engine.model.config), engine.model.hybrid_config
-    heads = tc.num_attention_heads
-    kv = getattr(tc, "num_key_value_heads", None) or heads
-    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
+    cfg = engine.model.hybrid_config
+    _, kv, head_dim = attention_shape(engine.model.config)
     n_attn = cfg.n_layer - len(cfg.mamba_layers)
     return 2 * n_attn * kv * head_dim * torch.empty((), dtype=engine.dtype).element_size()
 
@@ -117,10 +115,8 @@ class SlotPool:
 
     def __init__(self, engine: Engine, slots: int, length: int):
         model, dev, dtype = engine.model, engine.device, engine.dtype
-        tc, cfg = text_config(model.config), model.hybrid_config
-        heads = tc.num_attention_heads
-        kv = getattr(tc, "num_key_value_heads", None) or heads
-        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
+        cfg = model.hybrid_config
+        _, kv, head_dim = attention_shape(model.config)
         rows = slots + 1
         self.slots, self.length, self.stage = slots, length, slots
         self.mamba = set(cfg.mamba_layers)
