@@ -134,9 +134,9 @@ def build_parser(fn, prog: str) -> argparse.ArgumentParser:
             continue
         _add_param(parser, name, param, hints.get(name, str), helps.get(name, ""),
                    getattr(fn, "cli_positional", ()), getattr(fn, "cli_required", ()))
-    settings = getattr(fn, "cli_settings", None)      # a dataclass, or a function returning it (lazy import)
+    settings = getattr(fn, "cli_settings", None)      # a dataclass, or "module:Class" (imported now)
     if settings is not None:
-        _add_settings(parser, settings if isinstance(settings, type) else settings())
+        _add_settings(parser, settings if isinstance(settings, type) else _resolve(settings))
     return parser
 
 

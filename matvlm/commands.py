@@ -333,13 +333,7 @@ def distill(config: Path | None = None, resume: Path | None = None, placement_st
     print(f"wrote {path}: final hybrid, checkpoints/ and log.jsonl")
 
 
-def _distill_settings():
-    from .distill.config import DistillConfig
-
-    return DistillConfig
-
-
-distill.cli_settings = _distill_settings      # its flags: one per DistillConfig field (imported when parsed)
+distill.cli_settings = "matvlm.distill.config:DistillConfig"    # its flags: one per field (imported when parsed)
 
 
 def _auto_student(cfg, steps: int) -> dict:

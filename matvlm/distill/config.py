@@ -15,7 +15,8 @@ from ..errors import MatvlmError
 
 TRAINABLE_GROUPS = ("mamba", "connector", "mlp", "all")
 STAGES = ("e2e", "align", "both")
-PLACEMENTS = ("even", "begin", "middle", "end", "auto")
+PLACEMENTS = ("even", "begin", "middle", "end", "auto")   # convert.layers.PLACEMENTS + auto (kept here: importing
+                                                         # matvlm.convert loads transformers, this module must not)
 
 
 @dataclass

@@ -111,7 +111,6 @@ class _ChatDataset(torch.utils.data.Dataset):
         self.max_length = max_length
         self.skipped_too_long = 0
         self.samples: list[dict] = []
-        self.lengths: list[int] = []         # tokens of each kept sample (batching groups by it)
         # each kept sample's encoding from the up-front check, kept so that training never tokenizes again:
         # ids as int32 and which of them are labels (5 bytes a token)
         self._ids: list[torch.Tensor] = []
@@ -132,10 +131,14 @@ class _ChatDataset(torch.utils.data.Dataset):
             self.skipped_too_long += 1
         else:
             self.samples.append(sample)
-            self.lengths.append(len(encoded[0]))
             ids, labels = encoded
             self._ids.append(ids.to(torch.int32))
             self._is_label.append(labels != IGNORE_INDEX)
+
+    @property
+    def lengths(self) -> list[int]:
+        """Tokens of each kept sample (batching groups by it)."""
+        return [len(ids) for ids in self._ids]
 
     def _encoded(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample i's (input_ids, labels), as `_encode` made them when the dataset was built."""

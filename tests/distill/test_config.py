@@ -46,3 +46,10 @@ def test_bad_settings_are_refused_in_one_line(values, why):
         DistillConfig(teacher="t", data="d", out="o", mamba_ratio=0.5, **values).validate()
     with pytest.raises(MatvlmError, match="unknown distill setting"):
         commands.distill(teacher="t", data="d", out="o", mamba_ratio=0.5, learning_rate=1.0)
+
+
+def test_distill_placements_are_converts_and_auto():
+    from matvlm.convert.layers import PLACEMENTS as POSITIONAL
+    from matvlm.distill.config import PLACEMENTS
+
+    assert PLACEMENTS == (*POSITIONAL, "auto")
