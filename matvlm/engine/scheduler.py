@@ -209,7 +209,6 @@ class ContinuousBatcher:
         self.free = list(range(slots))
         self._caches: dict[tuple[int, int], Cache] = {}
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        self._graph_pool = None
         self._eager: set[tuple[int, int]] = set()          # buckets whose capture failed: they decode eagerly
         self.steps = 0
 
@@ -377,14 +376,14 @@ class ContinuousBatcher:
     def _capture(self, k: int, length: int) -> None:
         """Record bucket (k, length)'s step as a CUDA graph; warm-up and capture run it, so what a step
         changes is saved before and restored after (KV entries written past each row's position are
-        rewritten before any step reads them). All graphs share one memory pool: they never run at once."""
+        rewritten before any step reads them). Each graph keeps its own memory pool, as the engine's do:
+        buckets are replayed in any order, and PyTorch documents pool sharing as safe only for graphs replayed
+        in the order they were captured."""
         saved = [t.clone() for t in self.pool.step_state()]
         try:
             warm_up_on_side_stream(lambda: self._step_body(k, length))
-            if self._graph_pool is None:
-                self._graph_pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._graph_pool):
+            with torch.cuda.graph(graph):
                 self._step_body(k, length)
             self._graphs[k, length] = graph
         finally:
