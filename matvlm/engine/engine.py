@@ -33,6 +33,7 @@ from ..inputs.tokens import has_own_bos
 from ..model.cache import cache_kwarg
 from ..model.hybrid import decoder_stack, text_config
 from ..model.vlm import embed, is_vlm, vision_features
+from .answer import Answer
 from .cache import StaticHybridCache
 from .fused import fused_decoder
 from .sampling import SamplingParams, sample_batch
@@ -388,7 +389,7 @@ class Engine:
         while True:
             dec.accept(tokens)
             yield list(dec.texts)
-            if all(dec.done):
+            if dec.done:
                 break
             if dec.greedy:
                 while reader.pending < 2 and launched < max_new - 1:     # never past the cache's length
@@ -474,13 +475,14 @@ class Engine:
 
 
 class _Decoding:
-    """What the requests of one static batch have produced while it decodes: tokens, finish reasons, text
-    (decoded each step only where it is read: streaming, or stop strings to find), sampling keys and the
-    tokens seen (repetition penalty); `accept` takes a step's tokens, `outputs` assembles the answers."""
+    """What the requests of one static batch have produced while it decodes: an `Answer` each (tokens,
+    finish reason, text followed token by token where it is read: streaming, or stop strings to find),
+    sampling keys and the tokens seen (repetition penalty); `accept` takes a step's tokens, `outputs`
+    assembles the answers."""
 
     def __init__(self, engine: Engine, requests: list[Request], encoded: list, stream: bool, vocab: int):
         n, dev = len(requests), engine.device
-        self.tokenizer, self.eos_ids, self.encoded = engine.tokenizer, engine.eos_ids, encoded
+        self.encoded = encoded
         self.params = [r.params for r in requests]
         self.greedy = _all_greedy(self.params)
         # per-request sampling keys: the request's seed, or a fresh draw from torch's generator
@@ -491,39 +493,25 @@ class _Decoding:
             self.seen = torch.zeros(n, vocab, dtype=torch.bool, device=dev)
             for row, (src, _) in enumerate(encoded):
                 self.seen[row, torch.tensor(src, device=dev)] = True
-        self.out_ids: list[list[int]] = [[] for _ in range(n)]
-        self.done = [False] * n
-        self.reason = ["length"] * n
-        self.texts = [""] * n
-        self.live = [stream or bool(p.stop) for p in self.params]
+        self.answers = [Answer(engine.tokenizer, p, engine.eos_ids, live=stream or bool(p.stop),
+                               seen=None if self.seen is None else self.seen[row])
+                        for row, p in enumerate(self.params)]
+
+    @property
+    def texts(self) -> list[str]:
+        return [a.text for a in self.answers]
+
+    @property
+    def done(self) -> bool:
+        return all(a.done for a in self.answers)
 
     def accept(self, tokens: list[int]) -> None:
-        for row, tok in enumerate(tokens):
-            if self.done[row]:
-                continue
-            p = self.params[row]
-            if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
-                self.done[row], self.reason[row] = True, "stop"
-                continue
-            self.out_ids[row].append(tok)
-            if self.seen is not None:
-                self.seen[row, tok] = True
-            if not self.live[row]:
-                if len(self.out_ids[row]) >= p.max_new_tokens:
-                    self.done[row] = True
-                continue
-            self.texts[row] = self.tokenizer.decode(self.out_ids[row], skip_special_tokens=True)
-            cut = _first_stop(self.texts[row], p.stop)
-            if cut is not None:
-                self.texts[row], self.done[row], self.reason[row] = self.texts[row][:cut], True, "stop"
-            elif len(self.out_ids[row]) >= p.max_new_tokens:
-                self.done[row] = True
+        for answer, tok in zip(self.answers, tokens):
+            answer.accept(tok)
 
     def outputs(self, timings: dict) -> list[Output]:
-        texts = [t if self.live[i] else self.tokenizer.decode(self.out_ids[i], skip_special_tokens=True)
-                 for i, t in enumerate(self.texts)]
-        return [Output(texts[i], self.out_ids[i], self.reason[i], len(self.encoded[i][0]), timings)
-                for i in range(len(texts))]
+        return [Output(a.final_text(), a.ids, a.reason, len(enc[0]), timings)
+                for a, enc in zip(self.answers, self.encoded)]
 
 
 def _feed(st: _Static, tokens: list[int]) -> None:
@@ -562,7 +550,3 @@ class _TokenReader:
             self.events[i].synchronize()
         return self.host[i][:self.n, 0].tolist()
 
-
-def _first_stop(text: str, stops: list[str]) -> int | None:
-    hits = [text.find(s) for s in stops if s and s in text]
-    return min(hits) if hits else None

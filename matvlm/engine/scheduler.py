@@ -37,8 +37,9 @@ from transformers.cache_utils import Cache
 from ..errors import MatvlmError
 from ..model.hybrid import attention_shape
 from ..model.vlm import embed, vision_features
+from .answer import Answer
 from .cache import SlotKVLayer, StaticMambaState
-from .engine import (Engine, Output, Request, _all_greedy, _bucket, _causal_lower_right, _first_stop, context_limit,
+from .engine import (Engine, Output, Request, _all_greedy, _bucket, _causal_lower_right, context_limit,
                      warm_up_on_side_stream)
 from .sampling import sample_batch
 
@@ -189,9 +190,7 @@ class Sequence:
     row: int = -1
     key: int = 0
     seen: Tensor | None = None
-    out_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    reason: str = "length"
+    answer: Answer | None = None
     first_token_s: float | None = None
 
 
@@ -311,6 +310,7 @@ class ContinuousBatcher:
         if p.repetition_penalty != 1.0:
             seq.seen = torch.zeros(self.pool.logits.shape[-1], dtype=torch.bool, device=dev)
             seq.seen[torch.tensor(ids, device=dev)] = True
+        seq.answer = Answer(eng.tokenizer, p, eng.eos_ids, live=True, seen=seq.seen)
 
     def _prefill_chunk(self, seq: Sequence, budget: int) -> int:
         """Prefill the next chunk of `seq` (at most `budget` tokens) in the staging row; returns its size."""
@@ -397,7 +397,7 @@ class ContinuousBatcher:
         seqs = [self.running[r] for r in rows]
         # attend over the KV entries the longest running request holds (a power-of-two bucket), not the
         # whole slot: a step's attention reads grow with the requests, not with --max-len
-        length = _length_bucket(max(len(s.ids) + len(s.out_ids) for s in seqs), self.pool.length)
+        length = _length_bucket(max(len(s.ids) + len(s.answer.ids) for s in seqs), self.pool.length)
         idle = sorted(set(range(k)) - set(rows))
         if idle:                                         # idle rows decode garbage at position 0, never past L
             self.pool.position[torch.tensor(idle, device=self.engine.device)] = 0
@@ -435,31 +435,22 @@ class ContinuousBatcher:
             seen = torch.stack([s.seen if s.seen is not None else torch.zeros_like(logits[0], dtype=torch.bool)
                                 for s in seqs])
         keys = torch.tensor([s.key for s in seqs], dtype=torch.int64, device=dev)
-        counters = torch.tensor([len(s.out_ids) for s in seqs], dtype=torch.int64, device=dev)
+        counters = torch.tensor([len(s.answer.ids) for s in seqs], dtype=torch.int64, device=dev)
         return sample_batch(logits.float(), params, seen, keys, counters).tolist()
 
     def _accept(self, seq: Sequence, tok: int) -> bool:
         """Take one generated token; whether the request is done."""
-        p, tokenizer = seq.request.params, self.engine.tokenizer
         if seq.first_token_s is None:
             seq.first_token_s = time.perf_counter() - seq.arrived
-        if (tok in self.engine.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
-            seq.reason = "stop"
-            return True
-        seq.out_ids.append(tok)
-        if seq.seen is not None:
-            seq.seen[tok] = True
-        seq.text = tokenizer.decode(seq.out_ids, skip_special_tokens=True)
-        cut = _first_stop(seq.text, p.stop)
-        if cut is not None:
-            seq.text, seq.reason = seq.text[:cut], "stop"
-            return True
-        seq.emit(seq.text)
-        return len(seq.out_ids) >= p.max_new_tokens
+        done = seq.answer.accept(tok)
+        if seq.answer.reason != "stop":
+            seq.emit(seq.answer.text)
+        return done
 
     def _output(self, seq: Sequence) -> Output:
         total = time.perf_counter() - seq.arrived
-        return Output(seq.text, seq.out_ids, seq.reason, len(seq.ids),
+        a = seq.answer
+        return Output(a.final_text(), a.ids, a.reason, len(seq.ids),
                       {"ttft_s": seq.first_token_s, "total_s": total, "scheduler": "continuous"})
 
     def _release(self, seq: Sequence, output: Output | None, error: BaseException | None) -> None:
