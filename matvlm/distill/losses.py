@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..ops.kl import kl_and_grad
+
 
 def kl_per_token(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
     """T² · KL(softmax(t/T) ‖ softmax(s/T)) per position. logits: (B, T, V) -> (B, T), float32."""
@@ -95,19 +97,18 @@ class _HeadLosses(torch.autograd.Function):
         T = temperature
         for lo in range(0, n, chunk):
             hs = h_s[lo:lo + chunk].to(w_s.dtype)                                # (c, d)
-            s = F.linear(hs, w_s, b_s).float()                                  # (c, V)
+            s = F.linear(hs, w_s, b_s)                                          # (c, V)
             grads = []
-            if want_kl:
-                t = F.linear(h_t[lo:lo + chunk].to(w_t.dtype), w_t, b_t).float()
-                log_ps, log_pt = F.log_softmax(s / T, -1), F.log_softmax(t / T, -1)
-                pt = log_pt.exp()
-                kl += T * T * (pt * (log_pt - log_ps)).sum()
-                grads.append(("kl", T * (log_ps.exp() - pt), g_kl))              # (c, V)
-                del t, log_pt, pt, log_ps
+            if want_kl:                       # the Triton kernel on CUDA: two passes over the row, no float32 copies
+                t = F.linear(h_t[lo:lo + chunk].to(w_t.dtype), w_t, b_t)
+                kl_rows, ds = kl_and_grad(s, t, T)
+                kl += kl_rows.sum()
+                grads.append(("kl", ds, g_kl))                                  # (c, V)
+                del t, kl_rows
             if want_ce:
                 tg = target[lo:lo + chunk]
                 valid = tg != -100
-                log_p = F.log_softmax(s, -1)
+                log_p = F.log_softmax(s.float(), -1)
                 ce -= log_p.gather(1, tg.clamp_min(0)[:, None])[:, 0].masked_fill(~valid, 0).sum()
                 dce = log_p.exp_()
                 dce[valid, tg[valid]] -= 1

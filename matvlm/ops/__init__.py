@@ -10,7 +10,8 @@ engine's fused decode step calls `linear`, `attend` (`rope_kv` and `decode_atten
   (`*_ref`): `gemv` / `gemv_triton` (`linear`), `attention` / `attention_triton` (`rope_kv`,
   `decode_attention`, `attend`), `mamba_decode` / `mamba_decode_triton` (`mamba_step`). The `*_triton`
   modules import triton at the top, so they are imported only where it is installed and the kernels
-  can run; the twins are what they are tested against.
+  can run; the twins are what they are tested against;
+- the distillation loss's LM-head KL and its gradient: `kl` / `kl_triton` (`kl_and_grad`).
 
 Code being traced by `torch.compile` (the engine's compiled decode step) always takes the PyTorch path
 for the Mamba-2 ops; the decode kernels are registered as custom ops, which a compiled graph calls as
@@ -24,9 +25,10 @@ from .attention import (DECODE_ATTENTION_MAX_KEYS, attend, decode_attention, mas
                         split_kv_applies)
 from .backend import backend_for
 from .gemv import NormSpec, linear
+from .kl import kl_and_grad
 from .mamba_decode import mamba_step
 from .scan import TORCH_CHUNK, TRITON_CHUNK, gated_rmsnorm, ssd, ssd_step
 
-__all__ = ["ssd", "ssd_step", "gated_rmsnorm", "backend_for", "ssd_ref", "linear", "rope_kv", "decode_attention",
+__all__ = ["kl_and_grad", "ssd", "ssd_step", "gated_rmsnorm", "backend_for", "ssd_ref", "linear", "rope_kv", "decode_attention",
            "attend", "split_kv_applies", "mask_bias", "mamba_step", "NormSpec", "DECODE_ATTENTION_MAX_KEYS",
            "TORCH_CHUNK", "TRITON_CHUNK"]

@@ -1,5 +1,6 @@
 """Which backend runs an op: mamba_ssm's Triton kernels or PyTorch for the Mamba-2 scan (`backend_for`),
-matvlm's Triton decode kernels or PyTorch for the decode step (`decode_kernels`).
+matvlm's Triton decode kernels or PyTorch for the decode step (`decode_kernels`), and likewise for other
+fused kernels (`fused_kernels`: the distillation loss's KL).
 
 ``MATVLM_KERNELS=torch|triton|auto`` (default ``auto``) forces a choice; asking for ``triton`` where it
 cannot run is an error. The path taken is logged once. Code being traced by `torch.compile` always takes
@@ -55,7 +56,13 @@ def decode_kernels(module: str, x: Tensor):
     """The decode-kernel module `matvlm.ops.<module>` (gemv_triton, attention_triton, mamba_decode_triton)
     when its kernels can run on `x` (CUDA, bf16/fp16, triton installed, not MATVLM_KERNELS=torch), else
     None; the caller then takes the kernel's PyTorch twin."""
-    if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
+    return fused_kernels(module, x, (torch.bfloat16, torch.float16))
+
+
+def fused_kernels(module: str, x: Tensor, dtypes=(torch.bfloat16, torch.float16, torch.float32)):
+    """The Triton kernel module `matvlm.ops.<module>` when it can run on `x` (CUDA, a dtype of `dtypes`,
+    triton installed, not MATVLM_KERNELS=torch), else None."""
+    if not x.is_cuda or x.dtype not in dtypes:
         return None
     if _wanted() == "torch":
         return None
