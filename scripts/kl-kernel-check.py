@@ -8,26 +8,12 @@ measured in the same run. Exits 1 when the check fails.
 
 import argparse
 import json
-import statistics
 import sys
 
 import torch
 
+from matvlm.bench.kernels import timed as ms
 from matvlm.ops import kl as kl_ops, kl_triton
-
-
-def ms(fn, reps: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def main() -> None:
