@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Distillation speed of a small text model on one GPU (issue 16): the step alone at several micro-batch
 # sizes with a kernel profile (scripts/profile-distill-step.py), then the whole `matvlm distill` loop
-# (data loading, tokenising, host syncs, logging included) on random-weight SmolLM2 shapes and random
+# (data loading, tokenising, host syncs, logging included), with and without --group-by-length, on random-weight SmolLM2 shapes and random
 # text, read from its log.jsonl.
 #
 #   CFG=dir-with-config-and-tokenizer OUT=results/ [COMPILE=norm,mlp] bash scripts/distill-speed.sh
@@ -38,16 +38,20 @@ with open(w / "text.jsonl", "w") as f:
     for _ in range(1200):
         f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(300, 900)))}) + "\n")
 PY
-rm -rf "$W/run"
-$PY -m matvlm distill --teacher "$W/model" --mamba-ratio 0.25 --data "$W/text.jsonl" --out "$W/run" \
-    --max-steps ${STEPS:-16} --global-batch-size ${GB:-64} --micro-batch-size ${MB:-32} --max-length 1024 \
-    --alpha 0.01 --lr 1e-3 --save-every 100000 --no-tensorboard 2>&1 | tail -3
-cp "$W/run/log.jsonl" "$OUT/loop-log.jsonl"
-$PY - "$W/run/log.jsonl" <<'PY'
+# LOOPS: which loops to time, "plain" and/or "group" (--group-by-length), each read from its log.jsonl
+for loop in ${LOOPS:-plain group}; do
+  rm -rf "$W/run"
+  $PY -m matvlm distill --teacher "$W/model" --mamba-ratio 0.25 --data "$W/text.jsonl" --out "$W/run" \
+      --max-steps ${STEPS:-16} --global-batch-size ${GB:-64} --micro-batch-size ${MB:-32} --max-length 1024 \
+      --alpha 0.01 --lr 1e-3 --save-every 100000 --no-tensorboard $([ "$loop" = group ] && echo --group-by-length) \
+      2>&1 | tail -3
+  cp "$W/run/log.jsonl" "$OUT/loop-$loop-log.jsonl"
+  $PY - "$W/run/log.jsonl" "$loop" <<'PY'
 import json, sys
 recs = [json.loads(l) for l in open(sys.argv[1])]
 k = len(recs) // 2                               # skip the first half (Triton compiling and autotuning)
 toks = sum(r["tokens"] for r in recs[k:])
 secs = recs[-1]["elapsed_s"] - recs[k - 1]["elapsed_s"]
-print(json.dumps({"loop_steps_timed": len(recs) - k, "loop_tokens_per_s": toks / secs}))
+print(json.dumps({"loop": sys.argv[2], "loop_steps_timed": len(recs) - k, "loop_tokens_per_s": toks / secs}))
 PY
+done
