@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Distillation speed of a small text model on one GPU (issue 16): the step alone at several micro-batch
 # sizes with a kernel profile (scripts/profile-distill-step.py), then the whole `matvlm distill` loop
-# (data loading, tokenising, host syncs, logging included), with and without --group-by-length, on random-weight SmolLM2 shapes and random
-# text, read from its log.jsonl.
+# (data loading, tokenising, host syncs, logging included), with and without --group-by-length, on
+# random-weight SmolLM2 shapes and random text, read from its log.jsonl.
 #
 #   CFG=dir-with-config-and-tokenizer OUT=results/ [COMPILE=norm,mlp] bash scripts/distill-speed.sh
 set -euo pipefail
