@@ -18,8 +18,8 @@ at each slot's own position, for Mamba layers conv (slots, conv_dim, d_conv-1) a
 does never changes another's numbers: a greedy answer is the same alone or batched (up to float
 summation order), and a request whose image, prompt or prefill fails gets its own error.
 Sampling is the engine's (`sample_batch`: a request's draws depend on its seed and step alone).
-The decode step runs the model's own layers (`Engine._forward`; the fused step's kernels take one
-shared cache position, not one per slot).
+The decode step is the engine's fused step (`FusedDecoder`, on CUDA by default) with a cache position
+per slot, or the model's own layers (`Engine._forward`) where the engine has no fused step.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -155,6 +156,20 @@ class SlotPool:
                 k, v = self.kv[i]
                 layers.append(SlotKVLayer(k[rows], v[rows], pos, visible))
         return Cache(layers=layers)
+
+    def fused_view(self, k: int, length: int) -> SimpleNamespace:
+        """What `FusedDecoder.forward` reads and writes for the first `k` slots over their first `length`
+        positions: `slot`, the position each row writes (k,), and per layer the KV views (k, kv_heads,
+        length, head_dim) or the Mamba state."""
+        rows = slice(0, k)
+        layers = []
+        for i, layer in enumerate(self.cache(rows, self.position[:k, 0], decoding=True).layers):
+            if i in self.mamba:
+                layers.append(layer)
+            else:
+                keys, values = self.kv[i]
+                layers.append(SimpleNamespace(keys=keys[rows, :, :length], values=values[rows, :, :length]))
+        return SimpleNamespace(slot=self.position[:k, 0], layers=layers)
 
     def move(self, row: int, n: int) -> None:
         """The staging row's state (a prefill of `n` tokens) becomes slot `row`'s."""
@@ -342,10 +357,14 @@ class ContinuousBatcher:
 
     # --- decode -----------------------------------------------------------------------------------
 
-    def _bucket_cache(self, k: int, length: int) -> Cache:
+    def _bucket_cache(self, k: int, length: int):
+        """The step's view of the pool: the fused step's (`SlotPool.fused_view`) or a transformers cache."""
         if (k, length) not in self._caches:
-            self._caches[k, length] = self.pool.cache(slice(0, k), self.pool.position[:k, 0], decoding=True,
-                                                      visible=length)
+            if self.engine.fused is not None:
+                self._caches[k, length] = self.pool.fused_view(k, length)
+            else:
+                self._caches[k, length] = self.pool.cache(slice(0, k), self.pool.position[:k, 0], decoding=True,
+                                                          visible=length)
         return self._caches[k, length]
 
     def _step_body(self, k: int, length: int) -> None:
@@ -356,7 +375,8 @@ class ContinuousBatcher:
         mask = pool.mask[:k, :, :, :length]
         mask.scatter_(-1, pos.view(k, 1, 1, 1), True)
         embeds = self.engine.model.get_input_embeddings()(pool.token[:k])
-        pool.logits[:k].copy_(self.engine._forward(embeds, pos, mask, None, self._bucket_cache(k, length)))
+        forward = self.engine.fused.forward if self.engine.fused is not None else self.engine._forward
+        pool.logits[:k].copy_(forward(embeds, pos, mask, None, self._bucket_cache(k, length)))
         pos.add_(1)
 
     def _launch(self, k: int, length: int) -> None:

@@ -17,8 +17,9 @@ DECODE_ATTENTION_MAX_KEYS = 8192
 def rope_kv(qkv: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor, slot: Tensor, heads: int) -> Tensor:
     """A decode step's queries, keys and values from their projection qkv (B, (H + 2 KV) D): the rotary
     embedding (rotate-half convention; cos, sin: (B, R)) on the first R channels of every query and
-    key head, keys and values written into the cache buffers (B, KV, L, D) at `slot`. Returns the
-    queries (B, H, D)."""
+    key head, keys and values written into the cache buffers (B, KV, L, D) at `slot`: a () tensor shared
+    by every row (the static cache) or (B,), one position per row (the continuous batcher's slots).
+    Returns the queries (B, H, D)."""
     kernels = decode_kernels("attention_triton", qkv)
     if kernels is not None and qkv.stride(-1) == 1 and cos.stride(-1) == 1 and sin.stride(-1) == 1:
         return kernels.rope_kv(qkv, cos, sin, keys, values, slot, heads)
@@ -32,8 +33,13 @@ def rope_kv_ref(qkv: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Ten
     q = _rotate(qkv[:, :heads * d].reshape(b, heads, d), cos, sin)
     k = _rotate(qkv[:, heads * d:(heads + kv) * d].reshape(b, kv, d), cos, sin)
     v = qkv[:, (heads + kv) * d:].reshape(b, kv, d)
-    keys.index_copy_(2, slot.view(1), k[:, :, None].to(keys.dtype))
-    values.index_copy_(2, slot.view(1), v[:, :, None].to(values.dtype))
+    if slot.dim() == 0:
+        keys.index_copy_(2, slot.view(1), k[:, :, None].to(keys.dtype))
+        values.index_copy_(2, slot.view(1), v[:, :, None].to(values.dtype))
+    else:                                      # row r at slot[r]
+        rows = torch.arange(b, device=keys.device)
+        keys[rows, :, slot] = k.to(keys.dtype)
+        values[rows, :, slot] = v.to(values.dtype)
     return q
 
 
@@ -96,8 +102,9 @@ def decode_attention_ref(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, 
 def attend(qkv: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor, mask: Tensor, slot: Tensor,
            n_keys: Tensor, heads: int, scale: float, bias: Tensor | None = None) -> Tensor:
     """An attention layer's decode step from its projection qkv (B, (H + 2 KV) D): `rope_kv` (the new
-    key and value written at `slot`), then `decode_attention` over the positions before `n_keys`
-    (= slot + 1, passed in so that it is made once per step; the one-kernel path reads only `slot`).
+    key and value written at `slot`, shared () or per row (B,)), then `decode_attention` over the
+    positions before `n_keys` (= slot + 1, passed in so that it is made once per step; the one-kernel
+    path reads only `slot`; both kernels run for one row only, where the two forms agree).
     Returns (B, H, D) in qkv's dtype.
 
     Where the split-KV kernel runs (`split_kv_applies`) both happen in it (`attention_triton.attend_step`):

@@ -216,7 +216,7 @@ def _(q, keys, values, mask, n_keys, scale):
 
 @triton.jit
 def _rope_kv(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, slot_ptr, H, KV, D, R,
-             s_qkv, s_cs, sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, BLOCK_D: tl.constexpr):
+             s_qkv, s_cs, sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, s_slot, BLOCK_D: tl.constexpr):
     b = tl.program_id(0)
     head = tl.program_id(1)                        # 0..H-1: queries, H..H+KV-1: keys (and their values)
     rd = tl.arange(0, BLOCK_D)
@@ -225,7 +225,7 @@ def _rope_kv(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, slot_ptr, H, KV, D,
     if head < H:
         tl.store(q_ptr + b * sq_b + head * sq_h + rd, x.to(q_ptr.dtype.element_ty), mask=rd < D)
     else:
-        slot = tl.load(slot_ptr)
+        slot = tl.load(slot_ptr + b * s_slot)        # s_slot 0: one slot for every row
         kv = head - H
         tl.store(k_ptr + b * sk_b + kv * sk_h + slot * sk_l + rd, x.to(k_ptr.dtype.element_ty), mask=rd < D)
         v = tl.load(qkv_ptr + b * s_qkv + (H + KV + kv) * D + rd, mask=rd < D, other=0.0)
@@ -236,7 +236,8 @@ def _rope_kv(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, slot_ptr, H, KV, D,
 def rope_kv(qkv: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor, slot: Tensor, heads: int) -> Tensor:
     """Rotary embedding (rotate-half) of the first R channels of each query and key head, and the keys
     and values written into the cache at `slot`. qkv: (B, (H + 2 KV) D) with rows contiguous; cos, sin:
-    (B, R) with unit stride; keys, values: (B, KV, L, D); slot: () int64. Returns the queries (B, H, D)."""
+    (B, R) with unit stride; keys, values: (B, KV, L, D); slot: () int64, or (B,) one per row. Returns
+    the queries (B, H, D)."""
     bsz = qkv.shape[0]
     kv, d = keys.shape[1], keys.shape[3]
     q = torch.empty((bsz, heads, d), dtype=qkv.dtype, device=qkv.device)
@@ -244,7 +245,7 @@ def rope_kv(qkv: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor,
                                 qkv.stride(0), cos.stride(0), q.stride(0), q.stride(1),
                                 keys.stride(0), keys.stride(1), keys.stride(2),
                                 values.stride(0), values.stride(1), values.stride(2),
-                                BLOCK_D=triton.next_power_of_2(d), num_warps=1)
+                                slot.stride(0) if slot.dim() else 0, BLOCK_D=triton.next_power_of_2(d), num_warps=1)
     return q
 
 

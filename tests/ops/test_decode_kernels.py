@@ -67,6 +67,25 @@ def test_rope_and_cache_write_kernel_equals_the_pytorch_path(bsz, heads, kv, d, 
     assert not torch.equal(caches[0][:, :, 7], torch.zeros_like(caches[0][:, :, 7]))
 
 
+def test_rope_and_cache_write_at_a_position_per_row():
+    g = torch.Generator().manual_seed(3)
+    bsz, heads, kv, d = 3, 4, 2, 16
+    qkv = torch.randn(bsz, (heads + 2 * kv) * d, generator=g)
+    angle = torch.rand(bsz, 8, generator=g) * 6.3
+    cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+    slots = torch.tensor([2, 9, 5])
+    caches = [torch.zeros(bsz, kv, 10, d) for _ in range(2)]
+    refs = [c.clone() for c in caches]
+    q = at.rope_kv(qkv, cos, sin, caches[0], caches[1], slots, heads)
+    q_ref = ops.rope_kv(qkv, cos, sin, refs[0], refs[1], slots, heads)
+    assert rel(q, q_ref) < 1e-6 and rel(caches[0], refs[0]) < 1e-6 and torch.equal(caches[1], refs[1])
+    for r, s in enumerate(slots.tolist()):              # each row wrote its own position and no other
+        alone = [torch.zeros(1, kv, 10, d) for _ in range(2)]
+        ops.rope_kv(qkv[r:r + 1], cos[r:r + 1], sin[r:r + 1], alone[0], alone[1], torch.tensor(s), heads)
+        assert torch.equal(refs[0][r:r + 1], alone[0]) and torch.equal(refs[1][r:r + 1], alone[1])
+        assert refs[1][r, :, s].abs().sum() > 0
+
+
 PLANS = [None, {"split_len": 32, "block_l": 16, "warps": 1}, {"split_len": 48, "block_l": 16, "warps": 1},
          {"split_len": 512, "block_l": 64, "warps": 2}]
 

@@ -273,3 +273,23 @@ def test_a_warm_up_that_cannot_run_its_dummy_request_is_logged_and_serving_goes_
                     SamplingParams(max_new_tokens=3, ignore_eos=True))
     assert len(service.submit(short).result(timeout=60).token_ids) == 3
     service.close()
+
+
+def test_the_fused_decode_step_serves_each_slot_at_its_own_position(engine):
+    """Requests of different prompt lengths decode side by side, each slot writing and attending at its
+    own position, through the engine's fused step: the same greedy tokens as the model's own layers
+    give each request alone, and nothing past the step's length bucket is read."""
+    fused = Engine(matvlm.load(ASSET, dtype="float32"), matvlm.load_processor(ASSET), device="cpu", fuse=True)
+    assert fused.fused is not None
+    reqs = [ask(engine, "Describe the image.", 14), ask(engine, "What color is the circle?", 6),
+            ask(engine, "How many shapes are in the image? Answer with one number, please.", 9)]
+    expected = [engine.generate([r])[0].token_ids for r in reqs]
+    service = ContinuousService(fused, max_batch=3)
+    for k, v in service.batcher.pool.kv.values():
+        k[:, :, 256:] = float("nan")
+        v[:, :, 256:] = float("nan")
+    handles = [service.submit(r) for r in reqs]
+    assert [h.result(timeout=60).token_ids for h in handles] == expected
+    views = service.batcher._caches
+    assert views and all(not hasattr(v, "get_seq_length") for v in views.values())   # the fused step's views
+    service.close()
