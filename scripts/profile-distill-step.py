@@ -146,6 +146,7 @@ def main(argv=None):
                 torch.cuda.synchronize()
             table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
             print(table, flush=True)
+            args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "profile-distill-step.txt").write_text(table)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "profile-distill-step.json").write_text(json.dumps(res, indent=2))
