@@ -13,7 +13,7 @@ def convert(teacher: Path, out: Path, mamba_ratio: float | None = None,
             placement: Literal["even", "begin", "middle", "end", "auto"] = "even", mamba_layers: list[int] | None = None,
             dtype: str | None = None, seed: int = 0, overwrite: bool = False, data: Path | None = None,
             image_root: Path | None = None, template: Literal["phi", "vicuna", "chatml", "plain"] | None = None,
-            placement_steps: int = 100) -> None:
+            placement_steps: int = 100, placement_gap: int = 1) -> None:
     """Replace a fraction of a teacher's attention layers with Mamba-2 mixers initialised from the
     attention weights (x<-W_V, B<-W_K, C<-W_Q, out_proj<-W_O; paper §3.2) and write a hybrid checkpoint.
 
@@ -36,19 +36,23 @@ def convert(teacher: Path, out: Path, mamba_ratio: float | None = None,
         image_root: --placement auto: folder the data's image paths are relative to.
         template: --placement auto: chat template of the data (default: by decoder family).
         placement_steps: --placement auto: steps of the alignment run that precedes the scores (default 100).
+        placement_gap: --placement auto: the least distance between two Mamba layers (default 1: neighbours
+            allowed); e.g. 3 at 25 % of 30 layers spreads them as even spacing does, on the lowest scores.
     """
     from .convert import convert as run
     from .convert.formats import load
     from .errors import MatvlmError
 
     report = None
+    if placement_gap != 1 and placement != "auto":
+        raise MatvlmError(f"--placement-gap goes with --placement auto, got --placement {placement}")
     if placement == "auto":
         if data is None or mamba_layers is not None:
             raise MatvlmError("--placement auto takes --data (the text the layers are measured on) and no --mamba-layers")
         if Path(out).exists() and not overwrite:
             raise MatvlmError(f"output directory {out} already exists (pass --overwrite to replace it)")
         report = _auto_placement(teacher, data, image_root, template, mamba_ratio or 0.25, placement_steps, seed,
-                                 Path(out).parent / f".{Path(out).name}.placement")
+                                 Path(out).parent / f".{Path(out).name}.placement", placement_gap)
         mamba_layers = report["layers"]
     path = run(teacher, out, mamba_ratio=mamba_ratio, placement=placement, mamba_layers=mamba_layers,
                dtype=dtype, seed=seed, overwrite=overwrite)
@@ -61,7 +65,7 @@ def convert(teacher: Path, out: Path, mamba_ratio: float | None = None,
 
 
 def _auto_placement(teacher: Path, data: Path, image_root: Path | None, template: str | None, ratio: float,
-                    steps: int, seed: int, work: Path) -> dict:
+                    steps: int, seed: int, work: Path, gap: int = 1) -> dict:
     """Layers for `ratio` by measured sensitivity (distill.placement), with the work directory removed after."""
     import shutil
 
@@ -70,7 +74,8 @@ def _auto_placement(teacher: Path, data: Path, image_root: Path | None, template
 
     cfg = DistillConfig(teacher=str(teacher), data=str(data), out=str(work), mamba_ratio=ratio,
                         image_root=str(image_root) if image_root else None, template=template, global_batch_size=16,
-                        micro_batch_size=8, lr=1e-3, max_length=1024, seed=seed, tensorboard=False)
+                        micro_batch_size=8, lr=1e-3, max_length=1024, seed=seed, tensorboard=False,
+                        placement_gap=gap)
     cfg.validate()
     try:
         report = auto_layers(cfg, ratio, work, align_steps=steps)

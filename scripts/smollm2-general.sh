@@ -9,7 +9,8 @@
 #      start and from seeds, chats; long sequences);
 #   4. per run of $RUNS (ratio:placement:stage[:train[:opts]]; placement even or auto = by measured
 #      sensitivity, stage e2e = single stage or both = align then e2e, train = the parameter groups that
-#      train, joined by '+', default mamba; opts joined by '+': group = --group-by-length; default every
+#      train, joined by '+', default mamba; opts joined by '+': group = --group-by-length, gapN = auto
+#      placement with Mamba layers at least N apart (--placement-gap); default every
 #      $RATIOS x $STAGES, even): convert, distil $STEPS steps, score with eval-lm on both held-out sets.
 # Every stage is skipped when its output exists and distillation resumes from its checkpoints, so a run
 # cut by a time limit continues where it stopped when started again.
@@ -46,23 +47,25 @@ cp "$W/general.jsonl.meta.json" "$OUT/general-meta.json"
 # run in the order given
 RUNS=${RUNS:-$(for r in $RATIOS; do for s in $STAGES; do printf '%s:even:%s ' "$r" "$s"; done; done)}
 one_run() {
-  local spec=$1 r place stage train opts tag scores layers run extra name set
+  local spec=$1 r place stage train opts gap tag scores layers run extra name set
   IFS=: read -r r place stage train opts <<< "$spec"
   train=${train:-mamba}
+  gap=$(echo "+${opts:-}+" | sed -n 's/.*+gap\([0-9]*\)+.*/\1/p'); gap=${gap:-1}
   tag=h$($PY -c "print(f'{$r * 100:g}'.replace('.', 'p'))")
   [ "$place" = auto ] && tag="$tag-auto"
+  [ "$gap" = 1 ] || tag="$tag-gap$gap"
   { flock 9                                            # lanes that share a student convert it once
   if [ ! -d "$W/$tag" ]; then
     t "convert $tag"
     scores=$(ls "$W"/h*-auto/placement.json 2>/dev/null | head -1 || true)
     if [ "$place" = auto ] && [ -n "$scores" ]; then     # the scores do not depend on the ratio: choose from them
       layers=$($PY -c "import json,sys; from matvlm.distill.placement import choose; \
-print(','.join(map(str, choose(json.load(open(sys.argv[1]))['scores'], $r))))" "$scores")
+print(','.join(map(str, choose(json.load(open(sys.argv[1]))['scores'], $r, $gap))))" "$scores")
       $MATVLM convert "$W/smollm2" "$W/$tag" --mamba-layers "$layers"
       cp "$scores" "$W/$tag/placement.json"
     elif [ "$place" = auto ]; then
       $MATVLM convert "$W/smollm2" "$W/$tag" --mamba-ratio "$r" --placement auto --data "$W/general.jsonl" \
-          --placement-steps "${PLACEMENT_STEPS:-100}"
+          --placement-steps "${PLACEMENT_STEPS:-100}" --placement-gap "$gap"
     else
       $MATVLM convert "$W/smollm2" "$W/$tag" --mamba-ratio "$r"
     fi

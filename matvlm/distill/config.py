@@ -35,6 +35,8 @@ class DistillConfig:
         placement: where converted layers go when --student is not given; auto = by measured sensitivity on
             --data (see `matvlm convert --help`; the student it converts is kept in OUT/placement/ and the
             scores in OUT/placement.json).
+        placement_gap: auto placement: the least distance between two Mamba layers (1: neighbours allowed;
+            e.g. 3 at 25 % of 30 layers keeps them spread as even spacing does, on the lowest-scoring layers).
         template: chat template of the data (default: by decoder family; phi = TinyLLaVA's).
         max_length: maximum tokens per sample; longer ones are truncated, never inside an image.
         image_aspect: pad to square with the mean colour, or square resize (default: the teacher's
@@ -82,6 +84,7 @@ class DistillConfig:
     student: str | None = None
     mamba_ratio: float | None = None
     placement: Literal["even", "begin", "middle", "end", "auto"] = "even"
+    placement_gap: int = 1
     image_root: str | None = None
     template: Literal["phi", "vicuna", "chatml", "plain"] | None = None
     max_length: int = 2048
@@ -148,6 +151,10 @@ class DistillConfig:
             bad(f"loss weights must be >= 0 and not all 0, got alpha={self.alpha} beta={self.beta} gamma={self.gamma}")
         if self.placement not in PLACEMENTS:
             bad(f"--placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
+        if self.placement_gap < 1:
+            bad(f"--placement-gap must be >= 1, got {self.placement_gap}")
+        if self.placement_gap != 1 and self.placement != "auto":
+            bad(f"--placement-gap goes with --placement auto, got --placement {self.placement}")
         if self.stage not in STAGES:
             bad(f"--stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
         if self.align_steps is not None and (self.align_steps < 1 or self.stage != "both"):

@@ -72,10 +72,35 @@ def layer_scores(teacher, aligned, dataset, pad_token_id: int, samples: list[int
     return [k / max(tokens, 1) for k in kl], tokens
 
 
-def choose(scores: list[float], ratio: float) -> list[int]:
-    """The `ratio` of layers whose replacement alone hurts least (lowest scores), in layer order."""
-    m = count_for_ratio(len(scores), ratio)
-    return sorted(sorted(range(len(scores)), key=lambda l: (scores[l], l))[:m])
+def choose(scores: list[float], ratio: float, gap: int = 1) -> list[int]:
+    """The `ratio` of layers whose replacements alone hurt least together (the lowest sum of scores), in layer
+    order, any two at least `gap` layers apart (1: neighbours allowed, which is the plain lowest scores)."""
+    n = len(scores)
+    m = count_for_ratio(n, ratio)
+    if gap < 1:
+        raise MatvlmError(f"--placement-gap must be >= 1, got {gap}")
+    if gap == 1:
+        return sorted(sorted(range(n), key=lambda l: (scores[l], l))[:m])
+    if (m - 1) * gap + 1 > n:
+        raise MatvlmError(f"{m} Mamba layers at least {gap} apart do not fit in {n} layers; lower --placement-gap "
+                          f"(at most {(n - 1) // max(m - 1, 1)} here)")
+    inf = float("inf")
+    # cost[j][i]: the least sum of j + 1 chosen scores whose last layer is i; back[j][i]: the layer before it
+    cost = [[scores[i] for i in range(n)]] + [[inf] * n for _ in range(m - 1)]
+    back = [[-1] * n for _ in range(m)]
+    for j in range(1, m):
+        best, arg = inf, -1                        # the best cost[j - 1][k] over k <= i - gap, lowest k on ties
+        for i in range(n):
+            k = i - gap
+            if k >= 0 and cost[j - 1][k] < best:
+                best, arg = cost[j - 1][k], k
+            if arg >= 0:
+                cost[j][i], back[j][i] = best + scores[i], arg
+    last = min(range(n), key=lambda i: (cost[m - 1][i], i))
+    layers = [last]
+    for j in range(m - 1, 0, -1):
+        layers.append(back[j][layers[-1]])
+    return sorted(layers)
 
 
 def auto_layers(cfg: DistillConfig, ratio: float, work: Path, align_steps: int = 100, eval_samples: int = 32,
@@ -107,9 +132,9 @@ def auto_layers(cfg: DistillConfig, ratio: float, work: Path, align_steps: int =
     tok = getattr(processor, "tokenizer", processor)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     scores, tokens = layer_scores(teacher, aligned, dataset, tok.pad_token_id, samples, device=device)
-    layers = choose(scores, ratio)
+    layers = choose(scores, ratio, cfg.placement_gap)
     report = {"method": "auto: KL(teacher || teacher with one layer replaced by its aligned mixer), lowest first",
-              "ratio": ratio, "layers": layers, "scores": scores, "align_steps": align_steps,
+              "ratio": ratio, "gap": cfg.placement_gap, "layers": layers, "scores": scores, "align_steps": align_steps,
               "eval_samples": len(samples), "eval_tokens": tokens, "data": str(cfg.data)}
     shutil.rmtree(align_dir, ignore_errors=True)
     return report

@@ -1,6 +1,7 @@
 """--placement auto: per-layer sensitivity scores, the choice they make, and the convert / distill commands."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +29,34 @@ def text_data(tmp_path):
 def test_choose_takes_the_lowest_scores_in_layer_order():
     assert choose([0.5, 0.1, 0.9, 0.2, 0.3, 0.8, 0.05, 0.4], 0.5) == [1, 3, 4, 6]
     assert choose([0.2, 0.2, 0.1, 0.3], 0.25) == [2]
+
+
+def test_choose_with_a_gap_is_the_lowest_sum_of_layers_that_far_apart():
+    import itertools
+    import random
+
+    from matvlm.convert.layers import count_for_ratio
+    from matvlm.errors import MatvlmError
+
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randrange(4, 13)
+        scores = [round(rng.random(), 2) for _ in range(n)]
+        ratio, gap = rng.choice([0.25, 0.34, 0.5]), rng.randrange(1, 4)
+        m = count_for_ratio(n, ratio)
+        feasible = [c for c in itertools.combinations(range(n), m) if all(b - a >= gap for a, b in zip(c, c[1:]))]
+        if not feasible:
+            with pytest.raises(MatvlmError, match="do not fit"):
+                choose(scores, ratio, gap)
+            continue
+        got = choose(scores, ratio, gap)
+        assert len(got) == m and all(b - a >= gap for a, b in zip(got, got[1:]))
+        assert abs(sum(scores[i] for i in got) - min(sum(scores[i] for i in c) for c in feasible)) < 1e-9
+    # the 25 % SmolLM2 case: the plain lowest scores cluster at the end, a gap of 3 spreads them
+    late = [0.3, 0.15, 0.05, 0.05, 0.04] + [0.03] * 15 + [0.06, 0.02, 0.02, 0.07, 0.04] + [0.02] * 5
+    assert sum(i >= 21 for i in choose(late, 0.25)) >= 6
+    spread = choose(late, 0.25, 3)
+    assert all(b - a >= 3 for a, b in zip(spread, spread[1:])) and 0 not in spread and 1 not in spread
 
 
 def test_a_layer_whose_mixer_is_broken_scores_worst_and_each_score_is_its_swap_alone(teacher_dirs, text_data,
@@ -81,3 +110,16 @@ def test_distill_placement_auto_trains_the_measured_student(teacher_dirs, text_d
     assert matvlm.load(out).hybrid_config.mamba_layers == report["layers"]
     stored = json.loads((out / "distill_config.json").read_text())
     assert stored["student"] == str(out / "placement" / "student-init") and stored["placement"] == "auto"
+
+
+def test_a_placement_gap_goes_with_auto_placement_only():
+    from matvlm.commands import convert
+    from matvlm.distill.config import DistillConfig
+    from matvlm.errors import MatvlmError
+
+    with pytest.raises(MatvlmError, match="--placement-gap goes with --placement auto"):
+        DistillConfig(teacher="t", data="d", out="o", mamba_ratio=0.25, placement="even", placement_gap=3).validate()
+    with pytest.raises(MatvlmError, match="--placement-gap must be >= 1"):
+        DistillConfig(teacher="t", data="d", out="o", mamba_ratio=0.25, placement="auto", placement_gap=0).validate()
+    with pytest.raises(MatvlmError, match="--placement-gap goes with --placement auto"):
+        convert(Path("t"), Path("o"), placement="even", placement_gap=2)
