@@ -8,7 +8,10 @@ At TinyLLaVA-3.1B's mixer shapes (32 heads x headdim 80, n_groups = heads, d_sta
   simple gated linear attention: q = C, k = dt * B, v = x, log-decay g = dt * A, scale 1; D x added after);
   each checked against the float64 chunked reference (`ops.ssd_ref`) on the same inputs: output and final
   state, relative error;
-- one whole Mamba2Mixer prefill and one sdpa attention layer (`matvlm.bench.kernels.time_prefill`).
+- one whole Mamba2Mixer prefill and one sdpa attention layer (`matvlm.bench.kernels.time_prefill`), the
+  mixer also with its causal convolution forced onto the PyTorch path (the `conv_triton` kernel against
+  `nn.Conv1d`, side by side), the convolution alone both ways (checked against float64), and the mixer's
+  prefill kernel by kernel (torch.profiler, the 15 largest).
 Times are medians of CUDA-event timings after warm-up. Writes prefill-probe.json.
 """
 
@@ -21,6 +24,42 @@ import time
 from pathlib import Path
 
 import torch
+
+
+def conv_rows(T: int) -> dict:
+    """The mixer's prefill with the conv on the PyTorch path, the conv alone both ways, and a kernel table."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers.cache_utils import Cache
+
+    from matvlm.bench.kernels import phi2_mixer, rel, timed
+    from matvlm.model.cache import MambaLayerState
+    from matvlm.ops import conv as conv_ops
+
+    out = {}
+    mixer = phi2_mixer()
+    u = torch.randn(1, T, 2560, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        run = lambda: mixer(u, cache=Cache(layers=[MambaLayerState()]))      # noqa: E731
+        saved = conv_ops.fused_kernels
+        conv_ops.fused_kernels = lambda *a, **k: None
+        try:
+            out["mamba_prefill_conv_torch_ms"] = timed(run)
+        finally:
+            conv_ops.fused_kernels = saved
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            run()
+            torch.cuda.synchronize()
+        rows = sorted(((e.device_time_total, e.count, e.key) for e in prof.key_averages()), reverse=True)[:15]
+        out["mamba_prefill_kernels_us"] = [[round(us, 1), n, k[:100]] for us, n, k in rows]
+        c = mixer.conv1d.weight.shape[0]
+        x = torch.randn(1, T, c + 2592, device="cuda", dtype=torch.bfloat16)[:, :, 2560:2560 + c]
+        w, b = mixer.conv1d.weight[:, 0], mixer.conv1d.bias
+        want = conv_ops.causal_conv1d_ref(x.double(), w.double(), b.double())
+        got = conv_ops.causal_conv1d(x, w, b)
+        out["conv_kernel"] = {"ms": timed(lambda: conv_ops.causal_conv1d(x, w, b)), "err": rel(got, want)}
+        out["conv_torch"] = {"ms": timed(lambda: conv_ops.causal_conv1d_ref(x, w, b)),
+                             "err": rel(conv_ops.causal_conv1d_ref(x, w, b), want)}
+    return out
 
 
 def main(argv=None):
@@ -46,6 +85,7 @@ def main(argv=None):
         with torch.no_grad():
             y_ref, f_ref = ssd_ref.ssd_chunked(*(t.double() for t in (x, dt, A, B, C, D)), None, chunk_size=64)
         row = {"T": T, **time_prefill(T)}
+        row.update(conv_rows(T))
         for chunk in (64, 128, 256):
             with torch.no_grad():
                 y, f = ssd_triton.ssd(x, dt, A, B, C, D, None, chunk)

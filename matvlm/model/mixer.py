@@ -105,12 +105,7 @@ class Mamba2Mixer(nn.Module):
     def causal_conv(self, xBC: Tensor, conv_state: Tensor | None) -> Tensor:
         """Depthwise causal conv + SiLU. xBC: (B, T, C); conv_state: (B, C, d_conv-1) holding the
         previous d_conv-1 inputs, or None for zeros. Returns (B, T, C)."""
-        xt = xBC.transpose(1, 2)                                      # (B, C, T)
-        if conv_state is None:
-            xt = F.pad(xt, (self.d_conv - 1, 0))
-        else:
-            xt = torch.cat([conv_state.to(xt.dtype), xt], dim=-1)     # (B, C, d_conv-1+T)
-        return F.silu(self.conv1d(xt)).transpose(1, 2)                # (B, T, C)
+        return ops.causal_conv1d(xBC, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)
 
     # --- forward ---------------------------------------------------------------------
 
