@@ -10,7 +10,9 @@ Every iteration of `ContinuousBatcher.step`:
    state are copied from the staging row);
 4. one decode step runs every slot below the highest busy one (a bucket of `_bucket` sizes, so one
    fixed-shape step per bucket can be captured as a CUDA graph); each request's token is sampled,
-   checked for stops and handed to its sink; finished requests leave their slot.
+   checked for stops and handed to its sink; finished requests leave their slot. When every running
+   request is greedy, the step feeds its argmax forward on the device and the host takes its tokens
+   while the next step runs (one step ahead; a finished request's row computes one spare step).
 
 Per-slot state is fixed size: for attention layers KV rows (slots, kv_heads, length, head_dim) written
 at each slot's own position, for Mamba layers conv (slots, conv_dim, d_conv-1) and SSM
@@ -185,7 +187,7 @@ class SlotPool:
 
     def step_state(self) -> list[Tensor]:
         """What a decode step changes besides KV entries at and after each row's position."""
-        return [self.position, self.mask] + [t for pair in self.state.values() for t in pair]
+        return [self.position, self.mask, self.token] + [t for pair in self.state.values() for t in pair]
 
 
 @dataclass
@@ -209,6 +211,37 @@ class Sequence:
     first_token_s: float | None = None
 
 
+class _HostTokens:
+    """A step's tokens copied to the host without stalling the device: two pinned buffers in turn, each
+    copy followed by an event; `read` starts a copy, `wait` on its result gives the list."""
+
+    def __init__(self, slots: int, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.host = torch.empty((2, slots), dtype=torch.long, pin_memory=self.cuda)
+        self.turn = 0
+
+    def read(self, tokens: Tensor) -> _Read:
+        i, self.turn = self.turn, 1 - self.turn
+        buf = self.host[i, :tokens.shape[0]]
+        buf.copy_(tokens, non_blocking=self.cuda)
+        event = None
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record()
+        return _Read(buf, event)
+
+
+@dataclass
+class _Read:
+    buf: Tensor
+    event: object
+
+    def wait(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.buf.tolist()
+
+
 class ContinuousBatcher:
     """Iteration-level scheduling over an `Engine`'s model (see the module doc). Not thread-safe: one
     thread calls `add` and `step` (the serving thread)."""
@@ -225,6 +258,8 @@ class ContinuousBatcher:
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._eager: set[tuple[int, int]] = set()          # buckets whose capture failed: they decode eagerly
         self.steps = 0
+        self._pending = None                # (seqs, tokens) of a queued greedy step not yet taken
+        self._host_tokens = _HostTokens(slots, engine.device)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -269,7 +304,7 @@ class ContinuousBatcher:
 
     @property
     def busy(self) -> bool:
-        return bool(self.waiting or self.prefilling or self.running)
+        return bool(self.waiting or self.prefilling or self.running or self._pending)
 
     @property
     def n_running(self) -> int:
@@ -281,7 +316,7 @@ class ContinuousBatcher:
         budget = self.prefill_tokens
         while budget > 0 and self._start_next():
             budget -= self._prefill_chunk(self.prefilling, budget)
-        if self.running:
+        if self.running or self._pending:
             self._decode()
 
     # --- admission and prefill --------------------------------------------------------------------
@@ -313,7 +348,7 @@ class ContinuousBatcher:
         ids, pixels = eng.encode(seq.request)
         if not ids:
             raise MatvlmError("the prompt has no tokens")
-        if len(ids) + p.max_new_tokens - 1 > self.pool.length:
+        if len(ids) + p.max_new_tokens > self.pool.length:   # + 1: the spare step after the last token
             raise MatvlmError(f"prompt ({len(ids)} tokens) + max_new_tokens ({p.max_new_tokens}) exceeds the "
                               f"{self.pool.length} tokens a slot holds")
         dev = eng.device
@@ -377,6 +412,7 @@ class ContinuousBatcher:
         embeds = self.engine.model.get_input_embeddings()(pool.token[:k])
         forward = self.engine.fused.forward if self.engine.fused is not None else self.engine._forward
         pool.logits[:k].copy_(forward(embeds, pos, mask, None, self._bucket_cache(k, length)))
+        pool.token[:k, 0].copy_(pool.logits[:k].argmax(-1))       # greedy: the next step's input, on the device
         pos.add_(1)
 
     def _launch(self, k: int, length: int) -> None:
@@ -412,26 +448,75 @@ class ContinuousBatcher:
                 t.copy_(s)
 
     def _decode(self) -> None:
-        rows = sorted(self.running)
+        """One decode step. A batch of greedy requests runs a step ahead of the host: every step feeds its
+        own argmax forward on the device (`_step_body`), so step N+1 is queued before step N's tokens are
+        taken (stops, text, streaming), and the host's work overlaps the device's. A request that finished
+        at step N is known after N+1 was queued: its row computes one spare step, which nothing reads.
+        Batches with sampled requests sample on the host between steps."""
+        pending, self._pending = self._pending, None
+        seqs = [self.running[r] for r in sorted(self.running)]
+        if seqs and _all_greedy([s.request.params for s in seqs]):
+            self._pending = self._launch_step(seqs, ahead=pending is not None)
+            if pending is not None:
+                self._take(*pending)
+            return
+        if pending is not None:                          # a sampled request joined: finish the greedy step first
+            self._take(*pending)
+            seqs = [self.running[r] for r in sorted(self.running)]
+        if not seqs:
+            return
+        launched = self._launch_step(seqs, ahead=False)
+        if launched is None:
+            return
+        rows = torch.tensor([s.row for s in seqs], device=self.engine.device)
+        try:
+            with torch.no_grad():
+                tokens = self._sample(self.pool.logits[rows], seqs)
+        except Exception as e:                           # noqa: BLE001 - sampling failed: every row
+            for seq in seqs:
+                self._release(seq, None, e)
+            return
+        fed = self._take(seqs, {s.row: t for s, t in zip(seqs, tokens)})
+        if fed:                                          # the sampled tokens replace the argmax the step fed
+            idx = torch.tensor([r for r, _ in fed], device=self.engine.device)
+            self.pool.token[idx, 0] = torch.tensor([t for _, t in fed], device=self.engine.device)
+
+    def _launch_step(self, seqs: list[Sequence], ahead: bool):
+        """Queue one decode step over `seqs`' slots; returns (seqs, tokens) for `_take`, where tokens is the
+        step's argmax being copied to the host (a `_HostTokens`), or None if the step failed (every request
+        in it then gets the error). `ahead`: the previous step's tokens are not taken yet, so each request
+        holds one more position than its answer shows."""
+        rows = [s.row for s in seqs]
         k = min(_bucket(rows[-1] + 1), self.pool.slots)
-        seqs = [self.running[r] for r in rows]
         # attend over the KV entries the longest running request holds (a power-of-two bucket), not the
         # whole slot: a step's attention reads grow with the requests, not with --max-len
-        length = _length_bucket(max(len(s.ids) + len(s.answer.ids) for s in seqs), self.pool.length)
+        held = max(len(s.ids) + len(s.answer.ids) for s in seqs) + (1 if ahead else 0)
+        length = _length_bucket(held, self.pool.length)
         idle = sorted(set(range(k)) - set(rows))
         if idle:                                         # idle rows decode garbage at position 0, never past L
             self.pool.position[torch.tensor(idle, device=self.engine.device)] = 0
         try:
             with torch.no_grad():
                 self._launch(k, length)
-                tokens = self._sample(self.pool.logits[torch.tensor(rows, device=self.engine.device)], seqs)
+                tokens = self._host_tokens.read(self.pool.token[:k, 0])
         except Exception as e:                           # noqa: BLE001 - the step itself failed: every row
             for seq in seqs:
                 self._release(seq, None, e)
-            return
+            return None
         self.steps += 1
-        fed = []
-        for seq, tok in zip(seqs, tokens):
+        return seqs, tokens
+
+    def _take(self, seqs: list[Sequence], tokens) -> list[tuple[int, int]]:
+        """Hand each request its token of a step (`tokens`: {row: token}, or a `_HostTokens` read); finished
+        requests leave their slot. Requests that left since the step was queued (cancelled) are skipped.
+        Returns (row, token) of the requests that go on."""
+        if not isinstance(tokens, dict):
+            tokens = dict(enumerate(tokens.wait()))
+        going = []
+        for seq in seqs:
+            if self.running.get(seq.row) is not seq:
+                continue
+            tok = tokens[seq.row]
             try:
                 done = self._accept(seq, tok)
             except Exception as e:                       # noqa: BLE001 - this row's text failed, not others'
@@ -440,10 +525,8 @@ class ContinuousBatcher:
             if done:
                 self._release(seq, self._output(seq), None)
             else:
-                fed.append((seq.row, tok))
-        if fed:
-            idx = torch.tensor([r for r, _ in fed], device=self.engine.device)
-            self.pool.token[idx, 0] = torch.tensor([t for _, t in fed], device=self.engine.device)
+                going.append((seq.row, tok))
+        return going
 
     def _sample(self, logits: Tensor, seqs: list[Sequence]) -> list[int]:
         params = [s.request.params for s in seqs]

@@ -293,3 +293,30 @@ def test_the_fused_decode_step_serves_each_slot_at_its_own_position(engine):
     views = service.batcher._caches
     assert views and all(not hasattr(v, "get_seq_length") for v in views.values())   # the fused step's views
     service.close()
+
+
+def test_greedy_steps_run_one_ahead_of_the_host_and_sampled_requests_join_them_unchanged(engine):
+    """Greedy batches queue step N+1 before taking step N's tokens: a lone answer of 6 tokens (the first
+    from prefill) takes 6 decode steps, the last a spare one nobody reads. A seeded sampled request that
+    joins a running greedy one switches the batch to host sampling; both answers stay what they are alone."""
+    from matvlm.engine.scheduler import ContinuousBatcher, Sequence
+
+    def run(batcher, reqs, at_step=None):
+        got = {}
+        for i, r in enumerate(reqs):
+            if at_step is None or i == 0:
+                batcher.add(Sequence(r, emit=lambda t: None, finish=lambda o, e, i=i: got.__setitem__(i, o or e)))
+        while batcher.busy:
+            batcher.step()
+            if at_step is not None and batcher.steps == at_step and len(reqs) > 1 and 1 not in got:
+                batcher.add(Sequence(reqs[1], emit=lambda t: None, finish=lambda o, e: got.__setitem__(1, o or e)))
+                at_step = -1
+        return [got[i].token_ids for i in range(len(reqs))]
+
+    batcher = ContinuousBatcher(engine, slots=2, length=256)
+    assert run(batcher, [ask(engine, "What color is the circle?", 6)]) == \
+        [engine.generate([ask(engine, "What color is the circle?", 6)])[0].token_ids]
+    assert batcher.steps == 6
+    greedy, sampled = ask(engine, "Describe the image.", 30), ask(engine, "How many shapes?", 12, temperature=1.5, seed=7)
+    alone = [run(ContinuousBatcher(engine, slots=2, length=256), [r])[0] for r in (greedy, sampled)]
+    assert run(ContinuousBatcher(engine, slots=2, length=256), [greedy, sampled], at_step=5) == alone
