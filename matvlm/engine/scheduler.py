@@ -483,7 +483,7 @@ class ContinuousBatcher:
 
     def _launch_step(self, seqs: list[Sequence], ahead: bool):
         """Queue one decode step over `seqs`' slots; returns (seqs, tokens) for `_take`, where tokens is the
-        step's argmax being copied to the host (a `_HostTokens`), or None if the step failed (every request
+        step's argmax being copied to the host (a `_Read`), or None if the step failed (every request
         in it then gets the error). `ahead`: the previous step's tokens are not taken yet, so each request
         holds one more position than its answer shows."""
         rows = [s.row for s in seqs]
@@ -507,7 +507,7 @@ class ContinuousBatcher:
         return seqs, tokens
 
     def _take(self, seqs: list[Sequence], tokens) -> list[tuple[int, int]]:
-        """Hand each request its token of a step (`tokens`: {row: token}, or a `_HostTokens` read); finished
+        """Hand each request its token of a step (`tokens`: {row: token}, or a `_Read` of the step's argmax); finished
         requests leave their slot. Requests that left since the step was queued (cancelled) are skipped.
         Returns (row, token) of the requests that go on."""
         if not isinstance(tokens, dict):
