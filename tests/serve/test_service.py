@@ -320,3 +320,52 @@ def test_greedy_steps_run_one_ahead_of_the_host_and_sampled_requests_join_them_u
     greedy, sampled = ask(engine, "Describe the image.", 30), ask(engine, "How many shapes?", 12, temperature=1.5, seed=7)
     alone = [run(ContinuousBatcher(engine, slots=2, length=256), [r])[0] for r in (greedy, sampled)]
     assert run(ContinuousBatcher(engine, slots=2, length=256), [greedy, sampled], at_step=5) == alone
+
+
+def test_a_random_mix_of_greedy_sampled_stopped_and_cancelled_requests_keeps_every_answer(engine):
+    """Requests join at random steps into 3 slots, greedy and seeded sampled mixed (the batch switches
+    between running a step ahead and sampling on the host), some with stop strings, one cancelled midway:
+    every answer is the one the request gets alone, and the cancelled one ends with its error."""
+    import random
+
+    from matvlm.engine.scheduler import ContinuousBatcher, Sequence
+
+    rng = random.Random(5)
+    questions = ["Describe the image.", "What color is the circle?", "How many shapes are there?",
+                 "Where is the square?", "Is there a triangle?"]
+    reqs = []
+    for i in range(9):
+        kw = {"temperature": 1.3, "seed": 100 + i} if i % 3 == 1 else {}
+        if i % 4 == 2:
+            kw["stop"] = ["e"]
+        reqs.append(ask(engine, rng.choice(questions), rng.randrange(2, 20), **kw))
+    reqs[4] = ask(engine, "Describe the image.", 40)                 # still running when it is cancelled
+    alone = []
+    for r in reqs:
+        b = ContinuousBatcher(engine, slots=3, length=256)
+        got = []
+        b.add(Sequence(r, emit=lambda t: None, finish=lambda o, e: got.append(o)))
+        while b.busy:
+            b.step()
+        alone.append((got[0].token_ids, got[0].text))
+    batcher = ContinuousBatcher(engine, slots=3, length=256)
+    results, cancelled = {}, {"flag": False}
+    joins = sorted(rng.sample(range(0, 30), len(reqs)))
+    pending = list(zip(joins, range(len(reqs))))
+    step = 0
+    while pending or batcher.busy:
+        while pending and pending[0][0] <= step:
+            _, i = pending.pop(0)
+            batcher.add(Sequence(reqs[i], emit=lambda t: None,
+                                 cancelled=(lambda: cancelled["flag"]) if i == 4 else (lambda: False),
+                                 finish=lambda o, e, i=i: results.__setitem__(i, (o, e))))
+        if step == joins[4] + 3:
+            cancelled["flag"] = True
+        batcher.step()
+        step += 1
+    for i in range(len(reqs)):
+        out, err = results[i]
+        if i == 4:
+            assert out is None and "cancelled" in str(err)
+            continue
+        assert err is None and (out.token_ids, out.text) == alone[i], i
