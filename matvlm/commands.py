@@ -160,7 +160,7 @@ def self_generate(teacher: Path, out: Path, prompts: str | None = None, kind: Li
                   tokens: int | None = None, max_new_tokens: int | None = None, temperature: float | None = None,
                   top_p: float | None = None, chat_fraction: float = 0.3, document_fraction: float = 0.2,
                   seed: int = 0, batch_size: int | None = None, device: str | None = None,
-                  dtype: str | None = None) -> None:
+                  dtype: str | None = None, continuous: bool = False) -> None:
     """Write distillation data from the teacher's own outputs, as a JSONL that `matvlm distill --data` reads.
     Resumable: a rerun continues after what is already written.
 
@@ -190,6 +190,9 @@ def self_generate(teacher: Path, out: Path, prompts: str | None = None, kind: Li
         batch_size: sequences per engine batch (default 32 for chat, 128 for text).
         device: cuda or cpu (default: cuda when available).
         dtype: e.g. bfloat16 (default: bfloat16 on CUDA, float32 on CPU).
+        continuous: --kind text: continuous batching (a finished sequence's slot takes the next item at once;
+            --batch-size requests decode together) instead of static batches that decode until their longest
+            sequence ends. The same file, up to float rounding.
     """
     from .errors import MatvlmError
 
@@ -202,15 +205,16 @@ def self_generate(teacher: Path, out: Path, prompts: str | None = None, kind: Li
                                  max_new_tokens=max_new_tokens or 1024,
                                  temperature=1.0 if temperature is None else temperature,
                                  top_p=0.95 if top_p is None else top_p, chat_fraction=chat_fraction,
-                                 document_fraction=document_fraction, batch_size=batch_size or 128, seed=seed)
+                                 document_fraction=document_fraction, batch_size=batch_size or 128, seed=seed,
+                                 continuous=continuous)
         rate = f", {r['generated_tokens'] / r['seconds']:.0f} generated tokens/s" if r["seconds"] else ""
         print(f"wrote {r['path']}: {r['rows']} sequences, {r['tokens']} tokens ({r['kinds']}; dropped {r['dropped']}"
               f"{rate})")
         return
     from .lm.selfgen import self_generate as run
 
-    if prompts is None or tokens is not None:
-        raise MatvlmError("--kind chat takes --prompts (a file or synthetic:N) and no --tokens")
+    if prompts is None or tokens is not None or continuous:
+        raise MatvlmError("--kind chat takes --prompts (a file or synthetic:N), and no --tokens or --continuous")
     r = run(_engine(str(teacher), device, dtype), prompts, out, max_new_tokens=max_new_tokens or 256,
             temperature=temperature or 0.0, top_p=1.0 if top_p is None else top_p, seed=seed,
             batch_size=batch_size or 32)

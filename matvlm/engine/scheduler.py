@@ -200,6 +200,7 @@ class Sequence:
     emit: Callable[[str], None]
     finish: Callable[[Output | None, BaseException | None], None]
     cancelled: Callable[[], bool] = lambda: False
+    stream: bool = True                      # False: nobody reads the text before the end (no per-token decode)
     arrived: float = field(default_factory=time.perf_counter)
     ids: list[int] = field(default_factory=list)
     embeds: Tensor | None = None
@@ -360,7 +361,7 @@ class ContinuousBatcher:
         if p.repetition_penalty != 1.0:
             seq.seen = torch.zeros(self.pool.logits.shape[-1], dtype=torch.bool, device=dev)
             seq.seen[torch.tensor(ids, device=dev)] = True
-        seq.answer = Answer(eng.tokenizer, p, eng.eos_ids, live=True, seen=seq.seen)
+        seq.answer = Answer(eng.tokenizer, p, eng.eos_ids, live=seq.stream or bool(p.stop), seen=seq.seen)
 
     def _prefill_chunk(self, seq: Sequence, budget: int) -> int:
         """Prefill the next chunk of `seq` (at most `budget` tokens) in the staging row; returns its size."""
@@ -546,7 +547,7 @@ class ContinuousBatcher:
         if seq.first_token_s is None:
             seq.first_token_s = time.perf_counter() - seq.arrived
         done = seq.answer.accept(tok)
-        if seq.answer.reason != "stop":
+        if seq.stream and seq.answer.reason != "stop":
             seq.emit(seq.answer.text)
         return done
 

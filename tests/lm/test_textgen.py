@@ -158,3 +158,32 @@ def test_text_with_unicode_line_separators_survives_a_resume_and_reads_as_one_li
     r = generate_text_corpus(engine, tmp_path / "g.jsonl", tokens=200, min_tokens=8, batch_size=2, progress=False)
     rows = read_records(tmp_path / "g.jsonl")
     assert r["rows"] == len(rows) == 6 and rows[0]["text"] == f"{odd} 0"
+
+
+def test_continuous_generation_writes_the_same_corpus_and_resumes_after_a_cut(engine, tmp_path, monkeypatch):
+    """--continuous: slots take the next item as soon as one finishes, results are written in item order,
+    so the corpus equals the static batches' (greedy and seeded sampled items alike, here in float32),
+    and a run cut mid-way resumes to the same file."""
+    from matvlm.engine.scheduler import ContinuousBatcher
+
+    kw = dict(tokens=200, max_new_tokens=24, min_tokens=4, batch_size=4, seed=3, progress=False)
+    generate_text_corpus(engine, tmp_path / "static.jsonl", **kw)
+    cont = generate_text_corpus(engine, tmp_path / "cont.jsonl", continuous=True, **kw)
+    assert (tmp_path / "cont.jsonl").read_text() == (tmp_path / "static.jsonl").read_text()
+    assert cont["generated_tokens"] > 0
+
+    real, calls = ContinuousBatcher.step, {"n": 0}
+
+    def dies_at_step_40(self):
+        calls["n"] += 1
+        if calls["n"] == 40:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(ContinuousBatcher, "step", dies_at_step_40)
+    with pytest.raises(KeyboardInterrupt):
+        generate_text_corpus(engine, tmp_path / "cut.jsonl", continuous=True, **kw)
+    monkeypatch.setattr(ContinuousBatcher, "step", real)
+    assert (tmp_path / "cut.jsonl.partial").read_text()                       # some items were written
+    generate_text_corpus(engine, tmp_path / "cut.jsonl", continuous=True, **kw)
+    assert (tmp_path / "cut.jsonl").read_text() == (tmp_path / "static.jsonl").read_text()
