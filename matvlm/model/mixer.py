@@ -128,12 +128,17 @@ class Mamba2Mixer(nn.Module):
     @staticmethod
     def _padding_mask(mask: Tensor | None, b: int, t: int) -> Tensor | None:
         """The (B, T) bool mask of real tokens for this call, or None when all are real.
-        `mask` is a 2-D mask over the whole sequence so far (B, past + T); others are ignored."""
+        `mask` is a 2-D mask over the whole sequence so far (B, past + T); others are ignored.
+        On a GPU the mask is kept even when it holds no padding: asking would make the host wait for the
+        device at every Mamba layer of every forward (a distillation step's student and align passes), and
+        multiplying by ones changes nothing."""
         if mask is None or mask.dim() != 2:
             return None
         mask = mask[:, -t:].bool()
         if mask.shape != (b, t):
             raise ValueError(f"padding mask of shape {tuple(mask.shape)} does not fit the batch ({b}, {t})")
+        if mask.is_cuda:
+            return mask
         return None if bool(mask.all()) else mask
 
     def _full(self, u: Tensor, pad: Tensor | None, state) -> Tensor:

@@ -121,3 +121,14 @@ def test_cache_kwarg_reads_the_installed_transformers_signature():
     for cls in (LlamaDecoderLayer, LlamaAttention):
         name = cache_kwarg(cls.__new__(cls))
         assert name in inspect.signature(cls.forward).parameters and name in ("cache", "past_key_values")
+
+
+def test_an_all_real_padding_mask_gives_exactly_the_unmasked_output():
+    """On a GPU the mixer keeps a padding mask without asking whether it holds padding (that would stall
+    the host at every layer): masking by an all-true mask must change nothing, bit for bit."""
+    mixer = make_mixer(dtype=torch.float32)
+    u = torch.randn(2, 9, mixer.cfg.d_model)
+    with torch.no_grad():
+        plain = mixer._full(u, None, None)
+        masked = mixer._full(u, torch.ones(2, 9, dtype=torch.bool), None)
+    assert torch.equal(plain, masked)
