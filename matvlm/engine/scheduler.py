@@ -42,7 +42,7 @@ from ..model.hybrid import attention_shape
 from ..model.vlm import embed, vision_features
 from .answer import Answer
 from .cache import SlotKVLayer, StaticMambaState
-from .engine import (Engine, Output, Request, _all_greedy, _bucket, _causal_lower_right, context_limit,
+from .engine import (Engine, Output, Request, _all_greedy, _bucket, _causal_lower_right, _TokenReader, context_limit,
                      warm_up_on_side_stream)
 from .sampling import sample_batch
 
@@ -212,37 +212,6 @@ class Sequence:
     first_token_s: float | None = None
 
 
-class _HostTokens:
-    """A step's tokens copied to the host without stalling the device: two pinned buffers in turn, each
-    copy followed by an event; `read` starts a copy, `wait` on its result gives the list."""
-
-    def __init__(self, slots: int, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.host = torch.empty((2, slots), dtype=torch.long, pin_memory=self.cuda)
-        self.turn = 0
-
-    def read(self, tokens: Tensor) -> _Read:
-        i, self.turn = self.turn, 1 - self.turn
-        buf = self.host[i, :tokens.shape[0]]
-        buf.copy_(tokens, non_blocking=self.cuda)
-        event = None
-        if self.cuda:
-            event = torch.cuda.Event()
-            event.record()
-        return _Read(buf, event)
-
-
-@dataclass
-class _Read:
-    buf: Tensor
-    event: object
-
-    def wait(self) -> list[int]:
-        if self.event is not None:
-            self.event.synchronize()
-        return self.buf.tolist()
-
-
 class ContinuousBatcher:
     """Iteration-level scheduling over an `Engine`'s model (see the module doc). Not thread-safe: one
     thread calls `add` and `step` (the serving thread)."""
@@ -259,8 +228,8 @@ class ContinuousBatcher:
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._eager: set[tuple[int, int]] = set()          # buckets whose capture failed: they decode eagerly
         self.steps = 0
-        self._pending = None                # (seqs, tokens) of a queued greedy step not yet taken
-        self._host_tokens = _HostTokens(slots, engine.device)
+        self._pending: list[Sequence] | None = None     # the requests of a queued greedy step not yet taken
+        self._reader = _TokenReader(self.pool.token, slots)   # each greedy step's argmax, back in launch order
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -457,17 +426,16 @@ class ContinuousBatcher:
         pending, self._pending = self._pending, None
         seqs = [self.running[r] for r in sorted(self.running)]
         if seqs and _all_greedy([s.request.params for s in seqs]):
-            self._pending = self._launch_step(seqs, ahead=pending is not None)
+            if self._launch_step(seqs, ahead=pending is not None):
+                self._reader.push()
+                self._pending = seqs
             if pending is not None:
-                self._take(*pending)
+                self._take(pending, dict(enumerate(self._reader.pop())))
             return
         if pending is not None:                          # a sampled request joined: finish the greedy step first
-            self._take(*pending)
+            self._take(pending, dict(enumerate(self._reader.pop())))
             seqs = [self.running[r] for r in sorted(self.running)]
-        if not seqs:
-            return
-        launched = self._launch_step(seqs, ahead=False)
-        if launched is None:
+        if not seqs or not self._launch_step(seqs, ahead=False):
             return
         rows = torch.tensor([s.row for s in seqs], device=self.engine.device)
         try:
@@ -482,11 +450,10 @@ class ContinuousBatcher:
             idx = torch.tensor([r for r, _ in fed], device=self.engine.device)
             self.pool.token[idx, 0] = torch.tensor([t for _, t in fed], device=self.engine.device)
 
-    def _launch_step(self, seqs: list[Sequence], ahead: bool):
-        """Queue one decode step over `seqs`' slots; returns (seqs, tokens) for `_take`, where tokens is the
-        step's argmax being copied to the host (a `_Read`), or None if the step failed (every request
-        in it then gets the error). `ahead`: the previous step's tokens are not taken yet, so each request
-        holds one more position than its answer shows."""
+    def _launch_step(self, seqs: list[Sequence], ahead: bool) -> bool:
+        """Queue one decode step over `seqs`' slots; False if it failed (every request in it then gets the
+        error). `ahead`: the previous step's tokens are not taken yet, so each request holds one more
+        position than its answer shows."""
         rows = [s.row for s in seqs]
         k = min(_bucket(rows[-1] + 1), self.pool.slots)
         # attend over the KV entries the longest running request holds (a power-of-two bucket), not the
@@ -499,20 +466,17 @@ class ContinuousBatcher:
         try:
             with torch.no_grad():
                 self._launch(k, length)
-                tokens = self._host_tokens.read(self.pool.token[:k, 0])
         except Exception as e:                           # noqa: BLE001 - the step itself failed: every row
             for seq in seqs:
                 self._release(seq, None, e)
-            return None
+            return False
         self.steps += 1
-        return seqs, tokens
+        return True
 
-    def _take(self, seqs: list[Sequence], tokens) -> list[tuple[int, int]]:
-        """Hand each request its token of a step (`tokens`: {row: token}, or a `_Read` of the step's argmax); finished
-        requests leave their slot. Requests that left since the step was queued (cancelled) are skipped.
-        Returns (row, token) of the requests that go on."""
-        if not isinstance(tokens, dict):
-            tokens = dict(enumerate(tokens.wait()))
+    def _take(self, seqs: list[Sequence], tokens: dict[int, int]) -> list[tuple[int, int]]:
+        """Hand each request its token of a step (`tokens`: {row: token}); finished requests leave their
+        slot. Requests that left since the step was queued (cancelled) are skipped. Returns (row, token)
+        of the requests that go on."""
         going = []
         for seq in seqs:
             if self.running.get(seq.row) is not seq:
