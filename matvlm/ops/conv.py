@@ -16,7 +16,7 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, initial_state:
     `initial_state` (the K-1 previous inputs) or zeros. x: (B, T, C); weight: (C, K); bias: (C,) or None;
     initial_state: (B, C, K-1) or None. Returns (B, T, C) in x's dtype."""
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, initial_state))
-    kernels = None if grad else fused_kernels("conv_triton", x, (torch.bfloat16, torch.float16, torch.float32))
+    kernels = None if grad else fused_kernels("conv_triton", x)
     if kernels is not None and x.dim() == 3 and weight.stride(1) == 1:
         return kernels.causal_conv1d(x, weight, bias, initial_state, silu)
     return causal_conv1d_ref(x, weight, bias, initial_state, silu)

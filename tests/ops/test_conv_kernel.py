@@ -42,7 +42,7 @@ def test_causal_conv_kernel_equals_float64_and_the_pytorch_path(bsz, t, c, k, st
 
 def test_the_dispatcher_takes_the_kernel_only_without_autograd(monkeypatch):
     calls = []
-    monkeypatch.setattr(conv_ops, "fused_kernels", lambda module, x, dtypes: calls.append(module) or conv_triton)
+    monkeypatch.setattr(conv_ops, "fused_kernels", lambda module, x: calls.append(module) or conv_triton)
     x, w, b = torch.randn(1, 9, 8), torch.randn(8, 4), torch.randn(8)
     with torch.no_grad():
         fast = ops.causal_conv1d(x, w, b)
