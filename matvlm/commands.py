@@ -72,7 +72,7 @@ def _auto_placement(teacher: Path, data: Path, image_root: Path | None, template
     from .distill.config import DistillConfig
     from .distill.placement import auto_layers
 
-    cfg = DistillConfig(teacher=str(teacher), data=str(data), out=str(work), mamba_ratio=ratio,
+    cfg = DistillConfig(teacher=str(teacher), data=str(data), out=str(work), mamba_ratio=ratio, placement="auto",
                         image_root=str(image_root) if image_root else None, template=template, global_batch_size=16,
                         micro_batch_size=8, lr=1e-3, max_length=1024, seed=seed, tensorboard=False,
                         placement_gap=gap)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The toy VLM under the recipes of issue 16, scored on a held-out Shapes set drawn with its own seed
 # (teacher 99.56 %). Each run of $RUNS is ratio:placement:stage:steps[:train]: placement even or auto
-# (measured sensitivity, `convert --placement auto`), stage e2e (single stage) or both (90 align steps
+# (measured sensitivity, `convert --placement auto`) or gapN (auto with `--placement-gap N`), stage e2e (single stage) or both (90 align steps
 # first), train e.g. mamba+mlp. The demo's settings otherwise: batch 8, lr 3e-3, alpha 0.02, template
 # plain. Runs on a CPU; skips what exists.
 #
@@ -21,10 +21,11 @@ for spec in $RUNS; do
   IFS=: read -r r place stage steps train <<< "$spec"
   train=${train:-mamba,connector}
   tag=h$(python3 -c "print(f'{$r * 100:g}')")
-  [ "$place" = auto ] && tag="$tag-auto"
+  gap=(); [ "$place" = even ] || tag="$tag-$place"
+  [[ "$place" == gap* ]] && gap=(--placement-gap "${place#gap}")
   if [ ! -d "$W/$tag" ]; then
-    if [ "$place" = auto ]; then
-      $M convert "$T" "$W/$tag" --mamba-ratio "$r" --placement auto --data "$W/data/train.json" --template plain
+    if [ "$place" != even ]; then
+      $M convert "$T" "$W/$tag" --mamba-ratio "$r" --placement auto --data "$W/data/train.json" --template plain "${gap[@]}"
     else
       $M convert "$T" "$W/$tag" --mamba-ratio "$r"
     fi

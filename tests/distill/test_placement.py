@@ -86,14 +86,17 @@ def test_a_layer_whose_mixer_is_broken_scores_worst_and_each_score_is_its_swap_a
     assert abs(float((t.exp() * (t - s)).sum(-1).mean()) - scores[0]) < 1e-9
 
 
-def test_convert_placement_auto_writes_the_chosen_layers_and_their_scores(teacher_dirs, text_data, tmp_path, capsys):
+@pytest.mark.parametrize("gap", [1, 2])
+def test_convert_placement_auto_writes_the_chosen_layers_and_their_scores(teacher_dirs, text_data, tmp_path, capsys,
+                                                                          gap):
     d = teacher_dirs["causal-llama"]
     out = tmp_path / "auto"
     assert main(["convert", str(d), str(out), "--placement", "auto", "--mamba-ratio", "0.5", "--data", str(text_data),
-                 "--placement-steps", "3"]) == 0
+                 "--placement-steps", "3", "--placement-gap", str(gap)]) == 0
     report = json.loads((out / "placement.json").read_text())
     cfg = matvlm.load(out).hybrid_config
-    assert cfg.mamba_layers == report["layers"] == choose(report["scores"], 0.5)
+    assert cfg.mamba_layers == report["layers"] == choose(report["scores"], 0.5, gap) and report["gap"] == gap
+    assert min(b - a for a, b in zip(cfg.mamba_layers, cfg.mamba_layers[1:])) >= gap
     assert len(report["scores"]) == cfg.n_layer and cfg.source["placement"] == "auto"
     assert not list(tmp_path.glob(".auto.placement*"))                          # its work directory is gone
     assert main(["convert", str(d), str(tmp_path / "x"), "--placement", "auto"]) == 2
@@ -104,10 +107,10 @@ def test_distill_placement_auto_trains_the_measured_student(teacher_dirs, text_d
     d = teacher_dirs["causal-llama"]
     out = tmp_path / "run"
     assert main(["distill", "--teacher", str(d), "--data", str(text_data), "--out", str(out), "--mamba-ratio", "0.5",
-                 "--placement", "auto", "--placement-steps", "2", "--max-steps", "2", "--global-batch-size", "4",
-                 "--micro-batch-size", "2", "--no-tensorboard"]) == 0
+                 "--placement", "auto", "--placement-gap", "2", "--placement-steps", "2", "--max-steps", "2",
+                 "--global-batch-size", "4", "--micro-batch-size", "2", "--no-tensorboard"]) == 0
     report = json.loads((out / "placement.json").read_text())
-    assert matvlm.load(out).hybrid_config.mamba_layers == report["layers"]
+    assert matvlm.load(out).hybrid_config.mamba_layers == report["layers"] == choose(report["scores"], 0.5, 2)
     stored = json.loads((out / "distill_config.json").read_text())
     assert stored["student"] == str(out / "placement" / "student-init") and stored["placement"] == "auto"
 
