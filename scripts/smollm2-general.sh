@@ -10,8 +10,14 @@
 #   4. per run of $RUNS (ratio:placement:stage[:train[:opts]]; placement even or auto = by measured
 #      sensitivity, stage e2e = single stage or both = align then e2e, train = the parameter groups that
 #      train, joined by '+', default mamba; opts joined by '+': group = --group-by-length, gapN = auto
-#      placement with Mamba layers at least N apart (--placement-gap); default every
-#      $RATIOS x $STAGES, even): convert, distil $STEPS steps, score with eval-lm on both held-out sets.
+#      placement with Mamba layers at least N apart (--placement-gap), op = a second, on-policy round, cont =
+#      its control; default every $RATIOS x $STAGES, even): convert, distil $STEPS steps, score with eval-lm
+#      on both held-out sets;
+#   5. op: the distilled student answers $OP_PROMPTS synthetic training prompts greedily (its own outputs,
+#      loops included: the teacher's KL on them is what corrects a loop), and distillation goes on from the
+#      student for $OP_STEPS end-to-end steps on those answers mixed with the general text (RUN-op); cont:
+#      the same steps on the general text alone (RUN-cont), so that the gain of the student's own data is
+#      measured apart from the gain of more steps.
 # Every stage is skipped when its output exists and distillation resumes from its checkpoints, so a run
 # cut by a time limit continues where it stopped when started again.
 #
@@ -91,6 +97,34 @@ print(','.join(map(str, choose(json.load(open(sys.argv[1]))['scores'], $r, $gap)
     [ -f "$OUT/$name-$set.json" ] || { t "eval $name $set"; $MATVLM eval-lm "$run" --teacher "$W/smollm2" \
         --data "$W/$set.jsonl" --max-length "$MAXLEN" --batch-size 16 ${LIMIT:+--limit "$LIMIT"} --output "$OUT/$name-$set.json" \
         > "$OUT/$name-$set.txt"; }
+  done
+  local round data
+  for round in op cont; do
+    case "+${opts:-}+" in *+$round+*) ;; *) continue;; esac
+    data="$W/general.jsonl"
+    if [ $round = op ]; then
+      [ -f "$W/$name-answers.jsonl" ] || { t "on-policy answers $name"; $MATVLM self-generate "$run" \
+          --prompts "synthetic:${OP_PROMPTS:-1500}" --out "$W/$name-answers.jsonl" --batch-size 256 --max-new-tokens 512; }
+      data="$W/$name-op-data.jsonl"
+      [ -f "$data" ] || { cat "$W/general.jsonl" "$W/$name-answers.jsonl" > "$data.tmp" && mv "$data.tmp" "$data"; }
+      cp "$W/$name-answers.jsonl.meta.json" "$OUT/$name-answers-meta.json" 2>/dev/null || true
+    fi
+    if [ ! -f "$run-$round/config.json" ]; then
+      t "distill $name $round"
+      if [ -f "$run-$round/distill_config.json" ]; then
+        $MATVLM distill --resume "$run-$round"
+      else
+        $MATVLM distill --teacher "$W/smollm2" --student "$run" --data "$data" --out "$run-$round" --stage e2e \
+          --train "${train//+/,}" --max-steps "${OP_STEPS:-80}" --global-batch-size "$GB" --micro-batch-size "$MB" \
+          --lr "${OP_LR:-5e-4}" --alpha 0.01 --max-length "$MAXLEN" --save-every 20 --keep-last 1 --no-tensorboard
+      fi
+    fi
+    cp "$run-$round/log.jsonl" "$OUT/$name-$round-log.jsonl"
+    for set in natural heldout; do
+      [ -f "$OUT/$name-$round-$set.json" ] || { t "eval $name-$round $set"; $MATVLM eval-lm "$run-$round" \
+          --teacher "$W/smollm2" --data "$W/$set.jsonl" --max-length "$MAXLEN" --batch-size 16 ${LIMIT:+--limit "$LIMIT"} \
+          --output "$OUT/$name-$round-$set.json" > "$OUT/$name-$round-$set.txt"; }
+    done
   done
 }
 
