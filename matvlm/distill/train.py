@@ -360,7 +360,8 @@ class Run:
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
         return iter(torch.utils.data.DataLoader(
             self.dataset, batch_sampler=list(self.plan.micro_batches(self.accelerator.process_index, start, self.total)),
-            collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id), num_workers=self.cfg.num_workers))
+            collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id), num_workers=self.cfg.num_workers,
+            pin_memory=self.accelerator.device.type == "cuda"))
 
     def full_params(self):
         """Outside forward/backward FSDP holds each rank's shard only; saving needs the whole tensors
@@ -510,7 +511,8 @@ def train_step(r: Run, step: int, micro: list[dict]) -> dict:
     sums = torch.zeros(4, device=acc.device)      # loss, layer, prob, ce (for logging)
     r.step_module.train()
     for j, b in enumerate(micro):
-        b = {k: b[k].to(acc.device) for k in BATCH_KEYS if b.get(k) is not None}
+        # pinned batches copy without waiting for the device (a pageable copy waits for the queued work)
+        b = {k: b[k].to(acc.device, non_blocking=True) for k in BATCH_KEYS if b.get(k) is not None}
         last = j == len(micro) - 1
         with acc.no_sync(r.step_module) if not last else nullcontext(), r.autocast():
             o = r.step_module(**b)
