@@ -140,15 +140,17 @@ class _HeadLosses(torch.autograd.Function):
 def head_losses(student_hidden: Tensor, teacher_hidden: Tensor | None, head: torch.nn.Linear,
                 teacher_head: torch.nn.Linear | None = None, labels: Tensor | None = None,
                 mask: Tensor | None = None, temperature: float = 1.0, want_kl: bool = True,
-                want_ce: bool = False, chunk: int | None = None) -> tuple[Tensor, Tensor]:
+                want_ce: bool = False, chunk: int | None = None, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(Σ T²·KL, Σ CE) of `kl_per_token` / `ce_per_token` summed over real tokens, without the (B, T, V)
     logits: the LM head runs on chunks of the real tokens' hidden states only.
 
     student_hidden, teacher_hidden: (B, T, D) final hidden states (after the last norm); head: the
     student's LM head (teacher_head the teacher's, default the same); labels: (B, T) with -100 where no
     CE is taken (CE at position t predicts labels[t+1]); mask: (B, T) real tokens (KL is taken at every
-    real position, CE at real positions whose next label is an answer). Gradients reach student_hidden
-    (and the head's parameters if they require grad).
+    real position, CE at real positions whose next label is an answer); rows: the flat indices of mask's
+    real positions (`mask.reshape(-1).nonzero()[:, 0]`) where the caller has them without asking the
+    device (finding them here waits for the device). Gradients reach student_hidden (and the head's
+    parameters if they require grad).
     """
     b, t, d = student_hidden.shape
     mask = torch.ones(b, t, dtype=torch.bool, device=student_hidden.device) if mask is None else mask.bool()
@@ -158,7 +160,7 @@ def head_losses(student_hidden: Tensor, teacher_hidden: Tensor | None, head: tor
         target = target.masked_fill(~mask, -100)
     else:
         target = torch.zeros(b, t, dtype=torch.long, device=student_hidden.device)
-    rows = mask.reshape(-1).nonzero().squeeze(1)                                 # real tokens only
+    rows = mask.reshape(-1).nonzero().squeeze(1) if rows is None else rows       # real tokens only
     h_s = student_hidden.reshape(b * t, d).index_select(0, rows)                 # (n, D)
     h_t = teacher_hidden.reshape(b * t, d).index_select(0, rows) if want_kl else None
     teacher_head = head if teacher_head is None else teacher_head

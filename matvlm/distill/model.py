@@ -197,7 +197,8 @@ class DistillStep(nn.Module):
         self.need_ce, self.need_layer, self.need_prob = need_ce, need_layer, need_prob
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
-                pixel_values: Tensor | None = None) -> dict[str, Tensor]:
+                pixel_values: Tensor | None = None, rows: Tensor | None = None) -> dict[str, Tensor]:
+        """rows: optional flat indices of attention_mask's real positions (see `losses.head_losses`)."""
         model = self.model
         mamba = model.hybrid_config.mamba_layers
         mask = attention_mask.bool()
@@ -221,7 +222,7 @@ class DistillStep(nn.Module):
                                             attention_mask=attention_mask, use_cache=False).last_hidden_state
             # the LM head and both losses in chunks of real tokens: no (B, T, V) logits (losses.head_losses)
             kl, ce = losses.head_losses(s_hidden, t_hidden, model.get_output_embeddings(), t_head, labels, mask,
-                                        self.temperature, want_kl=self.need_prob, want_ce=self.need_ce)
+                                        self.temperature, want_kl=self.need_prob, want_ce=self.need_ce, rows=rows)
             out["prob_sum"], out["ce_sum"] = (kl if self.need_prob else zero), (ce if self.need_ce else zero)
         if self.need_layer:
             layers = decoder_layers(model)

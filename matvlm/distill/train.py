@@ -511,8 +511,11 @@ def train_step(r: Run, step: int, micro: list[dict]) -> dict:
     sums = torch.zeros(4, device=acc.device)      # loss, layer, prob, ce (for logging)
     r.step_module.train()
     for j, b in enumerate(micro):
-        # pinned batches copy without waiting for the device (a pageable copy waits for the queued work)
+        # pinned batches copy without waiting for the device (a pageable copy waits for the queued work);
+        # the real tokens' rows are found here on the host, not by a nonzero() that waits for the device
+        rows = b["attention_mask"].reshape(-1).nonzero().squeeze(1)
         b = {k: b[k].to(acc.device, non_blocking=True) for k in BATCH_KEYS if b.get(k) is not None}
+        b["rows"] = rows.pin_memory().to(acc.device, non_blocking=True) if acc.device.type == "cuda" else rows
         last = j == len(micro) - 1
         with acc.no_sync(r.step_module) if not last else nullcontext(), r.autocast():
             o = r.step_module(**b)

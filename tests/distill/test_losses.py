@@ -82,13 +82,18 @@ def test_chunked_head_losses_equal_the_full_logits_losses_and_their_gradients_in
     def chunked():
         return losses.head_losses(h_s, h_t, head, t_head, labels, mask, temp, want_kl=True, want_ce=True, chunk=4)
 
+    def chunked_given_rows():                                        # the rows the training loop finds on the host
+        return losses.head_losses(h_s, h_t, head, t_head, labels, mask, temp, want_kl=True, want_ce=True, chunk=4,
+                                  rows=mask.reshape(-1).nonzero().squeeze(1))
+
     results = []
-    for fn in (reference, chunked):
+    for fn in (reference, chunked, chunked_given_rows):
         kl, ce = fn()
         params = [h_s] + ([head.weight, head.bias] if trainable_head else [])
         grads = torch.autograd.grad(0.7 * kl + 1.3 * ce, params)
         results.append((kl.detach(), ce.detach(), grads))
-    (kl_r, ce_r, g_r), (kl_c, ce_c, g_c) = results
+    (kl_r, ce_r, g_r), (kl_c, ce_c, g_c), (kl_g, ce_g, g_g) = results
+    assert torch.equal(kl_g, kl_c) and torch.equal(ce_g, ce_c) and all(torch.equal(a, b) for a, b in zip(g_g, g_c))
     assert torch.allclose(kl_c.double(), kl_r, atol=1e-5), (kl_c, kl_r)    # sums kept in float32
     assert torch.allclose(ce_c.double(), ce_r, atol=1e-5), (ce_c, ce_r)
     for a, b in zip(g_c, g_r):
