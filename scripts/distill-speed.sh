@@ -4,7 +4,7 @@
 # (data loading, tokenising, host syncs, logging included), with and without --group-by-length, on
 # random-weight SmolLM2 shapes and random text, read from its log.jsonl.
 #
-#   CFG=dir-with-config-and-tokenizer OUT=results/ [COMPILE=norm,mlp] bash scripts/distill-speed.sh
+#   CFG=dir-with-config-and-tokenizer OUT=results/ [COMPILE=norm,mlp | COMPILE=layer] bash scripts/distill-speed.sh
 set -euo pipefail
 CFG=${CFG:?a causal-LM directory with config.json and tokenizer files}
 OUT=${OUT:-runs/distill-speed}
@@ -13,7 +13,7 @@ PY=${PY:-python3}
 MICRO=${MICRO:-16,32,64}
 mkdir -p "$OUT" "$W"
 PYTHONUNBUFFERED=1 $PY scripts/profile-distill-step.py --config "$CFG" --micro "$MICRO" --out "$OUT"
-# COMPILE=norm,mlp: the same step with those submodules under torch.compile, side by side (its own folder)
+# COMPILE=norm,mlp or layer: the same step with those submodules under torch.compile, side by side (its own folder)
 [ -z "${COMPILE:-}" ] || PYTHONUNBUFFERED=1 $PY scripts/profile-distill-step.py --config "$CFG" --micro "$MICRO" \
     --compile "$COMPILE" --out "$OUT/compiled"
 

@@ -1,7 +1,7 @@
 """Where a small model's distillation step spends its time (issue 16): SmolLM2-135M shapes, random weights.
 
     python scripts/profile-distill-step.py --config DIR [--ratio 0.25] [--micro 16,32,64] [--seq 1024]
-        [--compile norm,mlp] --out DIR
+        [--compile norm,mlp | --compile layer] --out DIR
 
 DIR is any causal-LM directory with a config.json (only the config is read; weights are random). For each
 micro-batch size it times one optimizer step of matvlm's DistillStep (teacher pass, student pass, chunked
@@ -42,13 +42,15 @@ def text_flops(cfg, n_mamba: int, micro: int, seq: int) -> float:
 
 def compile_parts(model, step, cfg, parts: list[str], seq: int) -> dict:
     """torch.compile the decoder layers' `parts` (norm: input/post-attention RMSNorms and the final norm;
-    mlp: the MLPs) in place, after one eager forward; returns the largest relative difference of the step's
+    mlp: the MLPs; layer: each whole decoder layer as one region, so a layer's norms, attention or mixer,
+    residuals and MLP are one graph and one call, for the teacher pass and the student pass alike, with
+    graph breaks only at the Mamba scan's own kernels) in place, after one eager forward; returns the largest relative difference of the step's
     losses, compiled against eager, on the same batch (the compiled step must compute the same thing)."""
     from matvlm.model.hybrid import decoder_layers
 
-    unknown = set(parts) - {"norm", "mlp"}
-    if unknown:
-        raise SystemExit(f"--compile takes norm and/or mlp; got {','.join(sorted(unknown))}")
+    unknown = set(parts) - {"norm", "mlp", "layer"}
+    if unknown or ("layer" in parts and len(parts) > 1):
+        raise SystemExit(f"--compile takes norm and/or mlp, or layer alone; got {','.join(parts)}")
     g = torch.Generator(device="cuda").manual_seed(2)
     ids = torch.randint(0, cfg.vocab_size, (2, seq), device="cuda", generator=g)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
@@ -61,11 +63,15 @@ def compile_parts(model, step, cfg, parts: list[str], seq: int) -> dict:
     eager = losses()
     n = 0
     for layer in decoder_layers(model):
+        if "layer" in parts:
+            layer.compile(dynamic=False)      # the profile's shapes are fixed; teacher and student each get a graph
+            n += 1
+            continue
         for name in (["input_layernorm", "post_attention_layernorm"] if "norm" in parts else []) + \
                 (["mlp"] if "mlp" in parts else []):
             getattr(layer, name).compile(dynamic=True)
             n += 1
-    if "norm" in parts:
+    if "norm" in parts or "layer" in parts:
         model.model.norm.compile(dynamic=True)
         n += 1
     compiled = losses()
@@ -88,7 +94,7 @@ def main(argv=None):
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--out", type=Path, default=Path("."))
     ap.add_argument("--compile", default="", help="torch.compile these submodules of every decoder layer before "
-                    "timing, comma-separated: norm (the RMSNorms), mlp; the losses are checked against eager first")
+                    "timing, comma-separated: norm (the RMSNorms), mlp; or layer (each whole decoder layer); the losses are checked against eager first")
     args = ap.parse_args(argv)
 
     res = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "ceilings": ceilings(),
