@@ -27,6 +27,7 @@ import torch
 from ..errors import MatvlmError
 from . import state as ckpt
 from .config import DistillConfig
+from ..model.hybrid import decoder_layers
 from .model import DistillStep, build
 
 log = logging.getLogger("matvlm.distill")
@@ -481,6 +482,11 @@ def prepare(r: Run) -> None:
     """The step module (teacher pass, student pass, losses) and the optimizer under accelerate; DeepSpeed
     is told matvlm's micro-batch, accumulation and clipping (its engine steps the optimizer itself)."""
     module = DistillStep(r.model, r.teacher, r.cfg.temperature, need_ce=False, need_layer=False, need_prob=False)
+    if r.cfg.compile:
+        if r.fsdp or r.deepspeed:
+            raise MatvlmError("--compile is not supported with FSDP or DeepSpeed; run without it")
+        for layer in decoder_layers(r.model):     # the teacher's swapped-in modules compile as the same layer's variant
+            layer.compile(dynamic=True)
     if r.deepspeed:
         dsc = r.accelerator.state.deepspeed_plugin.deepspeed_config
         dsc.update(train_micro_batch_size_per_gpu=r.cfg.micro_batch_size, gradient_accumulation_steps=r.plan.accumulation,

@@ -4,6 +4,7 @@ between mamba_ssm's Triton kernels (`ssd_triton`) and the pure-PyTorch reference
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from . import ssd_ref, ssd_triton
@@ -13,6 +14,7 @@ TORCH_CHUNK = 64     # the reference's chunk: small chunks keep its (Q x Q) bloc
 TRITON_CHUNK = 256   # mamba_ssm's Mamba2 default chunk size
 
 
+@torch.compiler.disable   # a compiled layer calls it as it is: Triton kernels or the reference's chunked loop
 def ssd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
         initial_state: Tensor | None = None, chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
     """Mamba-2 scan over a sequence.
