@@ -425,6 +425,8 @@ def setup(cfg: DistillConfig, resume: bool) -> Run:
         # FSDP flattens frozen and trainable parameters together, which needs one dtype: keep all in
         # float32 and let its mixed-precision policy compute in bf16 (more memory, the sharding pays it)
         frozen_dtype = torch.float32
+    if cfg.compile and (fsdp or getattr(accelerator.state, "deepspeed_plugin", None) is not None):
+        raise MatvlmError("--compile is not supported with FSDP or DeepSpeed; run without it")
     model, teacher, trainable_names = build(cfg.teacher, cfg.student, cfg.mamba_ratio, cfg.placement, cfg.train,
                                             dtype=frozen_dtype, seed=cfg.seed)
     if cfg.gradient_checkpointing:
@@ -482,9 +484,7 @@ def prepare(r: Run) -> None:
     """The step module (teacher pass, student pass, losses) and the optimizer under accelerate; DeepSpeed
     is told matvlm's micro-batch, accumulation and clipping (its engine steps the optimizer itself)."""
     module = DistillStep(r.model, r.teacher, r.cfg.temperature, need_ce=False, need_layer=False, need_prob=False)
-    if r.cfg.compile:
-        if r.fsdp or r.deepspeed:
-            raise MatvlmError("--compile is not supported with FSDP or DeepSpeed; run without it")
+    if r.cfg.compile:                             # (setup refused it under FSDP and DeepSpeed)
         for layer in decoder_layers(r.model):     # the teacher's swapped-in modules compile as the same layer's variant
             layer.compile(dynamic=True)
     if r.deepspeed:
