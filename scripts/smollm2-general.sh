@@ -10,7 +10,8 @@
 #   4. per run of $RUNS (ratio:placement:stage[:train[:opts]]; placement even or auto = by measured
 #      sensitivity, stage e2e = single stage or both = align then e2e, train = the parameter groups that
 #      train, joined by '+', default mamba; opts joined by '+': group = --group-by-length, gapN = auto
-#      placement with Mamba layers at least N apart (--placement-gap), op = a second, on-policy round, cont =
+#      placement with Mamba layers at least N apart (--placement-gap), seedN = distil with --seed N (another
+#      data order: a second seed of the same student), op = a second, on-policy round, cont =
 #      its control; default every $RATIOS x $STAGES, even): convert, distil $STEPS steps, score with eval-lm
 #      on both held-out sets;
 #   5. op: the distilled student answers $OP_PROMPTS synthetic training prompts greedily (its own outputs,
@@ -53,7 +54,7 @@ cp "$W/general.jsonl.meta.json" "$OUT/general-meta.json"
 # run in the order given
 RUNS=${RUNS:-$(for r in $RATIOS; do for s in $STAGES; do printf '%s:even:%s ' "$r" "$s"; done; done)}
 one_run() {
-  local spec=$1 r place stage train opts gap tag scores layers run extra name set
+  local spec=$1 r place stage train opts gap tag scores layers run extra name set seed
   IFS=: read -r r place stage train opts <<< "$spec"
   train=${train:-mamba}
   gap=$(echo "+${opts:-}+" | sed -n 's/.*+gap\([0-9]*\)+.*/\1/p'); gap=${gap:-1}
@@ -81,6 +82,8 @@ print(','.join(map(str, choose(json.load(open(sys.argv[1]))['scores'], $r, $gap)
   run="$W/$tag-$stage"; [ "$train" = mamba ] || run="$run-${train//+/-}"
   extra=(); [ "$stage" = both ] && extra=(--align-steps "$ALIGN")
   case "+${opts:-}+" in *+group+*) extra+=(--group-by-length); run="$run-group";; esac
+  seed=$(echo "+${opts:-}+" | sed -n 's/.*+seed\([0-9]*\)+.*/\1/p')
+  [ -z "$seed" ] || { extra+=(--seed "$seed"); run="$run-seed$seed"; }
   if [ ! -f "$run/config.json" ]; then
     t "distill $tag $stage"
     if [ -f "$run/distill_config.json" ]; then
