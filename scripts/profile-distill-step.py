@@ -42,10 +42,9 @@ def text_flops(cfg, n_mamba: int, micro: int, seq: int) -> float:
 
 def compile_parts(model, step, cfg, parts: list[str], seq: int) -> dict:
     """torch.compile the decoder layers' `parts` (norm: input/post-attention RMSNorms and the final norm;
-    mlp: the MLPs; layer: each whole decoder layer as one region, so a layer's norms, attention or mixer,
-    residuals and MLP are one graph and one call, for the teacher pass and the student pass alike, with
-    graph breaks only at the Mamba scan's own kernels) in place, after one eager forward; returns the largest relative difference of the step's
-    losses, compiled against eager, on the same batch (the compiled step must compute the same thing)."""
+    mlp: the MLPs; layer: what `distill --compile` compiles, `distill.train.compile_layers`: each attention
+    layer whole, and a Mamba layer's norms and MLP) in place, after one eager forward; returns the largest
+    relative difference of the step's losses, compiled against eager, on the same batch (the compiled step must compute the same thing)."""
     from matvlm.model.hybrid import decoder_layers
 
     unknown = set(parts) - {"norm", "mlp", "layer"}
@@ -62,11 +61,11 @@ def compile_parts(model, step, cfg, parts: list[str], seq: int) -> dict:
 
     eager = losses()
     n = 0
-    for layer in decoder_layers(model):
-        if "layer" in parts:
-            layer.compile(dynamic=False)      # the profile's shapes are fixed; teacher and student each get a graph
-            n += 1
-            continue
+    if "layer" in parts:
+        from matvlm.distill.train import compile_layers
+
+        n = compile_layers(model)
+    for layer in decoder_layers(model) if "layer" not in parts else []:
         for name in (["input_layernorm", "post_attention_layernorm"] if "norm" in parts else []) + \
                 (["mlp"] if "mlp" in parts else []):
             getattr(layer, name).compile(dynamic=True)

@@ -18,7 +18,8 @@
 #      loops included: the teacher's KL on them is what corrects a loop), and distillation goes on from the
 #      student for $OP_STEPS end-to-end steps on those answers mixed with the general text (RUN-op); cont:
 #      the same steps on the general text alone (RUN-cont), so that the gain of the student's own data is
-#      measured apart from the gain of more steps.
+#      measured apart from the gain of more steps. Give both in one spec (gap3+op+cont: the rounds run in
+#      order after the base run); specs in other lanes must not share a base run that is still training.
 # Every stage is skipped when its output exists and distillation resumes from its checkpoints, so a run
 # cut by a time limit continues where it stopped when started again.
 #
@@ -117,7 +118,7 @@ print(','.join(map(str, choose(json.load(open(sys.argv[1]))['scores'], $r, $gap)
       if [ -f "$run-$round/distill_config.json" ]; then
         $MATVLM distill --resume "$run-$round"
       else
-        $MATVLM distill --teacher "$W/smollm2" --student "$run" --data "$data" --out "$run-$round" --stage e2e \
+        $MATVLM distill --teacher "$W/smollm2" --student "$run" --data "$data" --out "$run-$round" --stage e2e ${seed:+--seed "$seed"} \
           --train "${train//+/,}" --max-steps "${OP_STEPS:-80}" --global-batch-size "$GB" --micro-batch-size "$MB" \
           --lr "${OP_LR:-5e-4}" --alpha 0.01 --max-length "$MAXLEN" --save-every 20 --keep-last 1 --no-tensorboard
       fi

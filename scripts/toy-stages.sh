@@ -21,6 +21,7 @@ for spec in $RUNS; do
   IFS=: read -r r place stage steps train <<< "$spec"
   train=${train:-mamba,connector}
   tag=h$(python3 -c "print(f'{$r * 100:g}')")
+  [[ "$place" =~ ^(even|auto|gap[0-9]+)$ ]] || { echo "placement must be even, auto or gapN, got $place" >&2; exit 2; }
   gap=(); [ "$place" = even ] || tag="$tag-$place"
   [[ "$place" == gap* ]] && gap=(--placement-gap "${place#gap}")
   if [ ! -d "$W/$tag" ]; then

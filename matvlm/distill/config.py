@@ -71,10 +71,10 @@ class DistillConfig:
             by length, cut into steps and taken in shuffled order), so micro-batches pad far less; every
             epoch still sees every sample once.
         gradient_checkpointing: recompute decoder layers in the backward pass to save memory.
-        compile: put each decoder layer under torch.compile (one fused graph per layer for the teacher and the
-            student pass; lengths vary, so shapes are dynamic). The first steps wait for the compilation.
-            Same losses as eager (tested); whether it is faster depends on the model and GPU: measure with
-            scripts/distill-speed.sh before a long run. Not with FSDP or DeepSpeed.
+        compile: torch.compile each attention layer whole (norms, attention, residuals, MLP) and the norms and
+            MLP of each Mamba layer (its mixer runs as it is); shapes are dynamic, as lengths vary. The first
+            steps wait for the compilation. Same losses as eager (tested); whether it is faster depends on
+            the model and GPU: time a few steps with and without it first. Not with FSDP or DeepSpeed.
         mixed_precision: auto = bf16 on CUDA, fp32 on CPU.
         strict: fail on a missing image instead of counting and skipping it.
         num_workers: data-loading worker processes.

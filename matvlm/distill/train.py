@@ -485,8 +485,7 @@ def prepare(r: Run) -> None:
     is told matvlm's micro-batch, accumulation and clipping (its engine steps the optimizer itself)."""
     module = DistillStep(r.model, r.teacher, r.cfg.temperature, need_ce=False, need_layer=False, need_prob=False)
     if r.cfg.compile:                             # (setup refused it under FSDP and DeepSpeed)
-        for layer in decoder_layers(r.model):     # the teacher's swapped-in modules compile as the same layer's variant
-            layer.compile(dynamic=True)
+        compile_layers(r.model)
     if r.deepspeed:
         dsc = r.accelerator.state.deepspeed_plugin.deepspeed_config
         dsc.update(train_micro_batch_size_per_gpu=r.cfg.micro_batch_size, gradient_accumulation_steps=r.plan.accumulation,
@@ -496,6 +495,27 @@ def prepare(r: Run) -> None:
     names = set(r.trainable_names)
     r.params = [p for n, p in r.accelerator.unwrap_model(r.step_module).model.named_parameters() if n in names]
     r.t0 = time.time()
+
+
+def compile_layers(model) -> int:
+    """`distill --compile`: each attention layer as one compiled region (norms, attention, residuals and MLP in
+    one graph; the layers share it, as their code and shapes are the same); in a Mamba layer only the norms
+    and the MLP, and the mixer runs as it is (its scan is Triton kernels or the reference's chunk loop, and
+    the teacher's attention is swapped into that slot for the teacher pass). Lengths vary, so shapes are
+    dynamic. Returns the number of compiled modules."""
+    from ..model.mixer import Mamba2Mixer
+
+    n = 0
+    for layer in decoder_layers(model):
+        if not isinstance(layer.self_attn, Mamba2Mixer):
+            layer.compile(dynamic=True)
+            n += 1
+            continue
+        for child in layer.children():
+            if not isinstance(child, Mamba2Mixer) and any(True for _ in child.parameters()):
+                child.compile(dynamic=True)
+                n += 1
+    return n
 
 
 BATCH_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values")

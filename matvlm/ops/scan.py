@@ -14,7 +14,7 @@ TORCH_CHUNK = 64     # the reference's chunk: small chunks keep its (Q x Q) bloc
 TRITON_CHUNK = 256   # mamba_ssm's Mamba2 default chunk size
 
 
-@torch.compiler.disable   # a compiled layer calls it as it is: Triton kernels or the reference's chunked loop
+@torch.compiler.disable   # never traced: Triton kernels or the reference's chunked loop, as they are
 def ssd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
         initial_state: Tensor | None = None, chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
     """Mamba-2 scan over a sequence.
