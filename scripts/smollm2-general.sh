@@ -57,6 +57,10 @@ RUNS=${RUNS:-$(for r in $RATIOS; do for s in $STAGES; do printf '%s:even:%s ' "$
 one_run() {
   local spec=$1 r place stage train opts gap tag scores layers run extra name set seed
   IFS=: read -r r place stage train opts <<< "$spec"
+  local o
+  for o in ${opts//+/ }; do
+    [[ "$o" =~ ^(group|op|cont|gap[0-9]+|seed[0-9]+)$ ]] || { echo "unknown option '$o' in $spec (expected group, op, cont, gapN, seedN)" >&2; return 2; }
+  done
   train=${train:-mamba}
   gap=$(echo "+${opts:-}+" | sed -n 's/.*+gap\([0-9]*\)+.*/\1/p'); gap=${gap:-1}
   tag=h$($PY -c "print(f'{$r * 100:g}'.replace('.', 'p'))")
