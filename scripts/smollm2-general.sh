@@ -54,8 +54,35 @@ cp "$W/general.jsonl.meta.json" "$OUT/general-meta.json"
 # opts e.g. group),
 # run in the order given
 RUNS=${RUNS:-$(for r in $RATIOS; do for s in $STAGES; do printf '%s:even:%s ' "$r" "$s"; done; done)}
+
+# train_into DIR FLAGS...: distil into DIR with the recipe's common settings and FLAGS; skipped once DIR is
+# finished, resumed from its checkpoints when a run was cut
+train_into() {
+  local out=$1; shift
+  [ -f "$out/config.json" ] && return 0
+  t "distill $(basename "$out")"
+  if [ -f "$out/distill_config.json" ]; then
+    $MATVLM distill --resume "$out"
+  else
+    $MATVLM distill --teacher "$W/smollm2" --out "$out" "$@" --global-batch-size "$GB" --micro-batch-size "$MB" \
+      --alpha 0.01 --max-length "$MAXLEN" --save-every 20 --keep-last 1 --no-tensorboard
+  fi
+}
+
+# score DIR: its log and eval-lm on both held-out sets, as $OUT/NAME-{log.jsonl,natural.json,heldout.json,...}
+score() {
+  local run=$1 name set
+  name=$(basename "$run")
+  cp "$run/log.jsonl" "$OUT/$name-log.jsonl"
+  for set in natural heldout; do
+    [ -f "$OUT/$name-$set.json" ] || { t "eval $name $set"; $MATVLM eval-lm "$run" --teacher "$W/smollm2" \
+        --data "$W/$set.jsonl" --max-length "$MAXLEN" --batch-size 16 ${LIMIT:+--limit "$LIMIT"} \
+        --output "$OUT/$name-$set.json" > "$OUT/$name-$set.txt"; }
+  done
+}
+
 one_run() {
-  local spec=$1 r place stage train opts gap tag scores layers run extra name set seed
+  local spec=$1 r place stage train opts gap tag scores layers run extra name seed
   IFS=: read -r r place stage train opts <<< "$spec"
   local o
   for o in ${opts//+/ }; do
@@ -89,23 +116,10 @@ print(','.join(map(str, choose(json.load(open(sys.argv[1]))['scores'], $r, $gap)
   case "+${opts:-}+" in *+group+*) extra+=(--group-by-length); run="$run-group";; esac
   seed=$(echo "+${opts:-}+" | sed -n 's/.*+seed\([0-9]*\)+.*/\1/p')
   [ -z "$seed" ] || { extra+=(--seed "$seed"); run="$run-seed$seed"; }
-  if [ ! -f "$run/config.json" ]; then
-    t "distill $tag $stage"
-    if [ -f "$run/distill_config.json" ]; then
-      $MATVLM distill --resume "$run"
-    else
-      $MATVLM distill --teacher "$W/smollm2" --student "$W/$tag" --data "$W/general.jsonl" --out "$run" \
-        --stage "$stage" "${extra[@]}" --train "${train//+/,}" --max-steps "$STEPS" --global-batch-size "$GB" --micro-batch-size "$MB" \
-        --lr "$LR" --alpha 0.01 --max-length "$MAXLEN" --save-every 20 --keep-last 1 --no-tensorboard
-    fi
-  fi
+  train_into "$run" --student "$W/$tag" --data "$W/general.jsonl" --stage "$stage" "${extra[@]}" \
+      --train "${train//+/,}" --max-steps "$STEPS" --lr "$LR"
+  score "$run"
   name=$(basename "$run")
-  cp "$run/log.jsonl" "$OUT/$name-log.jsonl"
-  for set in natural heldout; do
-    [ -f "$OUT/$name-$set.json" ] || { t "eval $name $set"; $MATVLM eval-lm "$run" --teacher "$W/smollm2" \
-        --data "$W/$set.jsonl" --max-length "$MAXLEN" --batch-size 16 ${LIMIT:+--limit "$LIMIT"} --output "$OUT/$name-$set.json" \
-        > "$OUT/$name-$set.txt"; }
-  done
   local round data
   for round in op cont; do
     case "+${opts:-}+" in *+$round+*) ;; *) continue;; esac
@@ -117,22 +131,9 @@ print(','.join(map(str, choose(json.load(open(sys.argv[1]))['scores'], $r, $gap)
       [ -f "$data" ] || { cat "$W/general.jsonl" "$W/$name-answers.jsonl" > "$data.tmp" && mv "$data.tmp" "$data"; }
       cp "$W/$name-answers.jsonl.meta.json" "$OUT/$name-answers-meta.json" 2>/dev/null || true
     fi
-    if [ ! -f "$run-$round/config.json" ]; then
-      t "distill $name $round"
-      if [ -f "$run-$round/distill_config.json" ]; then
-        $MATVLM distill --resume "$run-$round"
-      else
-        $MATVLM distill --teacher "$W/smollm2" --student "$run" --data "$data" --out "$run-$round" --stage e2e ${seed:+--seed "$seed"} \
-          --train "${train//+/,}" --max-steps "${OP_STEPS:-80}" --global-batch-size "$GB" --micro-batch-size "$MB" \
-          --lr "${OP_LR:-5e-4}" --alpha 0.01 --max-length "$MAXLEN" --save-every 20 --keep-last 1 --no-tensorboard
-      fi
-    fi
-    cp "$run-$round/log.jsonl" "$OUT/$name-$round-log.jsonl"
-    for set in natural heldout; do
-      [ -f "$OUT/$name-$round-$set.json" ] || { t "eval $name-$round $set"; $MATVLM eval-lm "$run-$round" \
-          --teacher "$W/smollm2" --data "$W/$set.jsonl" --max-length "$MAXLEN" --batch-size 16 ${LIMIT:+--limit "$LIMIT"} \
-          --output "$OUT/$name-$round-$set.json" > "$OUT/$name-$round-$set.txt"; }
-    done
+    train_into "$run-$round" --student "$run" --data "$data" --stage e2e ${seed:+--seed "$seed"} \
+        --train "${train//+/,}" --max-steps "${OP_STEPS:-80}" --lr "${OP_LR:-5e-4}"
+    score "$run-$round"
   done
 }
 
