@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 from ..errors import MatvlmError
+from ..model.hybrid import decoder_layers
 from . import state as ckpt
 from .config import DistillConfig
-from ..model.hybrid import decoder_layers
 from .model import DistillStep, build
 
 log = logging.getLogger("matvlm.distill")
@@ -512,7 +512,7 @@ def compile_layers(model) -> int:
             n += 1
             continue
         for child in layer.children():
-            if not isinstance(child, Mamba2Mixer) and any(True for _ in child.parameters()):
+            if not isinstance(child, Mamba2Mixer) and next(child.parameters(), None) is not None:
                 child.compile(dynamic=True)
                 n += 1
     return n
