@@ -38,8 +38,8 @@ with open(w / "text.jsonl", "w") as f:
     for _ in range(1200):
         f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(300, 900)))}) + "\n")
 PY
-# LOOPS: which loops to time, "plain", "group" (--group-by-length) and/or "compile" (--compile: every decoder
-# layer compiled, with dynamic shapes), each read from its log.jsonl (its second half: compilation comes first)
+# LOOPS: which loops to time, "plain", "group" (--group-by-length) and/or "compile" (--compile: attention layers
+# compiled whole, Mamba layers' norms and MLPs, dynamic shapes), each read from its log.jsonl (its second half: compilation comes first)
 for loop in ${LOOPS:-plain group}; do
   rm -rf "$W/run"
   $PY -m matvlm distill --teacher "$W/model" --mamba-ratio 0.25 --data "$W/text.jsonl" --out "$W/run" \

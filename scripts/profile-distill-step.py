@@ -44,7 +44,8 @@ def compile_parts(model, step, cfg, parts: list[str], seq: int) -> dict:
     """torch.compile the decoder layers' `parts` (norm: input/post-attention RMSNorms and the final norm;
     mlp: the MLPs; layer: what `distill --compile` compiles, `distill.train.compile_layers`: each attention
     layer whole, and a Mamba layer's norms and MLP) in place, after one eager forward; returns the largest
-    relative difference of the step's losses, compiled against eager, on the same batch (the compiled step must compute the same thing)."""
+    relative difference of the step's losses, compiled against eager, on the same batch (the compiled step
+    must compute the same thing)."""
     from matvlm.model.hybrid import decoder_layers
 
     unknown = set(parts) - {"norm", "mlp", "layer"}
@@ -93,7 +94,8 @@ def main(argv=None):
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--out", type=Path, default=Path("."))
     ap.add_argument("--compile", default="", help="torch.compile these submodules of every decoder layer before "
-                    "timing, comma-separated: norm (the RMSNorms), mlp; or layer (each whole decoder layer); the losses are checked against eager first")
+                    "timing, comma-separated: norm (the RMSNorms), mlp; or layer (as distill --compile: attention layers "
+                    "whole, Mamba layers' norms and MLPs); the losses are checked against eager first")
     args = ap.parse_args(argv)
 
     res = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "ceilings": ceilings(),

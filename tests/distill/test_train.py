@@ -384,8 +384,8 @@ def test_micro_batch_size_does_not_change_the_run(teacher_dirs, data, tmp_path):
 @pytest.mark.parametrize("ratio", [0.25, 0.75])
 def test_compiled_layers_give_the_eager_losses(tmp_path, ratio):
     """--compile: the attention layers (and the Mamba layers' norms and MLPs) run as compiled graphs (teacher and
-    student pass, varying lengths), 9 of the one kind, more than dynamo's recompile limit, without hitting it (a hit would fall back to eager silently), and
-    the run's losses and gradient norms are the eager run's."""
+    student pass, varying lengths), 9 of the one kind, more than dynamo's recompile limit, without hitting it
+    (a hit would fall back to eager silently), and the run's losses and gradient norms are the eager run's."""
     import torch._dynamo.config as dynamo_config
     from torch._dynamo.utils import counters
 
