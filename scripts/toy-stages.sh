@@ -2,8 +2,8 @@
 # The toy VLM under the recipes of issue 16, scored on a held-out Shapes set drawn with its own seed
 # (teacher 99.56 %). Each run of $RUNS is ratio:placement:stage:steps[:train]: placement even or auto
 # (measured sensitivity, `convert --placement auto`) or gapN (auto with `--placement-gap N`), stage e2e
-# (single stage) or both (90 align steps first), train e.g. mamba+mlp. The demo's settings otherwise: batch 8, lr 3e-3, alpha 0.02, template
-# plain. Runs on a CPU; skips what exists.
+# (single stage) or both (90 align steps first), train e.g. mamba+mlp. The demo's settings otherwise:
+# batch 8, lr 3e-3, alpha 0.02, template plain. Runs on a CPU; skips what exists.
 #
 #   W=runs/toy-stages bash scripts/toy-stages.sh
 #   W=runs/toy-stages RUNS="0.5:even:e2e:900 0.5:auto:e2e:900 0.5:even:e2e:900:mamba+mlp" bash scripts/toy-stages.sh
