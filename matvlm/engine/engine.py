@@ -33,6 +33,7 @@ from ..inputs.tokens import has_own_bos
 from ..model.cache import cache_kwarg
 from ..model.hybrid import decoder_stack, text_config
 from ..model.vlm import embed, is_vlm, vision_features
+from ..ops.attention import sdpa_without_cudnn
 from .answer import Answer
 from .cache import StaticHybridCache
 from .fused import fused_decoder
@@ -446,8 +447,9 @@ class Engine:
                 causal = cols[None, :] <= rows[:, None]                                      # (c, c1)
                 mask4d = ((causal & valid[:, None, :c1]) | (cols[None, :] == rows[:, None]))[:, None]  # pads: self
             try:
-                logits = self._forward(embeds[:, c0:c1], position[:, c0:c1], mask4d, valid[:, c0:c1].long(),
-                                       st.cache)
+                with sdpa_without_cudnn():             # every prompt length is a new shape: see its doc
+                    logits = self._forward(embeds[:, c0:c1], position[:, c0:c1], mask4d, valid[:, c0:c1].long(),
+                                           st.cache)
             finally:
                 st.cache.set_visible(None)
         st.cache.slot.fill_(prompt_len)

@@ -40,6 +40,7 @@ from transformers.cache_utils import Cache
 from ..errors import MatvlmError
 from ..model.hybrid import attention_shape
 from ..model.vlm import embed, vision_features
+from ..ops.attention import sdpa_without_cudnn
 from .answer import Answer
 from .cache import SlotKVLayer, StaticMambaState
 from .engine import (Engine, Output, Request, _all_greedy, _bucket, _causal_lower_right, _TokenReader, context_limit,
@@ -342,7 +343,7 @@ class ContinuousBatcher:
             cache = pool.cache(slice(pool.stage, pool.stage + 1), pool.stage_pos, decoding=c0 > 0, visible=c1)
             mask = None if c0 == 0 or c1 - c0 == 1 else _causal_lower_right(c1 - c0, c1)
             position = torch.arange(c0, c1, device=self.engine.device)[None]
-            with torch.no_grad():
+            with torch.no_grad(), sdpa_without_cudnn():      # each chunk is a new shape (see its doc)
                 logits = self.engine._forward(seq.embeds[:, c0:c1], position, mask, None, cache)
             seq.prefilled = c1
             if c1 == n:

@@ -43,6 +43,7 @@ import torch
 from PIL import Image
 
 from ..errors import MatvlmError
+from ..ops.attention import sdpa_without_cudnn
 
 MODEL_ID = "matvlm"
 CLASS_PATH = "matvlm.eval.lmms.MatvlmLMM"
@@ -280,7 +281,8 @@ class MatvlmLMM(lmms):
         pixels = [p for _, p, _ in items if p is not None]
         if pixels:
             kwargs["pixel_values"] = torch.cat(pixels).to(eng.device, eng.dtype)
-        hidden = eng.model.model(**kwargs).last_hidden_state                 # (B, T, d), after the final norm
+        with sdpa_without_cudnn():                  # a new length per batch (ops.attention.sdpa_without_cudnn)
+            hidden = eng.model.model(**kwargs).last_hidden_state             # (B, T, d), after the final norm
         head = eng.model.get_output_embeddings()
         out = []
         for row, (seq, _, n_ctx) in enumerate(items):

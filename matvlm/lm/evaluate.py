@@ -14,14 +14,15 @@ first answer token to "What is the capital of France?" wins by 0.08 logits, whic
 from __future__ import annotations
 
 import json
-import re
 import math
+import re
 import time
 from pathlib import Path
 
 import torch
 
 from ..errors import MatvlmError
+from ..ops.attention import sdpa_without_cudnn
 from .prompts import FIXED_PROMPTS, read_prompts
 
 
@@ -55,7 +56,8 @@ def score_text(models: dict, dataset, batch_size: int = 4, device: str | torch.d
             continue
         logp = {}
         for name, model in models.items():
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1][keep].float()
+            with sdpa_without_cudnn():                     # a new length per batch: see its doc
+                logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1][keep].float()
             logp[name] = torch.log_softmax(logits, dim=-1)
             sums[name] += -logp[name].gather(-1, target[keep][:, None]).sum().item()
         if "teacher" in logp and "student" in logp:
@@ -83,8 +85,8 @@ def answer_side_by_side(engines: dict, prompts: list[dict], max_new_tokens: int 
         "batch"}})
     """
     from ..engine.engine import Request
-    from ..inputs.prompts import render
     from ..engine.sampling import SamplingParams
+    from ..inputs.prompts import render
 
     rows = [{"prompt": p["messages"][-1]["content"]} for p in prompts]
     speed = {}
@@ -120,9 +122,9 @@ def eval_lm(student: str | Path, data: str | Path, teacher: str | Path | None = 
     "device", "scores": score_text(...), "ppl_ratio", "speed", "answers"}`.
     """
     from ..convert.formats import load, load_processor
+    from ..engine.engine import Engine
     from ..inputs.data import TextJsonlDataset
     from ..inputs.templates import text_template
-    from ..engine.engine import Engine
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     score_dtype = getattr(torch, dtype) if dtype else torch.float32

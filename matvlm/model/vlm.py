@@ -7,10 +7,11 @@ the connector can be swapped (distillation's frozen teacher connector).
 
 from __future__ import annotations
 
-from torch import Tensor, nn
 import torch
+from torch import Tensor, nn
 
 from ..errors import MatvlmError
+from ..ops.attention import sdpa_without_cudnn
 
 
 def is_vlm(model: nn.Module) -> bool:
@@ -21,6 +22,7 @@ def connector(model: nn.Module) -> nn.Module | None:
     return getattr(model.model, "multi_modal_projector", None) if is_vlm(model) else None
 
 
+@sdpa_without_cudnn()
 def vision_features(model: nn.Module, pixel_values: Tensor) -> Tensor:
     """The vision tower's selected hidden states, before the connector. (n_img, 3, H, W) -> (n_img, N, D)."""
     cfg = model.config

@@ -5,6 +5,8 @@ static KV buffer (`decode_attention`), and both in one (`attend`). Each takes th
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -12,6 +14,24 @@ from torch import Tensor
 from .backend import decode_kernels
 
 DECODE_ATTENTION_MAX_KEYS = 8192
+
+
+@contextmanager
+def sdpa_without_cudnn():
+    """A context (and decorator) in which torch's sdpa does not pick cuDNN's attention; the other backends
+    stay as the caller set them. cuDNN attention builds an execution graph on the host for every new
+    shape: on an H100 with torch 2.11 the first call at a new length took 36-68 ms against under 1 ms
+    for flash attention, whose first and later calls cost the same (`scripts/sdpa-shape-probe.py`,
+    docs/benchmarks.md). A prefill or a distillation batch is almost always a new length: a continuous
+    batcher's prefill took 40 ms with cuDNN against 6 ms without. Whatever matvlm runs through a
+    model's own attention layers (prefill, eager decode, the vision tower, distillation, evaluation)
+    runs inside it."""
+    was = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(was)
 
 
 def rope_kv(qkv: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor, slot: Tensor, heads: int) -> Tensor:

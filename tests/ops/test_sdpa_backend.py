@@ -1,0 +1,109 @@
+"""Prefill, the vision tower, distillation and scoring never run sdpa on cuDNN's backend, which builds a graph
+per new shape.
+
+The flag sdpa reads is process-wide and device-independent, so what each path runs under is observed on CPU
+by a torch-function mode that sees every `F.scaled_dot_product_attention` call (transformers' sdpa layers
+and the vision tower make them).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+import matvlm
+from matvlm.convert.pipeline import convert
+from matvlm.ops.attention import sdpa_without_cudnn
+
+
+class _Spy(TorchFunctionMode):
+    """Records, for every sdpa call outside a decode step, whether cuDNN attention was allowed (a mode, not a
+    patched function: torch's CausalBias recognises sdpa by identity). Decode steps are left out: their
+    shapes are a few buckets, and the compiled step must not trace a context switch."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+        self.decoding = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention and not self.decoding:
+            self.seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return func(*args, **(kwargs or {}))
+
+    def around(self, fn):
+        def decode(*args, **kwargs):
+            self.decoding = True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.decoding = False
+        return decode
+
+
+@pytest.fixture
+def spy():
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    with _Spy() as mode:
+        yield mode
+    assert torch.backends.cuda.cudnn_sdp_enabled()            # every path restores the caller's setting
+
+
+@pytest.mark.parametrize("outer", [True, False])
+def test_the_context_restores_the_callers_setting_even_on_error(outer):
+    torch.backends.cuda.enable_cudnn_sdp(outer)
+    try:
+        with pytest.raises(RuntimeError), sdpa_without_cudnn():
+            assert not torch.backends.cuda.cudnn_sdp_enabled()
+            raise RuntimeError("boom")
+        assert torch.backends.cuda.cudnn_sdp_enabled() is outer
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+
+
+def test_engine_prefill_vision_tower_and_continuous_prefill_run_without_cudnn(teacher_dirs, tmp_path, image, spy):
+    from matvlm.engine.engine import Engine, Request
+    from matvlm.engine.sampling import SamplingParams
+    from matvlm.engine.scheduler import ContinuousBatcher, Sequence
+    from matvlm.inputs.prompts import render
+
+    hybrid = convert(teacher_dirs["qwen2"], tmp_path / "h", mamba_ratio=0.5)
+    eng = Engine.from_dir(hybrid, device="cpu", dtype="float32")
+    prompt = render(eng.processor, eng.model.config, [{"role": "user", "content": "What is this?"}], 1)
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    eng._decode_forward = spy.around(eng._decode_forward)
+    eng.generate([Request(prompt, [image], params)])
+    n_static = len(spy.seen)
+    b = ContinuousBatcher(eng, slots=2, length=256, prefill_tokens=8)      # prompts prefill in several chunks
+    b._step_body = spy.around(b._step_body)
+    done = []
+    b.add(Sequence(Request(prompt, [image], params), emit=lambda t: None, finish=lambda o, e: done.append((o, e))))
+    while b.busy:
+        b.step()
+    assert done and done[0][1] is None
+    assert n_static > 0 and len(spy.seen) > n_static
+    assert not any(spy.seen)
+
+
+def test_distillation_step_and_text_scoring_run_without_cudnn(teacher_dirs, tmp_path, spy):
+    from matvlm.distill.model import DistillStep, build
+    from matvlm.lm.evaluate import score_text
+
+    d = teacher_dirs["causal-llama"]
+    model, teacher, _ = build(d, mamba_ratio=0.5)
+    step = DistillStep(model, teacher, 1.0, need_ce=True, need_layer=True, need_prob=True)
+    ids = torch.randint(3, 100, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    out = step(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    out["prob_sum"].backward()
+    n_step = len(spy.seen)
+
+    class Rows(list):
+        pad_token_id = 0
+
+    rows = Rows({"id": str(i), "input_ids": ids[i, :n], "labels": ids[i, :n]} for i, n in ((0, 12), (1, 9)))
+    score_text({"teacher": matvlm.load(d), "student": model}, rows, batch_size=2, progress=False)
+    assert n_step > 0 and len(spy.seen) > n_step
+    assert not any(spy.seen)
