@@ -842,6 +842,8 @@ def bench_serve(model: str | None = None, url: str | None = None, api_key: str |
         workload = serve_load.make_workload(requests, rate, pw, mt, fraction, seed)
         meta.update(model=str(model), device=str(engine.device), max_batch=max_batch,
                     gpu=__import__("torch").cuda.get_device_name() if str(engine.device).startswith("cuda") else None)
+        if rate <= 0:           # all at once: what the answer lengths allow (serve_load.step_bound)
+            meta["step_bound"] = serve_load.step_bound(workload, max_batch)
         names = list(scheduler)
         for name in names:
             if name == "continuous":
@@ -868,6 +870,11 @@ def bench_serve(model: str | None = None, url: str | None = None, api_key: str |
     atomic_write_text(out / "bench-serve.md", f"```\n{text}\n```\n\n{json.dumps(meta)}\n")
     serve_load.plot(runs, out / "bench-serve.png")
     print(text)
+    if "step_bound" in meta:
+        b = meta["step_bound"]
+        print(f"this workload at {meta['max_batch']} slots: static batching needs {b['static_decode_steps']} decode "
+              f"steps, continuous at least {b['continuous_min_decode_steps']}, so continuous can be at most "
+              f"{b['continuous_over_static_at_most']:.2f}x static's decode throughput")
     for n in names:
         if summaries[n]["failed"]:
             print(f"{n}: {summaries[n]['failed']} requests failed, e.g. {summaries[n]['errors'][0]}")

@@ -138,6 +138,18 @@ def run_load(url: str, model: str, workload: list[LoadRequest], api_key: str | N
     return asyncio.run(_run(url.rstrip("/"), model, workload, api_key, timeout))
 
 
+def step_bound(workload: list[LoadRequest], max_batch: int) -> dict:
+    """How much continuous batching can gain on a workload sent all at once, from its answer lengths alone:
+    static batching runs batches of `max_batch` requests, in arrival order, each to its longest answer;
+    continuous batching needs at least the total answer tokens over `max_batch` slots, and the longest
+    answer. The ratio bounds continuous over static decode throughput at that many slots."""
+    lengths = [r.max_tokens for r in workload]
+    static = sum(max(lengths[i:i + max_batch]) for i in range(0, len(lengths), max_batch))
+    continuous = max(math.ceil(sum(lengths) / max_batch), max(lengths))
+    return {"static_decode_steps": static, "continuous_min_decode_steps": continuous,
+            "continuous_over_static_at_most": static / continuous}
+
+
 def _pcts(values: list[float]) -> dict[str, float | None]:
     if not values:
         return {"p50": None, "p95": None, "p99": None, "mean": None}

@@ -58,3 +58,15 @@ def test_bench_serve_refuses_bad_arguments_in_one_line(capsys):
     assert "--max-tokens must satisfy" in capsys.readouterr().err
     assert main(["bench-serve"]) == 2
     assert "give MODEL" in capsys.readouterr().err
+
+
+def test_step_bound_counts_static_batches_to_their_longest_and_continuous_slots_filled():
+    def load(lengths):
+        return [serve_load.LoadRequest(0.0, "p", n, None) for n in lengths]
+
+    b = serve_load.step_bound(load([10, 2, 2, 2, 8, 1]), max_batch=2)
+    assert b["static_decode_steps"] == 10 + 2 + 8                      # batches (10, 2), (2, 2), (8, 1)
+    assert b["continuous_min_decode_steps"] == 13                      # 25 tokens over 2 slots, rounded up
+    assert b["continuous_over_static_at_most"] == pytest.approx(20 / 13)
+    one_long = serve_load.step_bound(load([100, 1, 1, 1]), max_batch=4)   # the longest answer bounds both
+    assert one_long["continuous_min_decode_steps"] == 100 and one_long["continuous_over_static_at_most"] == 1.0
