@@ -8,7 +8,8 @@ At TinyLLaVA-3.1B's mixer shapes (32 heads x headdim 80, n_groups = heads, d_sta
   simple gated linear attention: q = C, k = dt * B, v = x, log-decay g = dt * A, scale 1; D x added after);
   each checked against the float64 chunked reference (`ops.ssd_ref`) on the same inputs: output and final
   state, relative error;
-- one whole Mamba2Mixer prefill and one sdpa attention layer (`matvlm.bench.kernels.time_prefill`), the
+- one whole Mamba2Mixer prefill and one sdpa attention layer (`matvlm.bench.kernels.time_prefill`; attention
+  both with the backend torch picks and with cuDNN's off, as matvlm's engine prefills), the
   mixer also with its causal convolution forced onto the PyTorch path (the `conv_triton` kernel against
   `nn.Conv1d`, side by side), the convolution alone both ways (checked against float64), and the mixer's
   prefill kernel by kernel (torch.profiler, the 15 largest).

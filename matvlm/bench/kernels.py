@@ -288,8 +288,10 @@ def phi2_attention():
 
 @torch.no_grad()
 def time_prefill(T: int) -> dict:
-    from matvlm.model.cache import MambaLayerState
     from transformers.cache_utils import Cache
+
+    from matvlm.model.cache import MambaLayerState
+    from matvlm.ops.attention import sdpa_without_cudnn
 
     mixer = phi2_mixer()
     attn, rope = phi2_attention()
@@ -298,7 +300,9 @@ def time_prefill(T: int) -> dict:
     pe = rope(u, pos)
     out = {"T": T}
     out["mamba_prefill_ms"] = timed(lambda: mixer(u, cache=Cache(layers=[MambaLayerState()])))
-    out["attention_prefill_ms"] = timed(lambda: attn(u, position_embeddings=pe, attention_mask=None))
+    out["attention_prefill_ms"] = timed(lambda: attn(u, position_embeddings=pe, attention_mask=None))  # torch's pick
+    with sdpa_without_cudnn():          # as matvlm's engine prefills (flash attention here)
+        out["attention_prefill_no_cudnn_ms"] = timed(lambda: attn(u, position_embeddings=pe, attention_mask=None))
     with kernels_env("torch"):
         out["mamba_prefill_torch_ref_ms"] = timed(lambda: mixer(u), warmup=2, rep=5) if T <= 4096 else None
     return out
