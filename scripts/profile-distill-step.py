@@ -141,7 +141,17 @@ def main(argv=None):
             print(json.dumps(res["runs"][-1]), flush=True)
             continue
         flops = text_flops(cfg, n_mamba, micro, args.seq)
-        r = {"micro": micro, "step_ms": ms, "tokens_per_s": micro * args.seq / (ms / 1e3),
+        # the host's share: how long Python takes to issue one step (no wait for the device at the end);
+        # near step_ms means the step is bound by the host, not by the GPU
+        issue = []
+        for _ in range(5):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            one()
+            issue.append((time.perf_counter() - t0) * 1e3)
+        torch.cuda.synchronize()
+        r = {"micro": micro, "step_ms": ms, "host_issue_ms": sorted(issue)[2],
+             "tokens_per_s": micro * args.seq / (ms / 1e3),
              "mfu": flops / (ms / 1e3) / (peak * 1e12), "peak_mem_GiB": torch.cuda.max_memory_allocated() / 2**30}
         res["runs"].append(r)
         print(json.dumps(r), flush=True)
@@ -151,10 +161,16 @@ def main(argv=None):
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 one()
                 torch.cuda.synchronize()
-            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
+            avg = prof.key_averages()
+            table = avg.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
             print(table, flush=True)
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "profile-distill-step.txt").write_text(table)
+            # where the host's time goes (the profiler adds its own per-op cost to these)
+            (args.out / "profile-distill-step-cpu.txt").write_text(
+                avg.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70))
+            r["profiled_cuda_ms"] = sum(e.self_device_time_total for e in avg) / 1e3
+            r["profiled_ops"] = sum(e.count for e in avg if e.key.startswith("aten::"))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "profile-distill-step.json").write_text(json.dumps(res, indent=2))
 
