@@ -764,7 +764,8 @@ def bench_serve(model: str | None = None, url: str | None = None, api_key: str |
                 scheduler: list[str] = ("static", "continuous"), requests: int = 64, rate: float = 4.0,
                 prompt_words: str = "16:256", max_tokens: str = "16:256", image_fraction: float | None = None,
                 max_batch: int = 16, seed: int = 0, out: Path = Path("bench-serve"), device: str | None = None,
-                dtype: str | None = None, max_len: int | None = None, warmup: int = 16) -> None:
+                dtype: str | None = None, max_len: int | None = None, warmup: int = 16,
+                prefill_tokens: int = 256) -> None:
     """Load-test the OpenAI-compatible server: Poisson arrivals, mixed prompt and answer lengths, images;
     reports output tokens/s, requests/s, time to first token, inter-token and end-to-end latency
     (p50/p95/p99) per scheduler, side by side under the same workload, with a plot.
@@ -795,6 +796,7 @@ def bench_serve(model: str | None = None, url: str | None = None, api_key: str |
         max_len: tokens a continuous-batching slot holds (default: the model's context, capped to free memory).
         warmup: requests sent all at once to each server before its timed run (drawn like the workload, another
             seed; not timed), so one-time costs (kernel compilation, CUDA-graph capture) stay out of the figures.
+        prefill_tokens: continuous scheduler: prompt tokens prefilled between two decode steps (see `serve`).
     """
     import json
     import time
@@ -808,9 +810,9 @@ def bench_serve(model: str | None = None, url: str | None = None, api_key: str |
     unknown = [s for s in scheduler if s not in ("static", "continuous")]
     if unknown or not scheduler:
         raise MatvlmError(f"--scheduler takes static and/or continuous; got {','.join(scheduler) or 'nothing'}")
-    if requests < 1 or rate < 0 or max_batch < 1 or warmup < 0:
-        raise MatvlmError(f"--requests and --max-batch must be >= 1, --rate and --warmup >= 0; got {requests}, "
-                          f"{max_batch}, {rate}, {warmup}")
+    if requests < 1 or rate < 0 or max_batch < 1 or warmup < 0 or prefill_tokens < 2:
+        raise MatvlmError(f"--requests and --max-batch must be >= 1, --rate and --warmup >= 0, --prefill-tokens "
+                          f">= 2; got {requests}, {max_batch}, {rate}, {warmup}, {prefill_tokens}")
     pw, mt = _range(prompt_words, "--prompt-words"), _range(max_tokens, "--max-tokens")
     runs, meta = {}, {"date": time.strftime("%Y-%m-%d %H:%M"), "requests": requests, "rate": rate,
                       "prompt_words": pw, "max_tokens": mt, "seed": seed, "warmup": {}}
@@ -848,7 +850,8 @@ def bench_serve(model: str | None = None, url: str | None = None, api_key: str |
         for name in names:
             if name == "continuous":
                 service = ContinuousService(engine, max_batch=max_batch, max_waiting=max(256, requests),
-                                            max_len=max_len)
+                                            max_len=max_len, prefill_tokens=prefill_tokens)
+                meta["prefill_tokens"] = prefill_tokens
                 meta["slot_tokens"] = service.batcher.pool.length
             else:
                 service = BatchingService(engine, max_batch=max_batch, max_waiting=max(256, requests))
@@ -951,7 +954,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
           max_image_pixels: int = 4096 * 4096, template: Literal["phi", "vicuna", "chatml", "plain"] | None = None,
           device: str | None = None, dtype: str | None = None, compile: bool = False,
           scheduler: Literal["continuous", "static"] = "continuous", max_waiting: int = 256,
-          max_len: int | None = None) -> None:
+          max_len: int | None = None, prefill_tokens: int = 256) -> None:
     """Serve the model over an OpenAI-compatible HTTP API: /v1/chat/completions (stream: true for SSE;
     images as data: URLs), /v1/models, /health, /metrics (Prometheus text). Concurrent requests are
     batched: by default continuously (a request joins the running batch at the next decode step and
@@ -979,6 +982,9 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         max_waiting: most requests queued; more get 429 with Retry-After.
         max_len: tokens (prompt + answer) a request may hold, continuous scheduler (default: the model's
             context, capped to what --max-batch slots' KV cache fits in 85 % of the free memory).
+        prefill_tokens: continuous scheduler: the most prompt tokens prefilled between two decode steps
+            (newcomers' prompts go in chunks of at most this many). Larger gets first tokens sooner and
+            wastes less per chunk; smaller keeps running streams' inter-token latency lower.
     """
     from .errors import MatvlmError
     try:
@@ -989,12 +995,13 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         raise MatvlmError("matvlm serve needs fastapi and uvicorn: pip install 'matvlm[serve]'") from e
     from .serve.service import BatchingService, ContinuousService
 
-    if max_batch < 1 or max_waiting < 1 or (max_len is not None and max_len < 2):
-        raise MatvlmError(f"--max-batch and --max-waiting must be >= 1 and --max-len >= 2; got {max_batch}, "
-                          f"{max_waiting} and {max_len}")
+    if max_batch < 1 or max_waiting < 1 or (max_len is not None and max_len < 2) or prefill_tokens < 2:
+        raise MatvlmError(f"--max-batch and --max-waiting must be >= 1, --max-len and --prefill-tokens >= 2; got "
+                          f"{max_batch}, {max_waiting}, {max_len} and {prefill_tokens}")
     engine = _engine(model, device, dtype, compile=compile and scheduler == "static")
     if scheduler == "continuous":
-        service = ContinuousService(engine, max_batch=max_batch, max_waiting=max_waiting, max_len=max_len)
+        service = ContinuousService(engine, max_batch=max_batch, max_waiting=max_waiting, max_len=max_len,
+                                    prefill_tokens=prefill_tokens)
         per_slot = f", up to {service.batcher.pool.length} tokens each; warmed up in {service.warm_up_s:.1f} s"
     else:
         service = BatchingService(engine, max_batch=max_batch, max_waiting=max_waiting)

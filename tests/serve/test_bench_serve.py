@@ -13,11 +13,12 @@ def test_bench_serve_runs_one_workload_against_both_schedulers_and_times_every_r
     out = tmp_path / "bs"
     assert main(["bench-serve", str(ASSET), "--requests", "6", "--rate", "20", "--max-tokens", "3:12",
                  "--prompt-words", "2:20", "--max-batch", "3", "--image-fraction", "0.5", "--out", str(out),
-                 "--device", "cpu", "--dtype", "float32", "--warmup", "2"]) == 0
+                 "--device", "cpu", "--dtype", "float32", "--warmup", "2", "--prefill-tokens", "16"]) == 0
     printed = capsys.readouterr().out
     assert "TTFT p95 (ms)" in printed and "static" in printed and "continuous" in printed
     rec = json.loads((out / "bench-serve.json").read_text())
     asked = [w["max_tokens"] for w in rec["workload"]]
+    assert rec["prefill_tokens"] == 16
     assert any(w["image"] for w in rec["workload"]) and not all(w["image"] for w in rec["workload"])
     for name in ("static", "continuous"):
         warm = rec["warmup"][name]                         # served before the timed run, not in its figures
@@ -58,6 +59,8 @@ def test_bench_serve_refuses_bad_arguments_in_one_line(capsys):
     assert "--max-tokens must satisfy" in capsys.readouterr().err
     assert main(["bench-serve"]) == 2
     assert "give MODEL" in capsys.readouterr().err
+    assert main(["bench-serve", "x", "--prefill-tokens", "1"]) == 2
+    assert "--prefill-tokens >= 2" in capsys.readouterr().err
 
 
 def test_step_bound_counts_static_batches_to_their_longest_and_continuous_slots_filled():

@@ -166,11 +166,15 @@ def test_matvlm_serve_batches_continuously_unless_told_static(monkeypatch, sched
     seen = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
     monkeypatch.setattr("matvlm.serve.openai_api.create_app", lambda service, *a, **kw: seen.setdefault("s", service))
-    commands.serve(str(ASSET), device="cpu", dtype="float32", max_batch=3,
+    commands.serve(str(ASSET), device="cpu", dtype="float32", max_batch=3, prefill_tokens=64,
                    **({"scheduler": scheduler} if scheduler else {}))
     assert type(seen["s"]) is kind and seen["s"].max_batch == 3 and seen["host"] == "127.0.0.1"
+    if kind is ContinuousService:
+        assert seen["s"].batcher.prefill_tokens == 64
     with pytest.raises(MatvlmError, match="--max-waiting must be >= 1"):
         commands.serve(str(ASSET), device="cpu", max_waiting=0)
+    with pytest.raises(MatvlmError, match="--prefill-tokens >= 2"):
+        commands.serve(str(ASSET), device="cpu", prefill_tokens=1)
 
 
 @pytest.mark.parametrize("kind", SERVICES)
