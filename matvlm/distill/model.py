@@ -27,7 +27,6 @@ from ..convert.layers import select_layers
 from ..errors import MatvlmError
 from ..model.hybrid import decoder_layers, decoder_stack, hybrid_config_for, text_config
 from ..model.vlm import connector, embed, is_vlm, vision_features
-from ..ops.attention import sdpa_without_cudnn
 from . import losses
 
 
@@ -197,7 +196,6 @@ class DistillStep(nn.Module):
         self.temperature = temperature
         self.need_ce, self.need_layer, self.need_prob = need_ce, need_layer, need_prob
 
-    @sdpa_without_cudnn()
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
                 pixel_values: Tensor | None = None, rows: Tensor | None = None) -> dict[str, Tensor]:
         """rows: optional flat indices of attention_mask's real positions (see `losses.head_losses`)."""

@@ -35,6 +35,11 @@ CONFIG_NAME = "distill_config.json"
 LOG_NAME = "log.jsonl"
 SELF_GENERATED = "self-generated.jsonl"  # --self-generate writes the training data here
 GROUP_STEPS = 32                         # --group-by-length: steps whose samples are sorted by length together
+# On CUDA micro-batches are padded to a multiple of this many positions: torch's cuDNN attention (its pick on
+# an H100, 1.2-1.9x faster than flash / memory-efficient attention at these shapes once built) builds a graph
+# per new shape, 36-68 ms each (docs/benchmarks.md); padded this way a run meets at most max_length / 32
+# lengths, built once each, for under 32 pad positions a row (masked out of every loss)
+CUDA_PAD_MULTIPLE = 32
 
 
 @dataclass
@@ -359,10 +364,11 @@ class Run:
         from ..inputs.data import collate
 
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        cuda = self.accelerator.device.type == "cuda"
+        pad = partial(collate, pad_token_id=tokenizer.pad_token_id, multiple_of=CUDA_PAD_MULTIPLE if cuda else 1)
         return iter(torch.utils.data.DataLoader(
             self.dataset, batch_sampler=list(self.plan.micro_batches(self.accelerator.process_index, start, self.total)),
-            collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id), num_workers=self.cfg.num_workers,
-            pin_memory=self.accelerator.device.type == "cuda"))
+            collate_fn=pad, num_workers=self.cfg.num_workers, pin_memory=cuda))
 
     def full_params(self):
         """Outside forward/backward FSDP holds each rank's shard only; saving needs the whole tensors

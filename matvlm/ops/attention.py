@@ -23,9 +23,10 @@ def sdpa_without_cudnn():
     shape: on an H100 with torch 2.11 the first call at a new length took 36-68 ms against under 1 ms
     for flash attention, whose first and later calls cost the same (`scripts/sdpa-shape-probe.py`,
     docs/benchmarks.md). A prefill or a distillation batch is almost always a new length: a continuous
-    batcher's prefill took 40 ms with cuDNN against 6 ms without. matvlm's prefill, vision tower,
-    distillation and evaluation run inside it; decode steps (a few bucketed shapes, captured once) and
-    what the caller runs outside matvlm are left as they are."""
+    batcher's prefill took 40 ms with cuDNN against 6 ms without. matvlm's prefill, vision tower and
+    scoring run inside it. Distillation keeps cuDNN, whose kernels are faster once built, and pads its
+    batches to few lengths instead (`distill.train.CUDA_PAD_MULTIPLE`); decode steps (a few bucketed
+    shapes, captured once) and what the caller runs outside matvlm are left as they are."""
     was = torch.backends.cuda.cudnn_sdp_enabled()
     torch.backends.cuda.enable_cudnn_sdp(False)
     try:

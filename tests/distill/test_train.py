@@ -65,6 +65,39 @@ def test_layer_loss_is_teacher_forced(teacher_dirs, data):
     assert not torch.equal(before["prob_sum"], after["prob_sum"])             # the student's logits did change
 
 
+def test_padding_a_batch_to_a_multiple_changes_no_loss(teacher_dirs, data):
+    """On CUDA the loop pads micro-batches to a multiple of CUDA_PAD_MULTIPLE (few lengths for cuDNN attention's
+    per-shape graphs): the extra right padding must be invisible to every loss term and gradient."""
+    from matvlm.distill.train import CUDA_PAD_MULTIPLE
+    from matvlm.inputs.data import LlavaJsonDataset, collate
+    from matvlm.inputs.templates import get_template
+
+    model, teacher, _ = build(teacher_dirs["qwen2"], mamba_ratio=0.5)
+    step = DistillStep(model, teacher, 2.0, need_ce=True, need_layer=True, need_prob=True).double()
+    proc = matvlm.load_processor(teacher_dirs["qwen2"])
+    ds = LlavaJsonDataset(data, None, proc, get_template("plain"), 256)
+    items = [ds[i] for i in range(3)]
+    results = []
+    for multiple in (1, CUDA_PAD_MULTIPLE, 7 * CUDA_PAD_MULTIPLE):
+        b = collate(items, proc.tokenizer.pad_token_id, multiple_of=multiple)
+        assert b["input_ids"].shape[1] % multiple == 0
+        b = {k: b[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values")}
+        b["pixel_values"] = b["pixel_values"].double()
+        step.zero_grad()
+        out = step(**b)
+        (out["prob_sum"] + out["ce_sum"] + 0.1 * out["layer_sum"]).backward()
+        grads = [p.grad.clone() for p in step.parameters() if p.grad is not None]
+        results.append((b["input_ids"].shape[1], {k: v.detach() for k, v in out.items()}, grads))
+    (t1, base, g1), *padded = results
+    for t, out, grads in padded:
+        assert t > t1
+        for k in base:        # the loss sums are float32 (losses.py): summation order differs with the shape
+            torch.testing.assert_close(out[k], base[k], rtol=1e-5, atol=1e-6)
+        assert len(grads) == len(g1) > 0
+        for a, b in zip(grads, g1):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+
+
 def test_one_copy_of_the_frozen_weights(teacher_dirs):
     teacher_model = matvlm.load(teacher_dirs["phi"])
     model, teacher, trainable = build(teacher_dirs["phi"], mamba_ratio=0.5)
