@@ -304,6 +304,10 @@ def run(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Path
     batches = r.batches(start)
     bar = tqdm(total=r.total, initial=start, disable=not (r.main and progress), desc="distill", unit="step",
                dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30)   # logs: a line per 30 s
+    if r.accelerator.device.type == "cuda":   # the first step waited 106 s on a fresh H100 with nothing said
+        bar.set_postfix_str("the first step compiles and autotunes the GPU kernels" +
+                            (" and torch.compile's graphs" if cfg.compile else "") +
+                            " (a minute or two the first time; compiled kernels are cached on disk)")
     try:
         for step in range(start, r.total):
             rec = train_step(r, step, [next(batches) for _ in range(r.plan.accumulation)])
