@@ -9,7 +9,8 @@ calls are a new shape. For each of 6 lengths never seen before, at TinyLLaVA-3.1
 (32 heads x 80, bf16), the wall time of the first call and the median of later ones, forward (causal,
 and a boolean padding mask) and forward + backward, with every backend on and with cuDNN off; the
 kernel each one ran. With --model (a small VLM, e.g. scripts/random-tinyllava.py --small, converted): the
-continuous batcher's prefill of 24 requests of new lengths, wall time per request, both ways.
+continuous batcher's prefill of 24 requests of new lengths, wall time per request, both ways (with cuDNN:
+the batcher's own `sdpa_without_cudnn` replaced by a no-op, so torch picks as it would without it).
 Writes sdpa-shape-probe.json.
 """
 
@@ -78,7 +79,14 @@ def batcher_rows(model: str, cudnn: bool, seed: int, device: str = "cuda") -> di
     from matvlm.engine.scheduler import ContinuousBatcher, Sequence
     from matvlm.inputs.prompts import render
 
+    from contextlib import nullcontext
+
+    import matvlm.engine.scheduler as scheduler
+
     torch.backends.cuda.enable_cudnn_sdp(cudnn)
+    saved_context = scheduler.sdpa_without_cudnn
+    if cudnn:           # the batcher turns cuDNN off for its prefill since this probe: let it pick, as before
+        scheduler.sdpa_without_cudnn = nullcontext
     eng = Engine.from_dir(model, device=device)
     b = ContinuousBatcher(eng, slots=4, length=2048)
     b.warm_up()
@@ -105,6 +113,7 @@ def batcher_rows(model: str, cudnn: bool, seed: int, device: str = "cuda") -> di
             b.step()
         times.append(starts.pop(id(seq), 0.0))
     torch.backends.cuda.enable_cudnn_sdp(True)
+    scheduler.sdpa_without_cudnn = saved_context
     return {"prefill_ms_per_request": [round(x, 2) for x in times], "median_ms": round(statistics.median(times), 2)}
 
 

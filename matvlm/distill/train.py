@@ -35,10 +35,11 @@ CONFIG_NAME = "distill_config.json"
 LOG_NAME = "log.jsonl"
 SELF_GENERATED = "self-generated.jsonl"  # --self-generate writes the training data here
 GROUP_STEPS = 32                         # --group-by-length: steps whose samples are sorted by length together
-# On CUDA micro-batches are padded to a multiple of this many positions: torch's cuDNN attention (its pick on
-# an H100, 1.2-1.9x faster than flash / memory-efficient attention at these shapes once built) builds a graph
-# per new shape, 36-68 ms each (docs/benchmarks.md); padded this way a run meets at most max_length / 32
-# lengths, built once each, for under 32 pad positions a row (masked out of every loss)
+# On CUDA a micro-batch that needs padding is padded to a multiple of this many positions: torch's cuDNN
+# attention (its pick on an H100, mostly faster than flash / memory-efficient attention at these shapes once
+# built) builds a graph per new shape, 36-68 ms each (docs/benchmarks.md); so a run meets at most
+# max_length / 32 padded lengths, built once each, for under 32 more pad positions a row (masked out of
+# every loss). Micro-batches of equal lengths stay as they are (no mask: attention's causal path)
 CUDA_PAD_MULTIPLE = 32
 
 
@@ -327,6 +328,13 @@ def run(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Path
     return r.out
 
 
+def loop_collate(device: torch.device, pad_token_id: int):
+    """The loop's collate: on CUDA, padded micro-batches are padded to a multiple of CUDA_PAD_MULTIPLE."""
+    from ..inputs.data import collate
+
+    return partial(collate, pad_token_id=pad_token_id, multiple_of=CUDA_PAD_MULTIPLE if device.type == "cuda" else 1)
+
+
 @dataclass
 class Run:
     """Everything one distillation run holds, from `setup` to `save_final`."""
@@ -365,14 +373,11 @@ class Run:
 
     def batches(self, start: int):
         """The micro-batches of this process from step `start` on, in order."""
-        from ..inputs.data import collate
-
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
-        cuda = self.accelerator.device.type == "cuda"
-        pad = partial(collate, pad_token_id=tokenizer.pad_token_id, multiple_of=CUDA_PAD_MULTIPLE if cuda else 1)
         return iter(torch.utils.data.DataLoader(
             self.dataset, batch_sampler=list(self.plan.micro_batches(self.accelerator.process_index, start, self.total)),
-            collate_fn=pad, num_workers=self.cfg.num_workers, pin_memory=cuda))
+            collate_fn=loop_collate(self.accelerator.device, tokenizer.pad_token_id), num_workers=self.cfg.num_workers,
+            pin_memory=self.accelerator.device.type == "cuda"))
 
     def full_params(self):
         """Outside forward/backward FSDP holds each rank's shard only; saving needs the whole tensors

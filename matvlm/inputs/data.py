@@ -295,7 +295,8 @@ class TextJsonlDataset(_ChatDataset):
 # ------------------------------------------------------------------------------------- batching
 
 def collate(items: list[dict], pad_token_id: int, multiple_of: int = 1) -> dict:
-    """Right-pad a list of dataset items into a batch, to the longest item rounded up to `multiple_of`.
+    """Right-pad a list of dataset items into a batch: to the longest item, rounded up to `multiple_of` when
+    the items' lengths differ (a batch of equal lengths stays unpadded: no mask, attention's causal path).
 
     Returns:
         input_ids (B, T) padded with `pad_token_id`, attention_mask (B, T) 1 on tokens / 0 on pads,
@@ -306,8 +307,12 @@ def collate(items: list[dict], pad_token_id: int, multiple_of: int = 1) -> dict:
         raise MatvlmError("collate needs at least one item")
     if pad_token_id is None:
         raise MatvlmError("collate needs a pad_token_id (the tokenizer has neither pad nor eos token)")
-    B, T = len(items), max(len(x["input_ids"]) for x in items)
-    T = -(-T // multiple_of) * multiple_of
+    if multiple_of < 1:
+        raise MatvlmError(f"collate pads to a multiple of at least 1; got {multiple_of}")
+    lengths = [len(x["input_ids"]) for x in items]
+    B, T = len(items), max(lengths)
+    if min(lengths) < T:
+        T = -(-T // multiple_of) * multiple_of
     input_ids = torch.full((B, T), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((B, T), dtype=torch.long)
     labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)

@@ -5,6 +5,7 @@ static KV buffer (`decode_attention`), and both in one (`attend`). Each takes th
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 
 import torch
@@ -14,6 +15,9 @@ from torch import Tensor
 from .backend import decode_kernels
 
 DECODE_ATTENTION_MAX_KEYS = 8192
+_CUDNN_LOCK = threading.Lock()
+_CUDNN_DEPTH = 0              # sdpa_without_cudnn contexts open, in any thread
+_CUDNN_SAVED = True           # the setting before the first of them
 
 
 @contextmanager
@@ -22,17 +26,27 @@ def sdpa_without_cudnn():
     stay as the caller set them. cuDNN attention builds an execution graph on the host for every new
     shape: on an H100 with torch 2.11 the first call at a new length took 36-68 ms against under 1 ms
     for flash attention, whose first and later calls cost the same (`scripts/sdpa-shape-probe.py`,
-    docs/benchmarks.md). A prefill or a distillation batch is almost always a new length: a continuous
-    batcher's prefill took 40 ms with cuDNN against 6 ms without. matvlm's prefill, vision tower and
-    scoring run inside it. Distillation keeps cuDNN, whose kernels are faster once built, and pads its
-    batches to few lengths instead (`distill.train.CUDA_PAD_MULTIPLE`); decode steps (a few bucketed
-    shapes, captured once) and what the caller runs outside matvlm are left as they are."""
-    was = torch.backends.cuda.cudnn_sdp_enabled()
-    torch.backends.cuda.enable_cudnn_sdp(False)
+    docs/benchmarks.md). A prefill is almost always a new length: a continuous batcher's prefill took
+    40 ms with cuDNN against 6 ms without. matvlm's prefill, vision tower and scoring run inside it.
+    Distillation keeps cuDNN (its vision tower aside), whose kernels are mostly faster once built, and
+    pads its batches to few lengths instead (`distill.train.CUDA_PAD_MULTIPLE`). Decode steps (a few
+    bucketed shapes, captured once) and what the caller runs outside matvlm are left as they are.
+    Safe across threads: cuDNN stays off while any thread is inside."""
+    global _CUDNN_DEPTH, _CUDNN_SAVED
+    # the flag is process-wide: the first context to enter (any thread) turns cuDNN off, the last to leave
+    # restores what was set before, so overlapping contexts in two threads never turn it back on mid-call
+    with _CUDNN_LOCK:
+        if _CUDNN_DEPTH == 0:
+            _CUDNN_SAVED = torch.backends.cuda.cudnn_sdp_enabled()
+            torch.backends.cuda.enable_cudnn_sdp(False)
+        _CUDNN_DEPTH += 1
     try:
         yield
     finally:
-        torch.backends.cuda.enable_cudnn_sdp(was)
+        with _CUDNN_LOCK:
+            _CUDNN_DEPTH -= 1
+            if _CUDNN_DEPTH == 0:
+                torch.backends.cuda.enable_cudnn_sdp(_CUDNN_SAVED)
 
 
 def rope_kv(qkv: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor, slot: Tensor, heads: int) -> Tensor:

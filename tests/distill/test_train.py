@@ -98,6 +98,24 @@ def test_padding_a_batch_to_a_multiple_changes_no_loss(teacher_dirs, data):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
 
 
+def test_the_loop_pads_to_the_multiple_on_cuda_only_and_only_batches_that_need_padding():
+    from matvlm.distill.train import CUDA_PAD_MULTIPLE, loop_collate
+    from matvlm.errors import MatvlmError
+    from matvlm.inputs.data import collate
+
+    def item(n):
+        return {"id": str(n), "input_ids": torch.arange(1, n + 1), "labels": torch.arange(1, n + 1)}
+
+    cuda, cpu = loop_collate(torch.device("cuda"), 0), loop_collate(torch.device("cpu"), 0)
+    b = cuda([item(5), item(40)])
+    assert b["input_ids"].shape == (2, 2 * CUDA_PAD_MULTIPLE) and b["attention_mask"].sum() == 45
+    assert (b["labels"][:, 40:] == -100).all() and (b["labels"][1, :40] == torch.arange(1, 41)).all()
+    assert cuda([item(40), item(40)])["input_ids"].shape == (2, 40)     # no padding needed: none added
+    assert cpu([item(5), item(40)])["input_ids"].shape == (2, 40)
+    with pytest.raises(MatvlmError, match="at least 1"):
+        collate([item(3)], 0, multiple_of=0)
+
+
 def test_one_copy_of_the_frozen_weights(teacher_dirs):
     teacher_model = matvlm.load(teacher_dirs["phi"])
     model, teacher, trainable = build(teacher_dirs["phi"], mamba_ratio=0.5)

@@ -98,3 +98,25 @@ def test_text_scoring_runs_without_cudnn(teacher_dirs, spy):
     rows = Rows({"id": str(i), "input_ids": ids[i, :n], "labels": ids[i, :n]} for i, n in ((0, 12), (1, 9)))
     score_text({"teacher": matvlm.load(d), "student": matvlm.load(d)}, rows, batch_size=2, progress=False)
     assert spy.seen and not any(spy.seen)
+
+
+def test_overlapping_contexts_in_two_threads_keep_cudnn_off_until_both_leave():
+    import threading
+
+    inside, release = threading.Event(), threading.Event()
+    seen = []
+
+    def worker():
+        with sdpa_without_cudnn():
+            inside.set()
+            release.wait(5)
+            seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+
+    t = threading.Thread(target=worker)
+    with sdpa_without_cudnn():
+        t.start()
+        assert inside.wait(5)
+    assert not torch.backends.cuda.cudnn_sdp_enabled()          # the worker is still inside
+    release.set()
+    t.join(5)
+    assert seen == [False] and torch.backends.cuda.cudnn_sdp_enabled()
