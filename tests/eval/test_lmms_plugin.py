@@ -168,6 +168,29 @@ def test_loglikelihood_equals_a_plain_forward_by_hand(lm, data):
 
 @needs_lmms
 @torch.no_grad()
+def test_loglikelihood_runs_attention_without_cudnn(lm, data):
+    """Each batch of continuations is a new length: cuDNN's per-shape graph builds are kept out
+    (ops.attention.sdpa_without_cudnn), the vision tower's attention included."""
+    from torch.overrides import TorchFunctionMode
+
+    class Spy(TorchFunctionMode):
+        seen = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.nn.functional.scaled_dot_product_attention:
+                self.seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+            return func(*args, **(kwargs or {}))
+
+    docs = data[1][:2]
+    reqs = [instance("loglikelihood", (d["question"], " " + d["answer"], doc_to_visual, r, TASK, SPLIT), r)
+            for r, d in enumerate(docs)]
+    with Spy() as spy:
+        lm.loglikelihood(reqs)
+    assert spy.seen and not any(spy.seen) and torch.backends.cuda.cudnn_sdp_enabled()
+
+
+@needs_lmms
+@torch.no_grad()
 def test_a_text_model_answers_and_scores_without_images(tmp_path):
     from matvlm.eval.lmms import MatvlmLMM
     from matvlm.toy.tiny import save_teacher, tiny_causal_lm
