@@ -73,3 +73,15 @@ def test_step_bound_counts_static_batches_to_their_longest_and_continuous_slots_
     assert b["continuous_over_static_at_most"] == pytest.approx(20 / 13)
     one_long = serve_load.step_bound(load([100, 1, 1, 1]), max_batch=4)   # the longest answer bounds both
     assert one_long["continuous_min_decode_steps"] == 100 and one_long["continuous_over_static_at_most"] == 1.0
+
+
+def test_bench_serve_all_at_once_reports_what_the_answer_lengths_allow(tmp_path, capsys):
+    out = tmp_path / "bs0"
+    assert main(["bench-serve", str(ASSET), "--requests", "5", "--rate", "0", "--max-tokens", "2:9",
+                 "--prompt-words", "2:6", "--max-batch", "2", "--out", str(out), "--device", "cpu",
+                 "--dtype", "float32", "--warmup", "0", "--scheduler", "continuous"]) == 0
+    rec = json.loads((out / "bench-serve.json").read_text())
+    lengths = [w["max_tokens"] for w in rec["workload"]]
+    want = serve_load.step_bound([serve_load.LoadRequest(0.0, "", n) for n in lengths], 2)
+    assert rec["step_bound"] == want and want["static_decode_steps"] >= want["continuous_min_decode_steps"]
+    assert f"static batching needs {want['static_decode_steps']} decode steps" in capsys.readouterr().out
