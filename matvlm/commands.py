@@ -311,10 +311,11 @@ def distill(config: Path | None = None, resume: Path | None = None, placement_st
         self_generate_max_tokens: answer length limit of --self-generate.
         settings: DistillConfig fields; those not given (None) come from --config or the defaults.
     """
+    import json
     from dataclasses import fields
 
     from .distill.config import DistillConfig
-    from .distill.train import CONFIG_NAME, run
+    from .distill.train import CONFIG_NAME, LOG_NAME, run
     from .errors import MatvlmError
 
     unknown = sorted(set(settings) - {f.name for f in fields(DistillConfig)})
@@ -339,7 +340,11 @@ def distill(config: Path | None = None, resume: Path | None = None, placement_st
         from .distill.placement import write_report
 
         write_report(report, path)
-    print(f"wrote {path}: final hybrid, checkpoints/ and log.jsonl")
+    log_lines = (Path(path) / LOG_NAME).read_text().splitlines()
+    last = json.loads(log_lines[-1]) if log_lines else None
+    speed = (f"; step {last['step']}, {last['tokens_per_s']:.0f} real tokens/s over this run's "
+             f"{last['elapsed_s'] / 60:.1f} min") if last else ""
+    print(f"wrote {path}: final hybrid, checkpoints/ and log.jsonl{speed}")
 
 
 distill.cli_settings = "matvlm.distill.config:DistillConfig"    # its flags: one per field (imported when parsed)

@@ -201,7 +201,7 @@ def test_eval_lm_refuses_a_vlm(teacher_dirs, tmp_path):
         eval_lm(teacher_dirs["llama"], _chat_jsonl(tmp_path / "d.jsonl"), device="cpu", progress=False)
 
 
-def test_distill_self_generate_trains_on_the_teachers_answers(teacher_dirs, tmp_path):
+def test_distill_self_generate_trains_on_the_teachers_answers(teacher_dirs, tmp_path, capsys):
     d = teacher_dirs["causal-llama"]
     (tmp_path / "p.txt").write_text("a\nb\nc\nd\n")
     out = tmp_path / "run"
@@ -212,7 +212,9 @@ def test_distill_self_generate_trains_on_the_teachers_answers(teacher_dirs, tmp_
     assert [r["messages"][0]["content"] for r in data] == ["a", "b", "c", "d"]
     cfg = json.loads((out / "distill_config.json").read_text())
     assert cfg["data"] == str(out / "self-generated.jsonl")
-    assert len((out / "log.jsonl").read_text().splitlines()) == 2
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2
+    assert f"step 2, {log[-1]['tokens_per_s']:.0f} real tokens/s over this run's" in capsys.readouterr().out
 
 
 def test_distill_self_generate_with_data_is_refused(teacher_dirs, tmp_path, capsys):
