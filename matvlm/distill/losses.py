@@ -137,6 +137,12 @@ class _HeadLosses(torch.autograd.Function):
         return dh, None, dw, db, None, None, None, None, None, None, None
 
 
+def real_rows(mask: Tensor) -> Tensor:
+    """The flat indices of `mask`'s real positions (B*T positions, row-major): what `head_losses` takes as
+    `rows`. On a host tensor this waits for nothing; on the device it waits for the queued work."""
+    return mask.reshape(-1).nonzero().squeeze(1)
+
+
 def head_losses(student_hidden: Tensor, teacher_hidden: Tensor | None, head: torch.nn.Linear,
                 teacher_head: torch.nn.Linear | None = None, labels: Tensor | None = None,
                 mask: Tensor | None = None, temperature: float = 1.0, want_kl: bool = True,
@@ -148,7 +154,7 @@ def head_losses(student_hidden: Tensor, teacher_hidden: Tensor | None, head: tor
     student's LM head (teacher_head the teacher's, default the same); labels: (B, T) with -100 where no
     CE is taken (CE at position t predicts labels[t+1]); mask: (B, T) real tokens (KL is taken at every
     real position, CE at real positions whose next label is an answer); rows: the flat indices of mask's
-    real positions (`mask.reshape(-1).nonzero()[:, 0]`) where the caller has them without asking the
+    real positions (`real_rows(mask)`) where the caller has them without asking the
     device (finding them here waits for the device). Gradients reach student_hidden (and the head's
     parameters if they require grad).
     """
@@ -160,7 +166,7 @@ def head_losses(student_hidden: Tensor, teacher_hidden: Tensor | None, head: tor
         target = target.masked_fill(~mask, -100)
     else:
         target = torch.zeros(b, t, dtype=torch.long, device=student_hidden.device)
-    rows = mask.reshape(-1).nonzero().squeeze(1) if rows is None else rows       # real tokens only
+    rows = real_rows(mask) if rows is None else rows                             # real tokens only
     h_s = student_hidden.reshape(b * t, d).index_select(0, rows)                 # (n, D)
     h_t = teacher_hidden.reshape(b * t, d).index_select(0, rows) if want_kl else None
     teacher_head = head if teacher_head is None else teacher_head

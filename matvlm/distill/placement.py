@@ -118,7 +118,8 @@ def auto_layers(cfg: DistillConfig, ratio: float, work: Path, align_steps: int =
         raise MatvlmError("--placement-steps and the number of scoring samples must be >= 1")
     align_dir = work / "align"
     align = DistillConfig(**{**cfg.to_dict(), "student": None, "mamba_ratio": 1.0, "placement": "even",
-                             "placement_gap": 1, "compile": False, "stage": "align", "align_steps": None, "align_lr": None, "max_steps": align_steps,
+                             "placement_gap": 1, "compile": False, "stage": "align", "align_steps": None,
+                             "align_lr": None, "max_steps": align_steps,
                              "train": ["mamba"], "out": str(align_dir), "save_every": max(1, align_steps // 4),
                              "keep_last": 1, "tensorboard": False, "wandb": False})
     if not (align_dir / "config.json").is_file():

@@ -26,6 +26,7 @@ import torch
 
 from ..errors import MatvlmError
 from ..model.hybrid import decoder_layers
+from . import losses
 from . import state as ckpt
 from .config import DistillConfig
 from .model import DistillStep, build
@@ -554,7 +555,7 @@ def train_step(r: Run, step: int, micro: list[dict]) -> dict:
     for j, b in enumerate(micro):
         # pinned batches copy without waiting for the device (a pageable copy waits for the queued work);
         # the real tokens' rows are found here on the host, not by a nonzero() that waits for the device
-        rows = b["attention_mask"].reshape(-1).nonzero().squeeze(1)
+        rows = losses.real_rows(b["attention_mask"])
         b = {k: b[k].to(acc.device, non_blocking=True) for k in BATCH_KEYS if b.get(k) is not None}
         b["rows"] = rows.pin_memory().to(acc.device, non_blocking=True) if acc.device.type == "cuda" else rows
         last = j == len(micro) - 1
