@@ -11,6 +11,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from matvlm.toy.tiny import save_teacher, tiny_causal_lm, tiny_llava
 
@@ -40,3 +41,36 @@ def image():
 
     rng = np.random.default_rng(0)
     return Image.fromarray(rng.integers(0, 255, size=(40, 52, 3), dtype=np.uint8))
+
+
+class _SdpaSpy(TorchFunctionMode):
+    """Records, for every sdpa call outside a decode step, whether cuDNN attention was allowed (a mode, not a
+    patched function: torch's CausalBias recognises sdpa by identity). Decode steps are left out: their
+    shapes are a few buckets, and the compiled step must not trace a context switch."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+        self.decoding = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.scaled_dot_product_attention and not self.decoding:
+            self.seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return func(*args, **(kwargs or {}))
+
+    def around(self, fn):
+        def decode(*args, **kwargs):
+            self.decoding = True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.decoding = False
+        return decode
+
+
+@pytest.fixture
+def sdpa_spy():
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    with _SdpaSpy() as mode:
+        yield mode
+    assert torch.backends.cuda.cudnn_sdp_enabled()            # every path restores the caller's setting

@@ -168,25 +168,14 @@ def test_loglikelihood_equals_a_plain_forward_by_hand(lm, data):
 
 @needs_lmms
 @torch.no_grad()
-def test_loglikelihood_runs_attention_without_cudnn(lm, data):
+def test_loglikelihood_runs_attention_without_cudnn(lm, data, sdpa_spy):
     """Each batch of continuations is a new length: cuDNN's per-shape graph builds are kept out
     (ops.attention.sdpa_without_cudnn), the vision tower's attention included."""
-    from torch.overrides import TorchFunctionMode
-
-    class Spy(TorchFunctionMode):
-        seen = []
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            if func is torch.nn.functional.scaled_dot_product_attention:
-                self.seen.append(torch.backends.cuda.cudnn_sdp_enabled())
-            return func(*args, **(kwargs or {}))
-
     docs = data[1][:2]
     reqs = [instance("loglikelihood", (d["question"], " " + d["answer"], doc_to_visual, r, TASK, SPLIT), r)
             for r, d in enumerate(docs)]
-    with Spy() as spy:
-        lm.loglikelihood(reqs)
-    assert spy.seen and not any(spy.seen) and torch.backends.cuda.cudnn_sdp_enabled()
+    lm.loglikelihood(reqs)
+    assert sdpa_spy.seen and not any(sdpa_spy.seen)
 
 
 @needs_lmms

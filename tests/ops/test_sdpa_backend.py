@@ -2,51 +2,16 @@
 (distillation keeps it and pads its batches to few lengths instead: tests/distill/test_train.py).
 
 The flag sdpa reads is process-wide and device-independent, so what each path runs under is observed on CPU
-by a torch-function mode that sees every `F.scaled_dot_product_attention` call (transformers' sdpa layers
-and the vision tower make them).
+by the `sdpa_spy` fixture (tests/conftest.py), a torch-function mode that sees every
+`F.scaled_dot_product_attention` call (transformers' sdpa layers and the vision tower make them).
 """
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 import matvlm
 from matvlm.convert.pipeline import convert
 from matvlm.ops.attention import sdpa_without_cudnn
-
-
-class _Spy(TorchFunctionMode):
-    """Records, for every sdpa call outside a decode step, whether cuDNN attention was allowed (a mode, not a
-    patched function: torch's CausalBias recognises sdpa by identity). Decode steps are left out: their
-    shapes are a few buckets, and the compiled step must not trace a context switch."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-        self.decoding = False
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is F.scaled_dot_product_attention and not self.decoding:
-            self.seen.append(torch.backends.cuda.cudnn_sdp_enabled())
-        return func(*args, **(kwargs or {}))
-
-    def around(self, fn):
-        def decode(*args, **kwargs):
-            self.decoding = True
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.decoding = False
-        return decode
-
-
-@pytest.fixture
-def spy():
-    assert torch.backends.cuda.cudnn_sdp_enabled()
-    with _Spy() as mode:
-        yield mode
-    assert torch.backends.cuda.cudnn_sdp_enabled()            # every path restores the caller's setting
 
 
 @pytest.mark.parametrize("outer", [True, False])
@@ -62,7 +27,7 @@ def test_the_context_restores_the_callers_setting_even_on_error(outer):
         torch.backends.cuda.enable_cudnn_sdp(True)
 
 
-def test_engine_prefill_vision_tower_and_continuous_prefill_run_without_cudnn(teacher_dirs, tmp_path, image, spy):
+def test_engine_prefill_vision_tower_and_continuous_prefill_run_without_cudnn(teacher_dirs, tmp_path, image, sdpa_spy):
     from matvlm.engine.engine import Engine, Request
     from matvlm.engine.sampling import SamplingParams
     from matvlm.engine.scheduler import ContinuousBatcher, Sequence
@@ -72,21 +37,21 @@ def test_engine_prefill_vision_tower_and_continuous_prefill_run_without_cudnn(te
     eng = Engine.from_dir(hybrid, device="cpu", dtype="float32")
     prompt = render(eng.processor, eng.model.config, [{"role": "user", "content": "What is this?"}], 1)
     params = SamplingParams(max_new_tokens=3, ignore_eos=True)
-    eng._decode_forward = spy.around(eng._decode_forward)
+    eng._decode_forward = sdpa_spy.around(eng._decode_forward)
     eng.generate([Request(prompt, [image], params)])
-    n_static = len(spy.seen)
+    n_static = len(sdpa_spy.seen)
     b = ContinuousBatcher(eng, slots=2, length=256, prefill_tokens=8)      # prompts prefill in several chunks
-    b._step_body = spy.around(b._step_body)
+    b._step_body = sdpa_spy.around(b._step_body)
     done = []
     b.add(Sequence(Request(prompt, [image], params), emit=lambda t: None, finish=lambda o, e: done.append((o, e))))
     while b.busy:
         b.step()
     assert done and done[0][1] is None
-    assert n_static > 0 and len(spy.seen) > n_static
-    assert not any(spy.seen)
+    assert n_static > 0 and len(sdpa_spy.seen) > n_static
+    assert not any(sdpa_spy.seen)
 
 
-def test_text_scoring_runs_without_cudnn(teacher_dirs, spy):
+def test_text_scoring_runs_without_cudnn(teacher_dirs, sdpa_spy):
     from matvlm.lm.evaluate import score_text
 
     d = teacher_dirs["causal-llama"]
@@ -97,7 +62,7 @@ def test_text_scoring_runs_without_cudnn(teacher_dirs, spy):
 
     rows = Rows({"id": str(i), "input_ids": ids[i, :n], "labels": ids[i, :n]} for i, n in ((0, 12), (1, 9)))
     score_text({"teacher": matvlm.load(d), "student": matvlm.load(d)}, rows, batch_size=2, progress=False)
-    assert spy.seen and not any(spy.seen)
+    assert sdpa_spy.seen and not any(sdpa_spy.seen)
 
 
 def test_overlapping_contexts_in_two_threads_keep_cudnn_off_until_both_leave():
