@@ -770,7 +770,7 @@ def bench_serve(model: str | None = None, url: str | None = None, api_key: str |
                 prompt_words: str = "16:256", max_tokens: str = "16:256", image_fraction: float | None = None,
                 max_batch: int = 16, seed: int = 0, out: Path = Path("bench-serve"), device: str | None = None,
                 dtype: str | None = None, max_len: int | None = None, warmup: int = 16,
-                prefill_tokens: int = 256) -> None:
+                prefill_tokens: int = 256, answer_lengths: Literal["uniform", "log-uniform"] = "uniform") -> None:
     """Load-test the OpenAI-compatible server: Poisson arrivals, mixed prompt and answer lengths, images;
     reports output tokens/s, requests/s, time to first token, inter-token and end-to-end latency
     (p50/p95/p99) per scheduler, side by side under the same workload, with a plot.
@@ -781,6 +781,7 @@ def bench_serve(model: str | None = None, url: str | None = None, api_key: str |
     bench-serve.md (the table) and bench-serve.png.
 
     Examples: matvlm bench-serve hybrid/ --requests 128 --rate 8 --max-tokens 32:512
+              matvlm bench-serve hybrid/ --rate 0 --max-tokens 16:1024 --answer-lengths log-uniform
               matvlm bench-serve --url http://127.0.0.1:8000/v1 --api-key KEY
 
     Args:
@@ -791,7 +792,8 @@ def bench_serve(model: str | None = None, url: str | None = None, api_key: str |
         requests: requests per scheduler.
         rate: mean arrivals per second (Poisson); 0 sends all at once.
         prompt_words: prompt lengths in words, LOW:HIGH (uniform).
-        max_tokens: answer lengths in tokens, LOW:HIGH (uniform; every answer runs to its length).
+        max_tokens: answer lengths in tokens, LOW:HIGH (drawn as --answer-lengths says; every answer runs to its
+            length).
         image_fraction: fraction of requests with an image (default 0.5 for a VLM, 0 for a text model).
         max_batch: slots / batch size of the started servers.
         seed: workload seed.
@@ -802,6 +804,8 @@ def bench_serve(model: str | None = None, url: str | None = None, api_key: str |
         warmup: requests sent all at once to each server before its timed run (drawn like the workload, another
             seed; not timed), so one-time costs (kernel compilation, CUDA-graph capture) stay out of the figures.
         prefill_tokens: continuous scheduler: prompt tokens prefilled between two decode steps (see `serve`).
+        answer_lengths: how answer lengths are drawn from --max-tokens: uniform, or log-uniform (each doubling
+            equally likely: most answers short, a few long, the long tail of chat traffic).
     """
     import json
     import time
@@ -820,19 +824,20 @@ def bench_serve(model: str | None = None, url: str | None = None, api_key: str |
                           f">= 2; got {requests}, {max_batch}, {rate}, {warmup}, {prefill_tokens}")
     pw, mt = _range(prompt_words, "--prompt-words"), _range(max_tokens, "--max-tokens")
     runs, meta = {}, {"date": time.strftime("%Y-%m-%d %H:%M"), "requests": requests, "rate": rate,
-                      "prompt_words": pw, "max_tokens": mt, "seed": seed, "warmup": {}}
+                      "prompt_words": pw, "max_tokens": mt, "answer_lengths": answer_lengths, "seed": seed,
+                      "warmup": {}}
 
     def warm(base: str, name: str, model_name: str, fraction: float) -> None:
         if warmup:
             print(f"{name}: {warmup} warm-up requests ...", flush=True)
-            done = serve_load.run_load(base, model_name, serve_load.make_workload(warmup, 0, pw, mt, fraction, seed + 1),
-                                       api_key)
+            done = serve_load.run_load(base, model_name, serve_load.make_workload(warmup, 0, pw, mt, fraction, seed + 1,
+                                                                                answer_lengths), api_key)
             meta["warmup"][name] = {"requests": warmup, "failed": sum(r.error is not None for r in done),
                                     "completion_tokens": sum(r.completion_tokens for r in done)}
 
     if url is not None:
         names = ["server"]
-        workload = serve_load.make_workload(requests, rate, pw, mt, image_fraction or 0.0, seed)
+        workload = serve_load.make_workload(requests, rate, pw, mt, image_fraction or 0.0, seed, answer_lengths)
         warm(url, "server", "default", image_fraction or 0.0)
         runs["server"] = serve_load.run_load(url, "default", workload, api_key)
         meta["url"] = url
@@ -846,7 +851,7 @@ def bench_serve(model: str | None = None, url: str | None = None, api_key: str |
         engine = _engine(model, device, dtype)
         vlm = hasattr(engine.model.config, "vision_config")
         fraction = (0.5 if vlm else 0.0) if image_fraction is None else image_fraction
-        workload = serve_load.make_workload(requests, rate, pw, mt, fraction, seed)
+        workload = serve_load.make_workload(requests, rate, pw, mt, fraction, seed, answer_lengths)
         meta.update(model=str(model), device=str(engine.device), max_batch=max_batch,
                     gpu=__import__("torch").cuda.get_device_name() if str(engine.device).startswith("cuda") else None)
         if rate <= 0:           # all at once: what the answer lengths allow (serve_load.step_bound)

@@ -1,8 +1,9 @@
 """A load generator for an OpenAI-compatible chat server (`matvlm bench-serve`, issue 20).
 
 A workload is a list of requests with arrival times: Poisson arrivals at `rate` requests/s, prompt
-lengths and answer lengths drawn uniformly from given ranges, and a fraction of the requests with an
-image. Every request streams (`stream: true`, usage included) with `ignore_eos`, so its answer has
+lengths drawn uniformly from a range, answer lengths drawn from a range either uniformly or log-uniformly
+(a long tail: most answers short, a few long, as chat traffic has), and a fraction of the requests with
+an image. Every request streams (`stream: true`, usage included) with `ignore_eos`, so its answer has
 exactly the asked length and schedulers are compared on the same work. Per request the client
 records when it was sent, when each content chunk arrived and how many tokens the server counted.
 
@@ -68,10 +69,23 @@ def _png(seed: int, size: int = 64) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+ANSWER_LENGTHS = ("uniform", "log-uniform")
+
+
+def _answer_length(rng: random.Random, lo: int, hi: int, dist: str) -> int:
+    if dist == "uniform":
+        return rng.randint(lo, hi)
+    # log-uniform: log(length) uniform over [log lo, log(hi + 1)), so each doubling of length is equally likely
+    return min(hi, int(math.exp(rng.uniform(math.log(lo), math.log(hi + 1)))))
+
+
 def make_workload(n: int, rate: float, prompt_words: tuple[int, int], max_tokens: tuple[int, int],
-                  image_fraction: float = 0.0, seed: int = 0) -> list[LoadRequest]:
+                  image_fraction: float = 0.0, seed: int = 0, answer_lengths: str = "uniform") -> list[LoadRequest]:
     """`n` requests with Poisson arrivals at `rate` per second (rate <= 0: all at once), prompts of
-    prompt_words[0]..[1] words, answers of max_tokens[0]..[1] tokens, images on `image_fraction` of them."""
+    prompt_words[0]..[1] words, answers of max_tokens[0]..[1] tokens (drawn `answer_lengths`: uniform or
+    log-uniform), images on `image_fraction` of them."""
+    if answer_lengths not in ANSWER_LENGTHS:
+        raise ValueError(f"answer lengths are drawn {' or '.join(ANSWER_LENGTHS)}; got {answer_lengths!r}")
     if n < 1:
         raise ValueError(f"a workload needs at least one request; got {n}")
     for name, (lo, hi) in (("prompt words", prompt_words), ("max tokens", max_tokens)):
@@ -84,7 +98,8 @@ def make_workload(n: int, rate: float, prompt_words: tuple[int, int], max_tokens
     for i in range(n):
         words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(*prompt_words)))
         image = _png(seed * 100003 + i) if rng.random() < image_fraction else None
-        out.append(LoadRequest(t, f"Continue this text: {words}", rng.randint(*max_tokens), image))
+        out.append(LoadRequest(t, f"Continue this text: {words}", _answer_length(rng, *max_tokens, answer_lengths),
+                               image))
         if rate > 0:
             t += rng.expovariate(rate)
     return out

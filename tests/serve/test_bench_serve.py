@@ -44,6 +44,21 @@ def test_workloads_are_poisson_seeded_and_checked():
         serve_load.make_workload(3, 1.0, (1, 2), (5, 2))
 
 
+def test_log_uniform_answer_lengths_have_a_long_tail_within_the_range():
+    def lengths(dist):
+        return [r.max_tokens for r in serve_load.make_workload(4000, 0, (1, 1), (16, 1024), seed=5, answer_lengths=dist)]
+
+    log, uni = lengths("log-uniform"), lengths("uniform")
+    assert min(log) == 16 and max(log) == 1024 and min(uni) >= 16 and max(uni) <= 1024
+    # each doubling of length about equally likely: 16-31, 32-63, ..., 512-1023 hold 1/6 each
+    for lo in (16, 32, 64, 128, 256, 512):
+        assert abs(sum(lo <= n < 2 * lo for n in log) / len(log) - 1 / 6) < 0.03
+    log_median, uni_median = sorted(log)[2000], sorted(uni)[2000]
+    assert log_median < 160 < 450 < uni_median                       # mostly short answers, a few long ones
+    with pytest.raises(ValueError, match="uniform or log-uniform"):
+        serve_load.make_workload(3, 1.0, (1, 2), (1, 2), answer_lengths="zipf")
+
+
 def test_summary_percentiles_are_nearest_rank_and_failures_are_counted_not_timed():
     ok = [serve_load.Result(sent=0.0, max_tokens=2, chunks=[t, t + 0.01], done=t + 0.02, completion_tokens=2)
           for t in (0.1, 0.2, 0.3, 0.4)]
@@ -79,8 +94,10 @@ def test_bench_serve_all_at_once_reports_what_the_answer_lengths_allow(tmp_path,
     out = tmp_path / "bs0"
     assert main(["bench-serve", str(ASSET), "--requests", "5", "--rate", "0", "--max-tokens", "2:9",
                  "--prompt-words", "2:6", "--max-batch", "2", "--out", str(out), "--device", "cpu",
-                 "--dtype", "float32", "--warmup", "0", "--scheduler", "continuous"]) == 0
+                 "--dtype", "float32", "--warmup", "0", "--scheduler", "continuous",
+                 "--answer-lengths", "log-uniform"]) == 0
     rec = json.loads((out / "bench-serve.json").read_text())
+    assert rec["answer_lengths"] == "log-uniform"
     lengths = [w["max_tokens"] for w in rec["workload"]]
     want = serve_load.step_bound([serve_load.LoadRequest(0.0, "", n) for n in lengths], 2)
     assert rec["step_bound"] == want and want["static_decode_steps"] >= want["continuous_min_decode_steps"]
