@@ -1,5 +1,6 @@
-"""The Mamba-2 mixer's depthwise causal convolution (and SiLU) over a sequence, for prefill: on CUDA without
-autograd the Triton kernel in `conv_triton`, otherwise its PyTorch twin `causal_conv1d_ref`."""
+"""The Mamba-2 mixer's depthwise causal convolution (and SiLU) over a sequence: on CUDA the Triton kernels in
+`conv_triton` (for prefill, and with their backward for training when there are no cached inputs), otherwise
+their PyTorch twin `causal_conv1d_ref`."""
 
 from __future__ import annotations
 
@@ -16,9 +17,12 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, initial_state:
     `initial_state` (the K-1 previous inputs) or zeros. x: (B, T, C); weight: (C, K); bias: (C,) or None;
     initial_state: (B, C, K-1) or None. Returns (B, T, C) in x's dtype."""
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, initial_state))
-    kernels = None if grad else fused_kernels("conv_triton", x)
+    kernels = None if torch.compiler.is_compiling() else fused_kernels("conv_triton", x)
     if kernels is not None and x.dim() == 3 and weight.stride(1) == 1:
-        return kernels.causal_conv1d(x, weight, bias, initial_state, silu)
+        if not grad:
+            return kernels.causal_conv1d(x, weight, bias, initial_state, silu)
+        if initial_state is None:
+            return kernels.causal_conv1d_train(x, weight, bias, silu)
     return causal_conv1d_ref(x, weight, bias, initial_state, silu)
 
 

@@ -1,12 +1,14 @@
-"""The Mamba-2 mixer's causal convolution kernel (ops/conv_triton.py), run by Triton's interpreter on the
-CPU, against float64 and its PyTorch twin: tiles that do not fill, cached previous inputs, a strided input
-(a slice of the projection), no bias, bfloat16; and the dispatcher keeps autograd on the PyTorch path."""
+"""The Mamba-2 mixer's causal convolution kernels (ops/conv_triton.py), run by Triton's interpreter on the
+CPU, against float64 and their PyTorch twin: tiles that do not fill, cached previous inputs, a strided input
+(a slice of the projection), no bias, bfloat16; the backward's three gradients against float64 autograd; and
+the dispatcher's choice (the training kernels only without cached inputs)."""
 
 import pytest
 import torch
 
 from matvlm import ops
-from matvlm.ops import conv as conv_ops, conv_triton
+from matvlm.ops import conv as conv_ops
+from matvlm.ops import conv_triton
 
 
 def _float64(x, w, b, state, silu=True):
@@ -40,14 +42,46 @@ def test_causal_conv_kernel_equals_float64_and_the_pytorch_path(bsz, t, c, k, st
     assert ((plain.double() - _float64(x, w, b, s, silu=False)).norm() / plain.double().norm()).item() < tol
 
 
-def test_the_dispatcher_takes_the_kernel_only_without_autograd(monkeypatch):
+@pytest.mark.parametrize("bsz, t, c, bias, silu, dtype", [
+    (2, 37, 50, True, True, torch.float32), (1, 70, 130, False, True, torch.float32),
+    (3, 3, 20, True, False, torch.float32), (2, 33, 40, True, True, torch.bfloat16)])
+def test_causal_conv_backward_kernels_equal_float64_autograd(bsz, t, c, bias, silu, dtype):
+    g = torch.Generator().manual_seed(t + c)
+    proj = torch.randn(bsz, t, c + 9, generator=g).to(dtype)
+    x = proj[:, :, 3:3 + c]
+    w = torch.randn(c, 4, generator=g).to(dtype)
+    b = torch.randn(c, generator=g).to(dtype) if bias else None
+    dy = torch.randn(bsz, t, c, generator=g).to(dtype)
+    leaves = [v.double().requires_grad_(True) for v in (x, w) + ((b,) if bias else ())]
+    y = _float64(leaves[0], leaves[1], leaves[2] if bias else None, None, silu)
+    want = torch.autograd.grad((y * dy.double()).sum(), leaves)
+    dx, dw, db = conv_triton.causal_conv1d_backward(x, w, b, dy, silu, block_t=16, block_c=32)
+    assert dx.shape == x.shape and dx.dtype == dtype and dw.shape == w.shape and (db is None) == (not bias)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for got, ref in zip((dx, dw, db), want):
+        assert ((got.double() - ref).norm() / ref.norm()).item() < tol
+    # through autograd: the Function hands each input its gradient
+    leaves = [v.detach().requires_grad_(True) for v in (x, w) + ((b,) if bias else ())]
+    out = conv_triton.causal_conv1d_train(leaves[0], leaves[1], leaves[2] if bias else None, silu)
+    grads = torch.autograd.grad(out, leaves, dy)
+    for got, ref in zip(grads, want):
+        assert got.dtype == dtype and ((got.double() - ref).norm() / ref.norm()).item() < tol
+
+
+def test_the_dispatcher_takes_the_training_kernels_only_without_cached_inputs(monkeypatch):
     calls = []
     monkeypatch.setattr(conv_ops, "fused_kernels", lambda module, x: calls.append(module) or conv_triton)
+    monkeypatch.setattr(conv_triton, "causal_conv1d_train",
+                        lambda *a, **k: calls.append("train") or conv_triton._CausalConv.apply(*a, **k))
     x, w, b = torch.randn(1, 9, 8), torch.randn(8, 4), torch.randn(8)
     with torch.no_grad():
         fast = ops.causal_conv1d(x, w, b)
     assert calls == ["conv_triton"]
     w.requires_grad_(True)
-    slow = ops.causal_conv1d(x, w, b)                                  # training: autograd through F.conv1d
-    assert calls == ["conv_triton"] and slow.requires_grad
-    assert torch.allclose(fast, slow.detach(), atol=1e-5)
+    trained = ops.causal_conv1d(x, w, b)                              # training: the kernels and their backward
+    assert calls == ["conv_triton", "conv_triton", "train"] and trained.requires_grad
+    assert torch.allclose(fast, trained.detach(), atol=1e-5)
+    state = torch.randn(1, 8, 3)
+    slow = ops.causal_conv1d(x, w, b, state)                          # cached inputs with autograd: F.conv1d
+    assert calls[-1] == "conv_triton" and slow.requires_grad
+    assert torch.allclose(slow.detach(), conv_ops.causal_conv1d_ref(x, w.detach(), b, state), atol=1e-5)
