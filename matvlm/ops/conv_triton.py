@@ -23,12 +23,9 @@ from torch import Tensor
 
 
 @triton.jit
-def _causal_conv(x_ptr, w_ptr, b_ptr, s_ptr, y_ptr, T, C, sx_b, sx_t, sw_c, ss_b, ss_c, sy_b, sy_t,
-                 K: tl.constexpr, HAS_STATE: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-                 BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+def _preact(x_ptr, w_ptr, b_ptr, s_ptr, b, t, c, T, C, sx_b, sx_t, sw_c, ss_b, ss_c, K: tl.constexpr,
+            HAS_STATE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """bias + Σ_k w[k] x[t - (K-1) + k] over a tile of (positions t x channels c), in float32."""
     in_c = c < C
     acc = tl.zeros((BLOCK_T, BLOCK_C), tl.float32)
     if HAS_BIAS:
@@ -44,10 +41,22 @@ def _causal_conv(x_ptr, w_ptr, b_ptr, s_ptr, y_ptr, T, C, sx_b, sx_t, sw_c, ss_b
             v += tl.load(s_ptr + b * ss_b + c[None, :] * ss_c + (K - 1 + src)[:, None],
                          mask=old[:, None] & in_c[None, :], other=0.0).to(tl.float32)
         acc += v * w[None, :]
+    return acc
+
+
+@triton.jit
+def _causal_conv(x_ptr, w_ptr, b_ptr, s_ptr, y_ptr, T, C, sx_b, sx_t, sw_c, ss_b, ss_c, sy_b, sy_t,
+                 K: tl.constexpr, HAS_STATE: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                 BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    acc = _preact(x_ptr, w_ptr, b_ptr, s_ptr, b, t, c, T, C, sx_b, sx_t, sw_c, ss_b, ss_c, K, HAS_STATE, HAS_BIAS,
+                  BLOCK_T, BLOCK_C)
     if SILU:
         acc = acc * tl.sigmoid(acc)
     tl.store(y_ptr + b * sy_b + t[:, None] * sy_t + c[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=(t < T)[:, None] & in_c[None, :])
+             mask=(t < T)[:, None] & (c < C)[None, :])
 
 
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, initial_state: Tensor | None = None,
@@ -83,15 +92,8 @@ def _conv_grad_pre(x_ptr, w_ptr, b_ptr, dy_ptr, g_ptr, dw_ptr, db_ptr, T, C, n_t
     c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     in_c = c < C
     in_t = t < T
-    a = tl.zeros((BLOCK_T, BLOCK_C), tl.float32)
-    if HAS_BIAS:
-        a += tl.load(b_ptr + c, mask=in_c, other=0.0).to(tl.float32)[None, :]
-    for k in tl.static_range(K):
-        w = tl.load(w_ptr + c * sw_c + k, mask=in_c, other=0.0).to(tl.float32)
-        src = t - (K - 1) + k
-        v = tl.load(x_ptr + b * sx_b + src[:, None] * sx_t + c[None, :],
-                    mask=((src >= 0) & (src < T))[:, None] & in_c[None, :], other=0.0).to(tl.float32)
-        a += v * w[None, :]
+    a = _preact(x_ptr, w_ptr, b_ptr, x_ptr, b, t, c, T, C, sx_b, sx_t, sw_c, 0, 0, K, False, HAS_BIAS, BLOCK_T,
+                BLOCK_C)
     mask = in_t[:, None] & in_c[None, :]
     g = tl.load(dy_ptr + b * sdy_b + t[:, None] * sdy_t + c[None, :], mask=mask, other=0.0).to(tl.float32)
     if SILU:
