@@ -67,6 +67,9 @@ class Request:
     prompt: str | list[int]
     images: list = field(default_factory=list)
     params: SamplingParams = field(default_factory=SamplingParams)
+    # `Engine.encode`'s result when the caller has it already (the server encodes to check the length);
+    # it must be the same engine's encoding of this prompt and these images
+    encoded: tuple | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -311,6 +314,8 @@ class Engine:
 
     def encode(self, request: Request) -> tuple[list[int], Tensor | None]:
         """Token ids of a request (image placeholders expanded) and its pixel values (n_img, 3, H, W)."""
+        if request.encoded is not None:
+            return request.encoded
         if isinstance(request.prompt, list):
             if request.images:
                 raise MatvlmError("a request given as token ids cannot carry images")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import asyncio
 import json
 import time
 import uuid
@@ -217,6 +216,28 @@ def create_app(service: Service, model_name: str, api_key: str | None = None, li
             return fail(RequestError(401, "invalid or missing API key", code="invalid_api_key"))
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "matvlm"}]}
 
+    def prepare(body: dict) -> Request:
+        """The request's checks, prompt and encoding: CPU work (images decoded and processed, the chat template,
+        tokenising) run on a worker thread, so that the event loop keeps streaming other answers meanwhile."""
+        if body.get("model", model_name) != model_name:
+            raise RequestError(404, f"model {body.get('model')!r} does not exist; this server serves "
+                                    f"{model_name!r}", "model", "model_not_found")
+        check_parameters(body)
+        messages, images = parse_messages(body, limits, allow_local_images)
+        if images and not engine.vlm:
+            raise RequestError(400, "this model takes no images", "messages")
+        params = sampling_from(body, limits, stops)
+        prompt = render(engine.processor, engine.model.config, messages, len(images), template)
+        request = Request(prompt, images, params)
+        request.encoded = engine.encode(request)        # kept: the engine's worker does not encode it again
+        n_prompt = len(request.encoded[0])
+        if context and n_prompt + params.max_new_tokens > context:
+            held = (f"the model's context of {context} tokens" if context == context_limit(engine.model) else
+                    f"the {context} tokens a request may hold on this server (--max-len)")
+            raise RequestError(400, f"prompt of {n_prompt} tokens + max_tokens {params.max_new_tokens} exceeds "
+                                    f"{held}", "messages", "context_length_exceeded")
+        return request
+
     @app.post("/v1/chat/completions")
     async def chat(req: HTTPRequest):
         try:
@@ -235,23 +256,7 @@ def create_app(service: Service, model_name: str, api_key: str | None = None, li
                 raise RequestError(400, "request body is not valid JSON") from None
             if not isinstance(body, dict):
                 raise RequestError(400, "request body must be a JSON object")
-            if body.get("model", model_name) != model_name:
-                raise RequestError(404, f"model {body.get('model')!r} does not exist; this server serves "
-                                        f"{model_name!r}", "model", "model_not_found")
-            check_parameters(body)
-            messages, images = parse_messages(body, limits, allow_local_images)
-            if images and not engine.vlm:
-                raise RequestError(400, "this model takes no images", "messages")
-            params = sampling_from(body, limits, stops)
-            prompt = render(engine.processor, engine.model.config, messages, len(images), template)
-            request = Request(prompt, images, params)
-            n_prompt = len(engine.encode(request)[0])
-            if context and n_prompt + params.max_new_tokens > context:
-                held = (f"the model's context of {context} tokens" if context == context_limit(engine.model) else
-                        f"the {context} tokens a request may hold on this server (--max-len)")
-                raise RequestError(400, f"prompt of {n_prompt} tokens + max_tokens {params.max_new_tokens} exceeds "
-                                        f"{held}", "messages",
-                                   "context_length_exceeded")
+            request = await run_in_threadpool(prepare, body)
         except RequestError as e:
             return fail(e)
         try:
@@ -267,11 +272,10 @@ def create_app(service: Service, model_name: str, api_key: str | None = None, li
             async def events():
                 chunk = {**base, "object": "chat.completion.chunk"}
                 extra = {"usage": None} if usage_chunk else {}
-                pieces = handle.stream()
                 try:
                     yield _sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                                       "finish_reason": None}], **extra})
-                    while (piece := await run_in_threadpool(next, pieces, None)) is not None:
+                    async for piece in handle.astream():      # no worker thread held while waiting
                         yield _sse({**chunk, "choices": [{"index": 0, "delta": {"content": piece},
                                                           "finish_reason": None}], **extra})
                     out = handle.output
@@ -299,13 +303,8 @@ def create_app(service: Service, model_name: str, api_key: str | None = None, li
 
 async def _result_unless_gone(handle, req: HTTPRequest):
     """The request's output; if the client disconnects first, the request is cancelled (its slot freed)."""
-    task = asyncio.ensure_future(run_in_threadpool(handle.result))
     try:
-        while not task.done():
-            await asyncio.wait({task}, timeout=0.25)
-            if not task.done() and await req.is_disconnected():
-                handle.cancel()
-        return task.result()
+        return await handle.aresult(req.is_disconnected)
     finally:
         handle.cancel()
 

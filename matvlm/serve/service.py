@@ -15,6 +15,7 @@ request (a client that went away) frees its place. The engine is used by the wor
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import queue
 import threading
@@ -45,36 +46,95 @@ class Handle:
     submitted: float = field(default_factory=time.perf_counter)
     first_text_s: float | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    _waker: tuple | None = None        # (event loop, asyncio.Event) of an async reader (`astream`, `aresult`)
 
     def put_text(self, text: str) -> None:
         if self.first_text_s is None:
             self.first_text_s = time.perf_counter() - self.submitted
         self.events.put(text)
+        self._wake()
 
     def finish(self, output: Output | None, error: BaseException | None) -> None:
         self.output, self.error = output, error
         self.done.set()
         self.events.put(_DONE)
+        self._wake()
+
+    def _wake(self) -> None:
+        waker = self._waker
+        if waker is not None:
+            try:
+                waker[0].call_soon_threadsafe(waker[1].set)
+            except RuntimeError:                # the reader's loop has closed: nobody is reading
+                pass
 
     def cancel(self) -> None:
         """The caller went away: the worker frees its slot (or its place in the queue) at the next step."""
         self.cancelled = True
 
     def stream(self):
-        """Yield text pieces as they are generated; raises the engine's error if the request failed."""
-        sent = ""
+        """Yield text pieces as they are generated; raises the engine's error if the request failed.
+        Blocks the calling thread between pieces (`astream` is the event loop's form)."""
+        sent = [""]
         while True:
             item = self.events.get()
             if item is _DONE:
                 break
-            text = item.rstrip("\ufffd")        # a character whose bytes are still arriving waits
-            if text.startswith(sent) and len(text) > len(sent):
-                yield text[len(sent):]
-                sent = text
+            yield from self._new_text(item, sent)
+        yield from self._rest(sent)
+
+    async def astream(self):
+        """`stream` for an asyncio event loop: waits for each piece without holding a thread, so any number
+        of streams (running or still queued) cost the server no worker threads."""
+        event = self._attach()
+        sent = [""]
+        while True:
+            try:
+                item = self.events.get_nowait()
+            except queue.Empty:
+                event.clear()
+                if self.events.empty():          # a piece put before clear() is read now, not lost
+                    await event.wait()
+                continue
+            if item is _DONE:
+                break
+            for piece in self._new_text(item, sent):
+                yield piece
+        for piece in self._rest(sent):
+            yield piece
+
+    async def aresult(self, gone=None, poll_s: float = 0.25) -> Output:
+        """`result` for an asyncio event loop, without holding a thread. `gone`: an async callable polled
+        every `poll_s` seconds while waiting; when it returns true the request is cancelled."""
+        event = self._attach()
+        while not self.done.is_set():
+            event.clear()
+            if self.done.is_set():
+                break
+            try:
+                await asyncio.wait_for(event.wait(), poll_s)
+            except asyncio.TimeoutError:
+                if gone is not None and await gone():
+                    self.cancel()
+        return self.result(0)
+
+    def _attach(self) -> asyncio.Event:
+        event = asyncio.Event()
+        self._waker = (asyncio.get_running_loop(), event)
+        return event
+
+    @staticmethod
+    def _new_text(item: str, sent: list[str]):
+        text = item.rstrip("\ufffd")            # a character whose bytes are still arriving waits
+        if text.startswith(sent[0]) and len(text) > len(sent[0]):
+            yield text[len(sent[0]):]
+            sent[0] = text
+
+    def _rest(self, sent: list[str]):
         if self.error is not None:
             raise self.error
-        if self.output is not None and self.output.text.startswith(sent) and len(self.output.text) > len(sent):
-            yield self.output.text[len(sent):]
+        if self.output is not None and self.output.text.startswith(sent[0]) and len(self.output.text) > len(sent[0]):
+            yield self.output.text[len(sent[0]):]
 
     def result(self, timeout: float | None = None) -> Output:
         """Wait for the whole answer (any number of callers may wait; `stream` has one reader); raises

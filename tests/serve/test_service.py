@@ -139,6 +139,63 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
     assert service.batcher.steps < 300               # it did not run to its 400 tokens
 
 
+def test_waiting_and_streaming_hold_no_worker_thread(server, monkeypatch):
+    # a request waiting in the queue or between two pieces of its stream must not hold one of the event
+    # loop's worker threads (40 by default): with more requests than that, streams would stall for threads
+    from matvlm.serve import openai_api
+
+    handed = []
+    real = openai_api.run_in_threadpool
+
+    def spy(fn, *args, **kw):
+        handed.append(getattr(fn, "__name__", repr(fn)))
+        return real(fn, *args, **kw)
+
+    monkeypatch.setattr(openai_api, "run_in_threadpool", spy)
+    url, _ = server
+    body = {"messages": [{"role": "user", "content": "Describe the image."}], "max_tokens": 12, "ignore_eos": True}
+    with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60) as r:
+        pieces = [line for line in r.iter_lines() if line.startswith("data: {") and '"content": "' in line]
+    plain = httpx.post(url + "/v1/chat/completions", json=body, timeout=60).json()
+    assert len(pieces) >= 2 and plain["usage"]["completion_tokens"] == 12
+    assert handed == ["prepare", "prepare"]          # only each request's CPU preparation went to a thread
+
+
+def test_async_readers_get_every_piece_in_order_and_a_waiting_result_is_cancelled_when_its_client_goes():
+    import asyncio
+
+    from matvlm.engine.engine import Output
+    from matvlm.serve.service import Handle
+
+    handle = Handle(Request("p"))
+
+    def produce():
+        for text in ("a", "ab", "ab\ufffd", "abc", "abcd"):
+            time.sleep(0.01)
+            handle.put_text(text)
+        handle.finish(Output("abcde", [1, 2, 3, 4, 5], "length", 1, {}), None)
+
+    async def read():
+        threading.Thread(target=produce).start()
+        return [piece async for piece in handle.astream()], await handle.aresult()
+
+    pieces, out = asyncio.run(read())
+    assert pieces == ["a", "b", "c", "d", "e"] and out.text == "abcde"
+
+    waiting = Handle(Request("p"))
+    polls = []
+
+    async def gone():
+        polls.append(1)
+        if len(polls) == 2:                             # the client goes away; the worker then ends it
+            threading.Timer(0.02, waiting.finish, (None, MatvlmError("request cancelled"))).start()
+        return len(polls) >= 2
+
+    with pytest.raises(MatvlmError, match="cancelled"):
+        asyncio.run(waiting.aresult(gone, poll_s=0.02))
+    assert waiting.cancelled
+
+
 def test_metrics_are_prometheus_text_with_running_waiting_and_histograms(server):
     url, _ = server
     r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
