@@ -46,7 +46,7 @@ class Handle:
     submitted: float = field(default_factory=time.perf_counter)
     first_text_s: float | None = None
     done: threading.Event = field(default_factory=threading.Event)
-    _waker: tuple | None = None        # (event loop, asyncio.Event) of an async reader (`astream`, `aresult`)
+    _wakers: list = field(default_factory=list)   # (event loop, asyncio.Event) of each async reader
 
     def put_text(self, text: str) -> None:
         if self.first_text_s is None:
@@ -61,11 +61,10 @@ class Handle:
         self._wake()
 
     def _wake(self) -> None:
-        waker = self._waker
-        if waker is not None:
+        for loop, event in list(self._wakers):
             try:
-                waker[0].call_soon_threadsafe(waker[1].set)
-            except RuntimeError:                # the reader's loop has closed: nobody is reading
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:                # that reader's loop has closed: nobody is reading there
                 pass
 
     def cancel(self) -> None:
@@ -105,22 +104,28 @@ class Handle:
 
     async def aresult(self, gone=None, poll_s: float = 0.25) -> Output:
         """`result` for an asyncio event loop, without holding a thread. `gone`: an async callable polled
-        every `poll_s` seconds while waiting; when it returns true the request is cancelled."""
+        every `poll_s` seconds while waiting (however often tokens arrive); when it returns true the request
+        is cancelled."""
         event = self._attach()
+        loop = asyncio.get_running_loop()
+        next_poll = loop.time() + poll_s
         while not self.done.is_set():
             event.clear()
             if self.done.is_set():
                 break
             try:
-                await asyncio.wait_for(event.wait(), poll_s)
+                await asyncio.wait_for(event.wait(), max(0.0, next_poll - loop.time()))
             except asyncio.TimeoutError:
+                pass
+            if loop.time() >= next_poll and not self.done.is_set():
+                next_poll = loop.time() + poll_s
                 if gone is not None and await gone():
                     self.cancel()
         return self.result(0)
 
     def _attach(self) -> asyncio.Event:
         event = asyncio.Event()
-        self._waker = (asyncio.get_running_loop(), event)
+        self._wakers.append((asyncio.get_running_loop(), event))
         return event
 
     @staticmethod

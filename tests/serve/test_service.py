@@ -195,6 +195,27 @@ def test_async_readers_get_every_piece_in_order_and_a_waiting_result_is_cancelle
         asyncio.run(waiting.aresult(gone, poll_s=0.02))
     assert waiting.cancelled
 
+    # a running answer's tokens keep waking the reader: its client is still polled every poll_s
+    running, sent = Handle(Request("p")), []
+
+    def decode():
+        while not running.cancelled and len(sent) < 2000:
+            sent.append(1)
+            running.put_text("x" * len(sent))
+            time.sleep(0.002)
+        running.finish(None, MatvlmError("request cancelled"))
+
+    async def client_gone():
+        return True
+
+    async def wait_running():
+        threading.Thread(target=decode).start()
+        return await running.aresult(client_gone, poll_s=0.05)
+
+    with pytest.raises(MatvlmError, match="cancelled"):
+        asyncio.run(wait_running())
+    assert running.cancelled and len(sent) < 500          # cancelled at the first poll, not at the answer's end
+
 
 def test_metrics_are_prometheus_text_with_running_waiting_and_histograms(server):
     url, _ = server
