@@ -312,10 +312,15 @@ class Engine:
 
     # --- inputs ---------------------------------------------------------------------------------
 
-    def encode(self, request: Request) -> tuple[list[int], Tensor | None]:
-        """Token ids of a request (image placeholders expanded) and its pixel values (n_img, 3, H, W)."""
+    def encode(self, request: Request, processor=None) -> tuple[list[int], Tensor | None]:
+        """Token ids of a request (image placeholders expanded) and its pixel values (n_img, 3, H, W).
+        `processor`: a copy of the engine's processor to encode with instead of its own, for callers on
+        other threads (a fast tokenizer must not encode in two threads at once, or encode in one while
+        another decodes: it raises "Already borrowed")."""
         if request.encoded is not None:
             return request.encoded
+        proc = self.processor if processor is None else processor
+        tokenizer = self.tokenizer if processor is None else getattr(processor, "tokenizer", processor)
         if isinstance(request.prompt, list):
             if request.images:
                 raise MatvlmError("a request given as token ids cannot carry images")
@@ -327,12 +332,12 @@ class Engine:
 
             images = [im.convert("RGB") for im in request.images]
             if self.image_aspect == "pad":
-                mean = tuple(int(m * 255) for m in self.processor.image_processor.image_mean)
+                mean = tuple(int(m * 255) for m in proc.image_processor.image_mean)
                 images = [expand2square(im, mean) for im in images]
-            enc = self.processor(text=[request.prompt], images=images, return_tensors="pt")
+            enc = proc(text=[request.prompt], images=images, return_tensors="pt")
             return enc["input_ids"][0].tolist(), enc["pixel_values"]
-        own_bos = has_own_bos(self.tokenizer, request.prompt)      # a chat template that wrote it already
-        return self.tokenizer(request.prompt, add_special_tokens=not own_bos)["input_ids"], None
+        own_bos = has_own_bos(tokenizer, request.prompt)           # a chat template that wrote it already
+        return tokenizer(request.prompt, add_special_tokens=not own_bos)["input_ids"], None
 
     # --- generation -----------------------------------------------------------------------------
 

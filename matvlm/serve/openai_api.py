@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import copy
 import io
 import json
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -184,6 +186,10 @@ def create_app(service: Service, model_name: str, api_key: str | None = None, li
     context = service.max_len
     stops = stop_strings(engine.processor, engine.model.config, template)
     metrics = Metrics(service)
+    # requests are prepared on worker threads while the engine's thread decodes answers: they encode with a
+    # copy of the processor, one at a time (fast tokenizers raise "Already borrowed" when one object encodes
+    # in two threads at once, or encodes while another thread decodes)
+    prep_processor, prep_lock = copy.deepcopy(engine.processor), threading.Lock()
 
     def fail(e: RequestError):
         return JSONResponse(error_body(e.message, e.code, e.param), status_code=e.status)
@@ -227,9 +233,10 @@ def create_app(service: Service, model_name: str, api_key: str | None = None, li
         if images and not engine.vlm:
             raise RequestError(400, "this model takes no images", "messages")
         params = sampling_from(body, limits, stops)
-        prompt = render(engine.processor, engine.model.config, messages, len(images), template)
-        request = Request(prompt, images, params)
-        request.encoded = engine.encode(request)        # kept: the engine's worker does not encode it again
+        with prep_lock:
+            prompt = render(prep_processor, engine.model.config, messages, len(images), template)
+            request = Request(prompt, images, params)
+            request.encoded = engine.encode(request, prep_processor)   # kept: the worker does not encode again
         n_prompt = len(request.encoded[0])
         if context and n_prompt + params.max_new_tokens > context:
             held = (f"the model's context of {context} tokens" if context == context_limit(engine.model) else

@@ -161,6 +161,27 @@ def test_waiting_and_streaming_hold_no_worker_thread(server, monkeypatch):
     assert handed == ["prepare", "prepare"]          # only each request's CPU preparation went to a thread
 
 
+def test_requests_are_encoded_once_off_the_event_loop_with_a_copy_of_the_tokenizer(server, monkeypatch):
+    # the engine's thread decodes with its tokenizer while requests are prepared on worker threads: a fast
+    # tokenizer shared between them raises "Already borrowed", so preparation encodes with its own copy
+    url, service = server
+    engine, calls = service.engine, []
+    real = type(engine).encode
+
+    def spy(self, request, processor=None):
+        calls.append((request.encoded is not None, processor))
+        return real(self, request, processor)
+
+    monkeypatch.setattr(type(engine), "encode", spy)
+    body = {"messages": [{"role": "user", "content": "Describe the image."}], "max_tokens": 3}
+    assert httpx.post(url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
+    encoded = [proc for cached, proc in calls if not cached]
+    assert len(encoded) == 1 and encoded[0] is not None and encoded[0] is not engine.processor
+    own = getattr(encoded[0], "tokenizer", encoded[0])
+    assert own is not engine.tokenizer and own.vocab == engine.tokenizer.vocab
+    assert len(calls) >= 2 and all(cached for cached, _ in calls[1:])   # the worker reused the encoding
+
+
 def test_async_readers_get_every_piece_in_order_and_a_waiting_result_is_cancelled_when_its_client_goes():
     import asyncio
 
