@@ -8,12 +8,10 @@ Exits 1 when the check fails.
 """
 
 import argparse
-import json
-import sys
 
 import torch
 
-from matvlm.bench.kernels import timed as ms
+from matvlm.bench.kernels import finish_check, timed as ms
 from matvlm.ops import conv as conv_ops
 from matvlm.ops import conv_triton
 
@@ -59,10 +57,7 @@ def main() -> None:
     n = x.numel()
     res["kernel_GB_per_s"] = n * (2 + 2 + 2 + 2 + 4 + 4 + 2) / res["kernel_fwd_bwd_ms"] / 1e6
     res["ok"] = ok
-    print(json.dumps(res, indent=1))
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=1)
-    sys.exit(0 if ok else 1)
+    finish_check(res, args.out, ok)
 
 
 if __name__ == "__main__":

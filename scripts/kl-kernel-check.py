@@ -7,12 +7,10 @@ measured in the same run. Exits 1 when the check fails.
 """
 
 import argparse
-import json
-import sys
 
 import torch
 
-from matvlm.bench.kernels import timed as ms
+from matvlm.bench.kernels import finish_check, timed as ms
 from matvlm.ops import kl as kl_ops, kl_triton
 
 
@@ -46,10 +44,7 @@ def main() -> None:
     kernel_bytes = s.numel() * 2 * 5                            # s and t read twice, the gradient written once
     res.update(rows=args.rows, vocab=args.vocab, kernel_ms=k_ms, twin_ms=r_ms, speedup=r_ms / k_ms,
                kernel_GB_per_s=kernel_bytes / k_ms / 1e6, ok=ok)
-    print(json.dumps(res, indent=1))
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=1)
-    sys.exit(0 if ok else 1)
+    finish_check(res, args.out, ok)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,16 @@ def kernels_env(value: str):
             os.environ["MATVLM_KERNELS"] = before
 
 
+def finish_check(res: dict, out: str | Path, ok: bool) -> None:
+    """End a kernel-check script (scripts/*-kernel-check.py): print `res` as JSON, write it to `out`, and exit
+    1 when the check failed."""
+    import sys
+
+    print(json.dumps(res, indent=1))
+    Path(out).write_text(json.dumps(res, indent=1))
+    sys.exit(0 if ok else 1)
+
+
 def timed(fn, warmup: int = 5, rep: int = 30) -> float:
     """Median milliseconds of fn() over `rep` runs, timed with CUDA events after `warmup` runs."""
     for _ in range(warmup):

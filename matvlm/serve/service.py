@@ -74,19 +74,22 @@ class Handle:
     def stream(self):
         """Yield text pieces as they are generated; raises the engine's error if the request failed.
         Blocks the calling thread between pieces (`astream` is the event loop's form)."""
-        sent = [""]
+        sent = ""
         while True:
             item = self.events.get()
             if item is _DONE:
                 break
-            yield from self._new_text(item, sent)
-        yield from self._rest(sent)
+            if piece := self._new_text(item, sent):
+                yield piece
+                sent += piece
+        if piece := self._rest(sent):
+            yield piece
 
     async def astream(self):
         """`stream` for an asyncio event loop: waits for each piece without holding a thread, so any number
         of streams (running or still queued) cost the server no worker threads."""
         event = self._attach()
-        sent = [""]
+        sent = ""
         while True:
             try:
                 item = self.events.get_nowait()
@@ -97,9 +100,10 @@ class Handle:
                 continue
             if item is _DONE:
                 break
-            for piece in self._new_text(item, sent):
+            if piece := self._new_text(item, sent):
                 yield piece
-        for piece in self._rest(sent):
+                sent += piece
+        if piece := self._rest(sent):
             yield piece
 
     async def aresult(self, gone=None, poll_s: float = 0.25) -> Output:
@@ -129,17 +133,18 @@ class Handle:
         return event
 
     @staticmethod
-    def _new_text(item: str, sent: list[str]):
+    def _new_text(item: str, sent: str) -> str:
+        """What the answer so far (`item`) adds to the text already sent ('' if nothing)."""
         text = item.rstrip("\ufffd")            # a character whose bytes are still arriving waits
-        if text.startswith(sent[0]) and len(text) > len(sent[0]):
-            yield text[len(sent[0]):]
-            sent[0] = text
+        return text[len(sent):] if text.startswith(sent) else ""
 
-    def _rest(self, sent: list[str]):
+    def _rest(self, sent: str) -> str:
+        """After the last piece: the final answer's text not yet sent; raises the request's error."""
         if self.error is not None:
             raise self.error
-        if self.output is not None and self.output.text.startswith(sent[0]) and len(self.output.text) > len(sent[0]):
-            yield self.output.text[len(sent[0]):]
+        if self.output is not None and self.output.text.startswith(sent):
+            return self.output.text[len(sent):]
+        return ""
 
     def result(self, timeout: float | None = None) -> Output:
         """Wait for the whole answer (any number of callers may wait; `stream` has one reader); raises
