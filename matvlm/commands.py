@@ -770,7 +770,7 @@ def bench_serve(model: str | None = None, url: str | None = None, api_key: str |
                 prompt_words: str = "16:256", max_tokens: str = "16:256", image_fraction: float | None = None,
                 max_batch: int = 16, seed: int = 0, out: Path = Path("bench-serve"), device: str | None = None,
                 dtype: str | None = None, max_len: int | None = None, warmup: int = 16,
-                prefill_tokens: int = 256, answer_lengths: Literal["uniform", "log-uniform"] = "uniform") -> None:
+                prefill_tokens: int = 1024, answer_lengths: Literal["uniform", "log-uniform"] = "uniform") -> None:
     """Load-test the OpenAI-compatible server: Poisson arrivals, mixed prompt and answer lengths, images;
     reports output tokens/s, requests/s, time to first token, inter-token and end-to-end latency
     (p50/p95/p99) per scheduler, side by side under the same workload, with a plot.
@@ -964,7 +964,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
           max_image_pixels: int = 4096 * 4096, template: Literal["phi", "vicuna", "chatml", "plain"] | None = None,
           device: str | None = None, dtype: str | None = None, compile: bool = False,
           scheduler: Literal["continuous", "static"] = "continuous", max_waiting: int = 256,
-          max_len: int | None = None, prefill_tokens: int = 256) -> None:
+          max_len: int | None = None, prefill_tokens: int = 1024) -> None:
     """Serve the model over an OpenAI-compatible HTTP API: /v1/chat/completions (stream: true for SSE;
     images as data: URLs), /v1/models, /health, /metrics (Prometheus text). Concurrent requests are
     batched: by default continuously (a request joins the running batch at the next decode step and
@@ -993,8 +993,9 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         max_len: tokens (prompt + answer) a request may hold, continuous scheduler (default: the model's
             context, capped to what --max-batch slots' KV cache fits in 85 % of the free memory).
         prefill_tokens: continuous scheduler: the most prompt tokens prefilled between two decode steps
-            (newcomers' prompts go in chunks of at most this many). Larger gets first tokens sooner and
-            wastes less per chunk; smaller keeps running streams' inter-token latency lower.
+            (newcomers whose prompts fit it together are prefilled in one forward; a longer prompt goes in
+            chunks of this many). Larger gets first tokens sooner and pays each forward's fixed cost less
+            often; smaller keeps running streams' inter-token latency lower.
     """
     from .errors import MatvlmError
     try:

@@ -422,11 +422,24 @@ class Engine:
                            "cache_length": length, "cache_bytes": st.cache.nbytes()})
 
     def _prefill(self, st: _Static, encoded: list, b: int, prompt_len: int) -> Tensor:
-        """Write the prompts into `st`'s cache, left-padded to `prompt_len` in `b` rows (rows past the
-        requests repeat the last one), in chunks of `prefill_chunk(b)` tokens; leave `st` ready for the
-        first decode step. Returns the last position's logits (b, V)."""
+        """Write the prompts into `st`'s cache (`prefill_into`) and leave `st` ready for the first decode
+        step. Returns the last position's logits (b, V)."""
+        logits, valid = self.prefill_into(st.cache, encoded, b, prompt_len)
+        st.cache.slot.fill_(prompt_len)
+        st.mask.zero_()
+        st.mask[:, 0, 0, :prompt_len] = valid
+        st.position.copy_(valid.long().sum(-1, keepdim=True))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return logits
+
+    def prefill_into(self, cache: StaticHybridCache, encoded: list, b: int, prompt_len: int) -> tuple[Tensor, Tensor]:
+        """Write the prompts (`encode` results) into `cache`, left-padded to `prompt_len` in `b` rows (rows
+        past the requests repeat the last one), in chunks of `prefill_chunk(b)` tokens. Returns the last
+        position's logits (b, V) and which positions hold prompt tokens (b, prompt_len), on the device:
+        row r's prompt is at cache positions prompt_len - n_r ... prompt_len - 1."""
         n, dev = len(encoded), self.device
-        st.cache.clear()
+        cache.clear()
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = torch.full((b, prompt_len), pad_id, dtype=torch.long)
         valid = torch.zeros((b, prompt_len), dtype=torch.bool)
@@ -445,8 +458,8 @@ class Engine:
         unpadded = bool(valid.all())
         for c0 in range(0, prompt_len, chunk):
             c1 = min(prompt_len, c0 + chunk)
-            st.cache.slot.fill_(c0)
-            st.cache.set_visible(c1)                   # attention reads the c1 positions written so far
+            cache.slot.fill_(c0)
+            cache.set_visible(c1)                   # attention reads the c1 positions written so far
             if unpadded:            # causal, aligned to the chunk's end: no mask tensor, sdpa's flash path
                 # (one query over exactly the keys written so far needs no mask; transformers folds a
                 # lone GQA query's heads into the query length, which a lower-right bias would misalign)
@@ -459,16 +472,10 @@ class Engine:
             try:
                 with sdpa_without_cudnn():             # every prompt length is a new shape: see its doc
                     logits = self._forward(embeds[:, c0:c1], position[:, c0:c1], mask4d, valid[:, c0:c1].long(),
-                                           st.cache)
+                                           cache)
             finally:
-                st.cache.set_visible(None)
-        st.cache.slot.fill_(prompt_len)
-        st.mask.zero_()
-        st.mask[:, 0, 0, :prompt_len] = valid
-        st.position.copy_(valid.long().sum(-1, keepdim=True))
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        return logits
+                cache.set_visible(None)
+        return logits, valid
 
     def _launch(self, st: _Static) -> None:
         if st.graph is not None:

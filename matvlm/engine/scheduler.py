@@ -3,11 +3,14 @@
 Every iteration of `ContinuousBatcher.step`:
 
 1. drops cancelled requests (their slot is free at once);
-2. starts waiting requests, first come first served, while a slot is free: each is encoded (images
-   included) and prefilled alone, in chunks of at most `prefill_tokens` tokens per iteration, in a
-   staging row of the pool, so running streams get a decode step between two chunks;
+2. starts waiting requests, first come first served, while a slot is free, with at most
+   `prefill_tokens` prompt tokens per iteration so that running streams get a decode step between two
+   prefills (with no stream running, up to a slot's length). Requests whose prompts fit the budget
+   together are prefilled in one forward, left-padded as a static batch is (`Engine.prefill_into`), which
+   pays the forward's fixed cost (its kernel launches) once for all of them; a longer one is prefilled
+   alone, in chunks, in a staging row of the pool;
 3. a request whose prefill is done draws its first token and moves into its slot (its KV rows and Mamba
-   state are copied from the staging row);
+   state are copied from the staging row or the group's cache);
 4. one decode step runs every slot below the highest busy one (a bucket of `_bucket` sizes, so one
    fixed-shape step per bucket can be captured as a CUDA graph); each request's token is sampled,
    checked for stops and handed to its sink; finished requests leave their slot. When every running
@@ -42,7 +45,7 @@ from ..model.hybrid import attention_shape
 from ..model.vlm import embed, vision_features
 from ..ops.attention import sdpa_without_cudnn
 from .answer import Answer
-from .cache import SlotKVLayer, StaticMambaState
+from .cache import SlotKVLayer, StaticHybridCache, StaticMambaState
 from .engine import (Engine, Output, Request, _all_greedy, _bucket, _causal_lower_right, _TokenReader, context_limit,
                      warm_up_on_side_stream)
 from .sampling import sample_batch
@@ -174,14 +177,20 @@ class SlotPool:
                 layers.append(SimpleNamespace(keys=keys[rows, :, :length], values=values[rows, :, :length]))
         return SimpleNamespace(slot=self.position[:k, 0], layers=layers)
 
-    def move(self, row: int, n: int) -> None:
-        """The staging row's state (a prefill of `n` tokens) becomes slot `row`'s."""
-        for k, v in self.kv.values():
-            k[row, :, :n] = k[self.stage, :, :n]
-            v[row, :, :n] = v[self.stage, :, :n]
-        for conv, ssm in self.state.values():
-            conv[row] = conv[self.stage]
-            ssm[row] = ssm[self.stage]
+    def move(self, row: int, n: int, src: StaticHybridCache | None = None, src_row: int = 0, start: int = 0) -> None:
+        """A prefill of `n` tokens becomes slot `row`'s state: the staging row's (its positions 0 .. n-1), or
+        row `src_row` of a group prefill's cache `src` (positions start .. start+n-1: prompts are left-padded)."""
+        for i, (k, v) in self.kv.items():
+            if src is None:
+                sk, sv, r, s0 = k, v, self.stage, 0
+            else:
+                sk, sv, r, s0 = src.layers[i].keys, src.layers[i].values, src_row, start
+            k[row, :, :n] = sk[r, :, s0:s0 + n]
+            v[row, :, :n] = sv[r, :, s0:s0 + n]
+        for i, (conv, ssm) in self.state.items():
+            sc, ss, r = (conv, ssm, self.stage) if src is None else (src.layers[i].conv, src.layers[i].ssm, src_row)
+            conv[row] = sc[r]
+            ssm[row] = ss[r]
         self.mask[row] = False
         self.mask[row, 0, 0, :n] = True
         self.position[row] = n
@@ -204,7 +213,9 @@ class Sequence:
     stream: bool = True                      # False: nobody reads the text before the end (no per-token decode)
     arrived: float = field(default_factory=time.perf_counter)
     ids: list[int] = field(default_factory=list)
+    pixels: Tensor | None = None              # the request's images, processed (until its prefill)
     embeds: Tensor | None = None
+    solo: bool = False                        # prefilled alone (its group's prefill failed)
     prefilled: int = 0
     row: int = -1
     key: int = 0
@@ -217,7 +228,7 @@ class ContinuousBatcher:
     """Iteration-level scheduling over an `Engine`'s model (see the module doc). Not thread-safe: one
     thread calls `add` and `step` (the serving thread)."""
 
-    def __init__(self, engine: Engine, slots: int = 16, length: int | None = None, prefill_tokens: int = 256):
+    def __init__(self, engine: Engine, slots: int = 16, length: int | None = None, prefill_tokens: int = 1024):
         self.engine = engine
         self.pool = SlotPool(engine, slots, slot_length(engine, slots, length))
         self.prefill_tokens = max(2, prefill_tokens)
@@ -282,10 +293,21 @@ class ContinuousBatcher:
         return len(self.running) + (self.prefilling is not None)
 
     def step(self) -> None:
-        """One iteration: cancellations, prefill chunks (up to `prefill_tokens`), one decode step."""
+        """One iteration: cancellations, prefills (up to `prefill_tokens` prompt tokens), one decode step."""
         self._drop_cancelled()
-        budget = self.prefill_tokens
-        while budget > 0 and self._start_next():
+        # the budget keeps running streams flowing; with none running nobody waits for a decode step, so new
+        # requests are prefilled together up to a slot's length (as a static batch starts)
+        budget = self.prefill_tokens if self.running or self._pending else max(self.prefill_tokens, self.pool.length)
+        while budget > 0:
+            if self.prefilling is None:
+                group = self._admit(budget)
+                if not group:
+                    break
+                if len(group) > 1:
+                    budget -= self._prefill_group(group)
+                    continue
+                group[0].row = self.free.pop(0)
+                self.prefilling = group[0]
             budget -= self._prefill_chunk(self.prefilling, budget)
         if self.running or self._pending:
             self._decode()
@@ -301,18 +323,27 @@ class ContinuousBatcher:
         for seq in [s for s in self.running.values() if s.cancelled()]:
             self._release(seq, None, MatvlmError("request cancelled"))
 
-    def _start_next(self) -> bool:
-        """Whether a request is prefilling (the current one, or the next waiting one given a free slot)."""
-        while self.prefilling is None and self.waiting and self.free:
-            seq = self.waiting.popleft()
-            try:
-                self._encode(seq)
-            except Exception as e:                       # noqa: BLE001 - its own error, nobody else's
-                seq.finish(None, e)
-                continue
-            seq.row = self.free.pop(0)
-            self.prefilling = seq
-        return self.prefilling is not None
+    def _admit(self, budget: int) -> list[Sequence]:
+        """The waiting requests to prefill next, first come first served, encoded, at most one per free slot:
+        those whose prompts, left-padded to the longest, fit `budget` tokens together; or the first alone
+        (it is then prefilled in chunks) when no second one fits with it, or when it is `solo`."""
+        group: list[Sequence] = []
+        while self.waiting and len(group) < len(self.free):
+            seq = self.waiting[0]
+            if seq.answer is None:
+                try:
+                    self._encode(seq)
+                except Exception as e:                   # noqa: BLE001 - its own error, nobody else's
+                    self.waiting.popleft()
+                    seq.finish(None, e)
+                    continue
+            width = max(len(s.ids) for s in group + [seq])
+            if group and (seq.solo or (len(group) + 1) * width > budget):
+                break
+            group.append(self.waiting.popleft())
+            if seq.solo or len(seq.ids) > budget:
+                break
+        return group
 
     def _encode(self, seq: Sequence) -> None:
         eng, p = self.engine, seq.request.params
@@ -323,10 +354,7 @@ class ContinuousBatcher:
             raise MatvlmError(f"prompt ({len(ids)} tokens) + max_new_tokens ({p.max_new_tokens}) exceeds the "
                               f"{self.pool.length} tokens a slot holds")
         dev = eng.device
-        with torch.no_grad():
-            feats = vision_features(eng.model, pixels.to(dev, eng.dtype)) if pixels is not None else None
-            seq.embeds = embed(eng.model, torch.tensor([ids], device=dev), feats)        # (1, T, d)
-        seq.ids = ids
+        seq.ids, seq.pixels = ids, pixels
         seq.key = p.seed if p.seed is not None else int(torch.randint(0, 2 ** 31 - 1, ()))
         if p.repetition_penalty != 1.0:
             seq.seen = torch.zeros(self.pool.logits.shape[-1], dtype=torch.bool, device=dev)
@@ -339,6 +367,13 @@ class ContinuousBatcher:
         c0 = seq.prefilled
         c1 = min(n, c0 + max(budget, 2 if n - c0 > 1 else 1))
         try:
+            if seq.embeds is None:
+                dev = self.engine.device
+                with torch.no_grad():
+                    feats = (vision_features(self.engine.model, seq.pixels.to(dev, self.engine.dtype))
+                             if seq.pixels is not None else None)
+                    seq.embeds = embed(self.engine.model, torch.tensor([seq.ids], device=dev), feats)   # (1, T, d)
+                seq.pixels = None
             pool.stage_pos.fill_(c0)
             cache = pool.cache(slice(pool.stage, pool.stage + 1), pool.stage_pos, decoding=c0 > 0, visible=c1)
             mask = None if c0 == 0 or c1 - c0 == 1 else _causal_lower_right(c1 - c0, c1)
@@ -350,16 +385,51 @@ class ContinuousBatcher:
                 self.prefilling = None
                 seq.embeds = None
                 pool.move(seq.row, n)
-                tok = self._sample(logits, [seq])[0]
-                if self._accept(seq, tok):
-                    self._release(seq, self._output(seq), None)
-                else:
-                    pool.token[seq.row] = tok
-                    self.running[seq.row] = seq
+                self._started(seq, self._sample(logits, [seq])[0])
         except Exception as e:                           # noqa: BLE001 - its own error
             self.prefilling = None
             self._release(seq, None, e)
         return c1 - c0
+
+    def _prefill_group(self, group: list[Sequence]) -> int:
+        """Prefill several new requests in one forward, left-padded to the longest in a cache of their own,
+        then move each into a slot. If that fails (one bad image, or memory), they go back to the front of
+        the queue to be prefilled one by one, so that only a request whose own prefill fails gets an error.
+        Returns the tokens it computed."""
+        eng, width = self.engine, max(len(s.ids) for s in group)
+        for seq in group:
+            seq.row = self.free.pop(0)
+        try:
+            cache = StaticHybridCache(eng.model, len(group), width, eng.dtype, eng.device)
+            with torch.no_grad():
+                logits, _ = eng.prefill_into(cache, [(s.ids, s.pixels) for s in group], len(group), width)
+                for r, seq in enumerate(group):
+                    self.pool.move(seq.row, len(seq.ids), cache, r, width - len(seq.ids))
+                tokens = self._sample(logits, group)
+        except Exception as e:                           # noqa: BLE001 - retried one by one
+            log.warning("prefill of %d requests together failed (%s: %s); prefilling them one by one",
+                        len(group), type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            for seq in reversed(group):
+                self.free.append(seq.row)
+                seq.row, seq.solo = -1, True
+                self.waiting.appendleft(seq)
+            self.free.sort()
+            return 0
+        for seq, tok in zip(group, tokens):
+            seq.pixels = None
+            try:
+                self._started(seq, tok)
+            except Exception as e:                       # noqa: BLE001 - its own error
+                self._release(seq, None, e)
+        return len(group) * width
+
+    def _started(self, seq: Sequence, tok: int) -> None:
+        """A prefilled request (in its slot) takes its first token, then decodes with the others or is done."""
+        if self._accept(seq, tok):
+            self._release(seq, self._output(seq), None)
+        else:
+            self.pool.token[seq.row] = tok
+            self.running[seq.row] = seq
 
     # --- decode -----------------------------------------------------------------------------------
 

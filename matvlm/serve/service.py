@@ -303,7 +303,7 @@ class ContinuousService(Service):
         return self.batcher.pool.length
 
     def __init__(self, engine: Engine, max_batch: int = 16, max_waiting: int = 256, max_len: int | None = None,
-                 prefill_tokens: int = 256, warm_up: bool = True):
+                 prefill_tokens: int = 1024, warm_up: bool = True):
         self.batcher = ContinuousBatcher(engine, slots=max_batch, length=max_len, prefill_tokens=prefill_tokens)
         # before serving: kernel compilation and CUDA-graph capture (tens of seconds on a GPU the first
         # time) are paid here, not by the first requests

@@ -472,3 +472,96 @@ def test_a_random_mix_of_greedy_sampled_stopped_and_cancelled_requests_keeps_eve
             assert out is None and "cancelled" in str(err)
             continue
         assert err is None and (out.token_ids, out.text) == alone[i], i
+
+
+def _run_batcher(batcher, reqs, steps_before=None):
+    """Run `reqs` through `batcher` (all added at once, or request i at iteration steps_before[i]); their
+    token ids, or the exception each got."""
+    from matvlm.engine.scheduler import Sequence
+
+    got, it = {}, 0
+    todo = list(range(len(reqs)))
+    while todo or batcher.busy:
+        for i in [i for i in todo if steps_before is None or steps_before[i] <= it]:
+            todo.remove(i)
+            batcher.add(Sequence(reqs[i], emit=lambda t: None, finish=lambda o, e, i=i: got.__setitem__(i, o or e)))
+        batcher.step()
+        it += 1
+    return [got[i].token_ids if not isinstance(got[i], BaseException) else got[i] for i in range(len(reqs))]
+
+
+def _image_request(engine, text, n, **kw):
+    from PIL import Image
+
+    prompt = render(engine.processor, engine.model.config, [{"role": "user", "content": text}], 1)
+    return Request(prompt, [Image.new("RGB", (40, 40), (200, 30, 30))], SamplingParams(max_new_tokens=n,
+                                                                                       ignore_eos=True, **kw))
+
+
+def _spy_prefills(monkeypatch):
+    """Record (batch, width) of every group prefill and the budget of every chunked one."""
+    from matvlm.engine.scheduler import ContinuousBatcher
+
+    calls = {"group": [], "chunk": []}
+    into, chunk = Engine.prefill_into, ContinuousBatcher._prefill_chunk
+    monkeypatch.setattr(Engine, "prefill_into", lambda self, cache, enc, b, width: (
+        calls["group"].append((b, width)), into(self, cache, enc, b, width))[1])
+    monkeypatch.setattr(ContinuousBatcher, "_prefill_chunk", lambda self, seq, budget: (
+        calls["chunk"].append(budget), chunk(self, seq, budget))[1])
+    return calls
+
+
+def test_new_requests_that_fit_the_budget_are_prefilled_in_one_forward_and_answer_as_they_do_alone(engine,
+                                                                                                  monkeypatch):
+    """Four requests arrive at once (prompts of different lengths, one with an image, one sampled with a
+    seed): one left-padded forward prefills them all, and every answer is the one the request gets alone
+    (where it is prefilled by itself in the staging row)."""
+    from matvlm.engine.scheduler import ContinuousBatcher
+
+    reqs = [ask(engine, "Describe the image.", 12), _image_request(engine, "What color is the circle?", 9),
+            ask(engine, "How many shapes are there in this picture, and where is each of them?", 7),
+            ask(engine, "Is there a triangle?", 10, temperature=1.4, seed=3)]
+    alone = [_run_batcher(ContinuousBatcher(engine, slots=4, length=256), [r])[0] for r in reqs]
+    calls = _spy_prefills(monkeypatch)
+    together = _run_batcher(ContinuousBatcher(engine, slots=4, length=256), reqs)
+    assert together == alone
+    widths = [len(engine.encode(r)[0]) for r in reqs]
+    assert calls == {"group": [(4, max(widths))], "chunk": []}
+    assert len(set(widths)) == 4 and widths[1] > max(widths[0], widths[2], widths[3])   # left padding was tested
+
+
+def test_while_streams_run_newcomers_are_prefilled_within_the_budget_and_a_long_prompt_in_chunks(engine,
+                                                                                                 monkeypatch):
+    """With a request decoding, at most `prefill_tokens` prompt tokens go between two decode steps: short
+    newcomers that fit together share one forward, a prompt longer than the budget is prefilled alone in
+    chunks; every answer is the one it gets alone."""
+    from matvlm.engine.scheduler import ContinuousBatcher
+
+    short = [ask(engine, "Is there a triangle?", 5), ask(engine, "What color is the circle?", 6)]
+    width = max(len(engine.encode(r)[0]) for r in short)
+    budget = 2 * width + 1
+    long = ask(engine, "Describe the image. " * 12, 5)
+    assert len(engine.encode(long)[0]) > 2 * budget
+    reqs = [ask(engine, "Describe the image.", 40)] + short + [long]
+    alone = [_run_batcher(ContinuousBatcher(engine, slots=4, length=512), [r])[0] for r in reqs]
+    calls = _spy_prefills(monkeypatch)
+    got = _run_batcher(ContinuousBatcher(engine, slots=4, length=512, prefill_tokens=budget), reqs,
+                       steps_before=[0, 3, 3, 3])
+    assert got == alone
+    assert calls["group"] == [(2, width)]
+    # the first request, alone with nobody running (one chunk), then the long one in budget-sized chunks
+    assert len(calls["chunk"]) >= 4 and all(b <= budget for b in calls["chunk"][1:])
+
+
+def test_a_group_whose_prefill_fails_is_prefilled_one_by_one_and_only_the_bad_request_gets_an_error(
+        engine, monkeypatch, caplog):
+    from matvlm.engine.scheduler import ContinuousBatcher
+
+    good = [ask(engine, "How many shapes are there?", 6), _image_request(engine, "Where is the square?", 8)]
+    bad = Request([5, 10 ** 7, 6], [], SamplingParams(max_new_tokens=4))      # fails in the model's forward
+    alone = [_run_batcher(ContinuousBatcher(engine, slots=3, length=256), [r])[0] for r in good]
+    calls = _spy_prefills(monkeypatch)
+    with caplog.at_level("WARNING", logger="matvlm.engine"):
+        got = _run_batcher(ContinuousBatcher(engine, slots=3, length=256), [good[0], bad, good[1]])
+    assert [got[0], got[2]] == alone and isinstance(got[1], IndexError)
+    assert calls["group"][0][0] == 3 and "prefilling them one by one" in caplog.text
