@@ -788,7 +788,8 @@ def bench_serve(model: str | None = None, url: str | None = None, api_key: str |
         model: model directory to serve (omit with --url).
         url: measure the server at this /v1 base instead of starting one.
         api_key: the --url server's key.
-        scheduler: schedulers to compare with MODEL: static, continuous (comma-separated).
+        scheduler: schedulers to compare with MODEL: static, continuous, overlap (continuous with
+            --overlap-prefill; see `serve`), comma-separated.
         requests: requests per scheduler.
         rate: mean arrivals per second (Poisson); 0 sends all at once.
         prompt_words: prompt lengths in words, LOW:HIGH (uniform).
@@ -816,9 +817,9 @@ def bench_serve(model: str | None = None, url: str | None = None, api_key: str |
 
     if (model is None) == (url is None):
         raise MatvlmError("give MODEL (to start servers here) or --url (to measure a running server), not both")
-    unknown = [s for s in scheduler if s not in ("static", "continuous")]
+    unknown = [s for s in scheduler if s not in ("static", "continuous", "overlap")]
     if unknown or not scheduler:
-        raise MatvlmError(f"--scheduler takes static and/or continuous; got {','.join(scheduler) or 'nothing'}")
+        raise MatvlmError(f"--scheduler takes static, continuous and/or overlap; got {','.join(scheduler) or 'nothing'}")
     if requests < 1 or rate < 0 or max_batch < 1 or warmup < 0 or prefill_tokens < 2:
         raise MatvlmError(f"--requests and --max-batch must be >= 1, --rate and --warmup >= 0, --prefill-tokens "
                           f">= 2; got {requests}, {max_batch}, {rate}, {warmup}, {prefill_tokens}")
@@ -858,9 +859,10 @@ def bench_serve(model: str | None = None, url: str | None = None, api_key: str |
             meta["step_bound"] = serve_load.step_bound(workload, max_batch)
         names = list(scheduler)
         for name in names:
-            if name == "continuous":
+            if name in ("continuous", "overlap"):
                 service = ContinuousService(engine, max_batch=max_batch, max_waiting=max(256, requests),
-                                            max_len=max_len, prefill_tokens=prefill_tokens)
+                                            max_len=max_len, prefill_tokens=prefill_tokens,
+                                            overlap_prefill=name == "overlap")
                 meta["prefill_tokens"] = prefill_tokens
                 meta["slot_tokens"] = service.batcher.pool.length
             else:
@@ -964,7 +966,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
           max_image_pixels: int = 4096 * 4096, template: Literal["phi", "vicuna", "chatml", "plain"] | None = None,
           device: str | None = None, dtype: str | None = None, compile: bool = False,
           scheduler: Literal["continuous", "static"] = "continuous", max_waiting: int = 256,
-          max_len: int | None = None, prefill_tokens: int = 1024) -> None:
+          max_len: int | None = None, prefill_tokens: int = 1024, overlap_prefill: bool = False) -> None:
     """Serve the model over an OpenAI-compatible HTTP API: /v1/chat/completions (stream: true for SSE;
     images as data: URLs), /v1/models, /health, /metrics (Prometheus text). Concurrent requests are
     batched: by default continuously (a request joins the running batch at the next decode step and
@@ -996,6 +998,9 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
             (newcomers whose prompts fit it together are prefilled in one forward; a longer prompt goes in
             chunks of this many). Larger gets first tokens sooner and pays each forward's fixed cost less
             often; smaller keeps running streams' inter-token latency lower.
+        overlap_prefill: continuous scheduler: prefill newcomers on a thread (and CUDA stream) of their own while
+            running streams go on decoding, instead of between two decode steps (--prefill-tokens then does
+            not apply: a group of newcomers holds up to a slot's length).
     """
     from .errors import MatvlmError
     try:
@@ -1012,7 +1017,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     engine = _engine(model, device, dtype, compile=compile and scheduler == "static")
     if scheduler == "continuous":
         service = ContinuousService(engine, max_batch=max_batch, max_waiting=max_waiting, max_len=max_len,
-                                    prefill_tokens=prefill_tokens)
+                                    prefill_tokens=prefill_tokens, overlap_prefill=overlap_prefill)
         per_slot = f", up to {service.batcher.pool.length} tokens each; warmed up in {service.warm_up_s:.1f} s"
     else:
         service = BatchingService(engine, max_batch=max_batch, max_waiting=max_waiting)

@@ -9,6 +9,10 @@ Every iteration of `ContinuousBatcher.step`:
    together are prefilled in one forward, left-padded as a static batch is (`Engine.prefill_into`), which
    pays the forward's fixed cost (its kernel launches) once for all of them; a longer one is prefilled
    alone, in chunks, in a staging row of the pool;
+   With `overlap`, prefills run instead on a thread of their own (on CUDA, on a stream of their own),
+   a group at a time, up to a slot's length of tokens, while this thread goes on with decode steps: a
+   running stream no longer waits for a newcomer's prefill, whose host work (a forward's kernel launches
+   from Python) is most of an admission's cost;
 3. a request whose prefill is done draws its first token and moves into its slot (its KV rows and Mamba
    state are copied from the staging row or the group's cache);
 4. one decode step runs every slot below the highest busy one (a bucket of `_bucket` sizes, so one
@@ -32,6 +36,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Callable
@@ -228,8 +235,13 @@ class ContinuousBatcher:
     """Iteration-level scheduling over an `Engine`'s model (see the module doc). Not thread-safe: one
     thread calls `add` and `step` (the serving thread)."""
 
-    def __init__(self, engine: Engine, slots: int = 16, length: int | None = None, prefill_tokens: int = 1024):
+    def __init__(self, engine: Engine, slots: int = 16, length: int | None = None, prefill_tokens: int = 1024,
+                 overlap: bool = False):
         self.engine = engine
+        self.overlap = overlap
+        self._job: tuple[Future, list[Sequence]] | None = None     # the prefill running on the prefill thread
+        self._executor: ThreadPoolExecutor | None = None
+        self._side = None                                          # its CUDA stream
         self.pool = SlotPool(engine, slots, slot_length(engine, slots, length))
         self.prefill_tokens = max(2, prefill_tokens)
         self.waiting: deque[Sequence] = deque()
@@ -286,15 +298,28 @@ class ContinuousBatcher:
 
     @property
     def busy(self) -> bool:
-        return bool(self.waiting or self.prefilling or self.running or self._pending)
+        return bool(self.waiting or self.prefilling or self.running or self._pending or self._job)
 
     @property
     def n_running(self) -> int:
-        return len(self.running) + (self.prefilling is not None)
+        return len(self.running) + (self.prefilling is not None) + (len(self._job[1]) if self._job else 0)
+
+    def close(self) -> None:
+        """End the prefill thread (`overlap`), after the prefill it runs."""
+        if self._job is not None:
+            wait_for([self._job[0]])
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
 
     def step(self) -> None:
         """One iteration: cancellations, prefills (up to `prefill_tokens` prompt tokens), one decode step."""
         self._drop_cancelled()
+        if self.overlap:
+            self._overlapped_prefill()
+            if self.running or self._pending:
+                self._decode()
+            return
         # the budget keeps running streams flowing; with none running nobody waits for a decode step, so new
         # requests are prefilled together up to a slot's length (as a static batch starts)
         budget = self.prefill_tokens if self.running or self._pending else max(self.prefill_tokens, self.pool.length)
@@ -393,20 +418,53 @@ class ContinuousBatcher:
 
     def _prefill_group(self, group: list[Sequence]) -> int:
         """Prefill several new requests in one forward, left-padded to the longest in a cache of their own,
-        then move each into a slot. If that fails (one bad image, or memory), they go back to the front of
-        the queue to be prefilled one by one, so that only a request whose own prefill fails gets an error.
-        Returns the tokens it computed."""
-        eng, width = self.engine, max(len(s.ids) for s in group)
+        then move each into a slot (`_land`). Returns the tokens it computed."""
         for seq in group:
             seq.row = self.free.pop(0)
         try:
+            result = self._prefill_job(group, side=False)
+        except Exception as e:                           # noqa: BLE001 - `_land` says whose it is
+            result = e
+        self._land(group, result)
+        return len(group) * max(len(s.ids) for s in group)
+
+    def _prefill_job(self, group: list[Sequence], side: bool):
+        """The group's prefill into a cache of its own: (cache, last logits, a CUDA event after them or None).
+        `side`: on the prefill thread's CUDA stream."""
+        eng, width = self.engine, max(len(s.ids) for s in group)
+        on_side = side and eng.device.type == "cuda"
+        with torch.no_grad(), (torch.cuda.stream(self._side) if on_side else nullcontext()):
             cache = StaticHybridCache(eng.model, len(group), width, eng.dtype, eng.device)
+            logits, _ = eng.prefill_into(cache, [(s.ids, s.pixels) for s in group], len(group), width)
+            event = None
+            if on_side:
+                event = torch.cuda.Event()
+                event.record()
+        return cache, logits, event
+
+    def _land(self, group: list[Sequence], result) -> None:
+        """Move a group's prefill (`_prefill_job`'s result, or the exception it raised) into the group's slots
+        and give each its first token. If the prefill failed (one bad image, or memory), a group goes back
+        to the front of the queue to be prefilled one by one, so that only a request whose own prefill
+        fails gets an error; a request alone gets the error."""
+        try:
+            if isinstance(result, BaseException):
+                raise result
+            cache, logits, event = result
+            width = cache.length
             with torch.no_grad():
-                logits, _ = eng.prefill_into(cache, [(s.ids, s.pixels) for s in group], len(group), width)
+                if event is not None:                    # the side stream's work first; its memory stays
+                    main = torch.cuda.current_stream(self.engine.device)    # ours until read here
+                    main.wait_event(event)
+                    for t in cache.tensors() + [logits]:
+                        t.record_stream(main)
                 for r, seq in enumerate(group):
                     self.pool.move(seq.row, len(seq.ids), cache, r, width - len(seq.ids))
                 tokens = self._sample(logits, group)
-        except Exception as e:                           # noqa: BLE001 - retried one by one
+        except Exception as e:                           # noqa: BLE001 - retried one by one, or its own
+            if len(group) == 1:
+                self._release(group[0], None, e)
+                return
             log.warning("prefill of %d requests together failed (%s: %s); prefilling them one by one",
                         len(group), type(e).__name__, str(e).splitlines()[0] if str(e) else "")
             for seq in reversed(group):
@@ -414,14 +472,35 @@ class ContinuousBatcher:
                 seq.row, seq.solo = -1, True
                 self.waiting.appendleft(seq)
             self.free.sort()
-            return 0
+            return
         for seq, tok in zip(group, tokens):
             seq.pixels = None
             try:
                 self._started(seq, tok)
             except Exception as e:                       # noqa: BLE001 - its own error
                 self._release(seq, None, e)
-        return len(group) * width
+
+    def _overlapped_prefill(self) -> None:
+        """`overlap`: start the next group's prefill on the prefill thread when none runs; land it once done,
+        or at once (waiting for it) when no decode step would run meanwhile."""
+        if self._job is None:
+            group = self._admit(self.pool.length)
+            if group:
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(1, thread_name_prefix="matvlm-prefill")
+                    if self.engine.device.type == "cuda":
+                        self._side = torch.cuda.Stream(self.engine.device)
+                for seq in group:
+                    seq.row = self.free.pop(0)
+                self._job = (self._executor.submit(self._prefill_job, group, True), group)
+        if self._job is not None and (self._job[0].done() or not (self.running or self._pending)):
+            future, group = self._job
+            self._job = None
+            try:
+                result = future.result()
+            except Exception as e:                       # noqa: BLE001 - `_land` says whose it is
+                result = e
+            self._land(group, result)
 
     def _started(self, seq: Sequence, tok: int) -> None:
         """A prefilled request (in its slot) takes its first token, then decodes with the others or is done."""
@@ -459,6 +538,8 @@ class ContinuousBatcher:
     def _launch(self, k: int, length: int) -> None:
         key = (k, length)
         if self.engine.cuda_graphs and key not in self._graphs and key not in self._eager:
+            if self._job is not None:                    # no other thread's CUDA calls during a capture
+                wait_for([self._job[0]])
             try:
                 self._capture(k, length)
             except Exception as e:                       # noqa: BLE001 - eager steps give the same tokens

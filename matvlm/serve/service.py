@@ -303,8 +303,9 @@ class ContinuousService(Service):
         return self.batcher.pool.length
 
     def __init__(self, engine: Engine, max_batch: int = 16, max_waiting: int = 256, max_len: int | None = None,
-                 prefill_tokens: int = 1024, warm_up: bool = True):
-        self.batcher = ContinuousBatcher(engine, slots=max_batch, length=max_len, prefill_tokens=prefill_tokens)
+                 prefill_tokens: int = 1024, warm_up: bool = True, overlap_prefill: bool = False):
+        self.batcher = ContinuousBatcher(engine, slots=max_batch, length=max_len, prefill_tokens=prefill_tokens,
+                                         overlap=overlap_prefill)
         # before serving: kernel compilation and CUDA-graph capture (tens of seconds on a GPU the first
         # time) are paid here, not by the first requests
         self.warm_up_s = self.batcher.warm_up() if warm_up else None
@@ -328,6 +329,10 @@ class ContinuousService(Service):
                 else:
                     self._add(h)
             b.step()
+
+    def close(self, timeout: float | None = 60.0) -> None:
+        super().close(timeout)
+        self.batcher.close()
 
     def _add(self, h: Handle) -> None:
         def finish(output, error):

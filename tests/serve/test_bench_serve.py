@@ -94,10 +94,12 @@ def test_bench_serve_all_at_once_reports_what_the_answer_lengths_allow(tmp_path,
     out = tmp_path / "bs0"
     assert main(["bench-serve", str(ASSET), "--requests", "5", "--rate", "0", "--max-tokens", "2:9",
                  "--prompt-words", "2:6", "--max-batch", "2", "--out", str(out), "--device", "cpu",
-                 "--dtype", "float32", "--warmup", "0", "--scheduler", "continuous",
+                 "--dtype", "float32", "--warmup", "0", "--scheduler", "continuous,overlap",
                  "--answer-lengths", "log-uniform"]) == 0
     rec = json.loads((out / "bench-serve.json").read_text())
     assert rec["answer_lengths"] == "log-uniform"
+    for name in ("continuous", "overlap"):               # overlap: continuous with --overlap-prefill
+        assert rec["summaries"][name]["failed"] == 0 and rec["summaries"][name]["short_answers"] == 0
     lengths = [w["max_tokens"] for w in rec["workload"]]
     want = serve_load.step_bound([serve_load.LoadRequest(0.0, "", n) for n in lengths], 2)
     assert rec["step_bound"] == want and want["static_decode_steps"] >= want["continuous_min_decode_steps"]

@@ -565,3 +565,52 @@ def test_a_group_whose_prefill_fails_is_prefilled_one_by_one_and_only_the_bad_re
         got = _run_batcher(ContinuousBatcher(engine, slots=3, length=256), [good[0], bad, good[1]])
     assert [got[0], got[2]] == alone and isinstance(got[1], IndexError)
     assert calls["group"][0][0] == 3 and "prefilling them one by one" in caplog.text
+
+
+def test_overlapped_prefill_runs_on_its_own_thread_and_answers_as_alone_with_failures_kept_apart(engine,
+                                                                                                  monkeypatch):
+    import threading as th
+
+    from matvlm.engine.scheduler import ContinuousBatcher
+
+    reqs = [ask(engine, "Describe the image.", 12), _image_request(engine, "What color is the circle?", 9),
+            Request([5, 10 ** 7, 6], [], SamplingParams(max_new_tokens=4)),              # fails in the forward
+            ask(engine, "Is there a triangle?", 10, temperature=1.4, seed=3)]
+    alone = [_run_batcher(ContinuousBatcher(engine, slots=4, length=256), [r])[0] for r in reqs]
+    threads = []
+    into = Engine.prefill_into
+    monkeypatch.setattr(Engine, "prefill_into", lambda self, *a: (threads.append(th.current_thread().name),
+                                                                  into(self, *a))[1])
+    batcher = ContinuousBatcher(engine, slots=4, length=256, overlap=True)
+    got = _run_batcher(batcher, reqs, steps_before=[0, 2, 2, 2])
+    batcher.close()
+    assert [got[i] for i in (0, 1, 3)] == [alone[i] for i in (0, 1, 3)] and isinstance(got[2], IndexError)
+    assert isinstance(alone[2], IndexError)
+    assert threads and all(t.startswith("matvlm-prefill") for t in threads)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_with_overlapped_prefill_running_streams_go_on_decoding_while_a_newcomer_prefills(engine, monkeypatch,
+                                                                                          overlap):
+    """A newcomer's prefill is made slow (0.4 s): with `overlap` the running request takes decode steps
+    meanwhile; without, it waits (the contrast shows what the test tells apart)."""
+    from matvlm.engine.scheduler import ContinuousBatcher
+
+    batcher = ContinuousBatcher(engine, slots=2, length=256, overlap=overlap)
+    long, newcomer = ask(engine, "Is it?", 200), ask(engine, "Describe the image. " * 3, 4)
+    n = len(engine.encode(newcomer)[0])
+    assert len(engine.encode(long)[0]) < n
+    forward, during = Engine._forward, []
+
+    def slow(self, embeds, *a):
+        if embeds.shape[1] == n:                         # the newcomer's prefill (one forward either way)
+            before = batcher.steps
+            time.sleep(0.4)
+            during.append(batcher.steps - before)
+        return forward(self, embeds, *a)
+
+    monkeypatch.setattr(Engine, "_forward", slow)
+    got = _run_batcher(batcher, [long, newcomer], steps_before=[0, 3])
+    batcher.close()
+    assert len(got[0]) == 200 and len(got[1]) == 4
+    assert len(during) == 1 and (during[0] >= 3 if overlap else during[0] == 0), during
