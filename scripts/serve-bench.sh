@@ -7,8 +7,9 @@
 #
 #   TOK=dir-with-tokenizer OUT=results/serve bash scripts/serve-bench.sh
 #   TOK=... LOADS="0:16:512:sat 8:16:512:r8" REQUESTS=128 MAX_BATCH=16 bash scripts/serve-bench.sh
-#   SMALL=1 (tiny widths, same layout: a CPU trial of the pipeline); PREFILL=1024: the continuous batcher's
-#   --prefill-tokens (default 256)
+#   SMALL=1 (tiny widths, same layout: a CPU trial of the pipeline); PREFILL=2048: the continuous batcher's
+#   --prefill-tokens (default 1024); SCHEDULERS=static,continuous,overlap: bench-serve's --scheduler (default
+#   static,continuous; overlap is continuous with --overlap-prefill)
 set -euo pipefail
 TOK=${TOK:?a local directory with tokenizer files (e.g. an import-gguf output)}
 OUT=${OUT:-runs/serve-bench}
@@ -28,5 +29,5 @@ for load in $LOADS; do
   $MATVLM bench-serve "$W/rtl-h25" --requests "$REQUESTS" --rate "$rate" --max-tokens "$lo:$hi" \
       --prompt-words 16:256 --answer-lengths "${dist:-uniform}" --max-batch "$MAX_BATCH" --max-len "$MAX_LEN" \
       --warmup "${WARMUP:-32}" --out "$OUT/$name" \
-      ${PREFILL:+--prefill-tokens "$PREFILL"}
+      ${PREFILL:+--prefill-tokens "$PREFILL"} ${SCHEDULERS:+--scheduler "$SCHEDULERS"}
 done
