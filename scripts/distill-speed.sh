@@ -39,13 +39,15 @@ with open(w / "text.jsonl", "w") as f:
         f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(300, 900)))}) + "\n")
 PY
 # LOOPS: which loops to time, "plain", "group" (--group-by-length) and/or "compile" (--compile: attention layers
-# compiled whole, Mamba layers' norms and MLPs, dynamic shapes), or both ("compile-group"), each read from its
-# log.jsonl (its second half: compilation comes first)
+# compiled whole, Mamba layers' norms and MLPs, dynamic shapes), or both ("compile-group"); a name with "tokens"
+# also cuts micro-batches by positions (--micro-batch-tokens ${MBT:-65536}); each read from its log.jsonl (its
+# second half: compilation comes first)
 for loop in ${LOOPS:-plain group}; do
   rm -rf "$W/run"
   $PY -m matvlm distill --teacher "$W/model" --mamba-ratio 0.25 --data "$W/text.jsonl" --out "$W/run" \
       --max-steps ${STEPS:-16} --global-batch-size ${GB:-64} --micro-batch-size ${MB:-32} --max-length 1024 \
       --alpha 0.01 --lr 1e-3 --save-every 100000 --no-tensorboard $([[ "$loop" == *group* ]] && echo --group-by-length) $([[ "$loop" == *compile* ]] && echo --compile) \
+      $([[ "$loop" == *tokens* ]] && echo --micro-batch-tokens ${MBT:-65536}) \
       2>&1 | tail -3
   cp "$W/run/log.jsonl" "$OUT/loop-$loop-log.jsonl"
   $PY - "$W/run/log.jsonl" "$loop" <<'PY'

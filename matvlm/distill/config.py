@@ -45,6 +45,10 @@ class DistillConfig:
         epochs: passes over the data (--max-steps wins when given).
         global_batch_size: samples per optimizer step over all processes (paper: 64).
         micro_batch_size: samples per forward pass per process; accumulation makes up the rest.
+        micro_batch_tokens: cut micro-batches by positions instead (rows x the longest row, at most this many;
+            a longer row goes alone), so a forward takes more rows when rows are short: on a GPU a micro-batch
+            of short rows otherwise costs nearly what a long one does. Each step still sums the same samples
+            (--micro-batch-size no longer applies). Needs --loss-reduction mean; not with FSDP or DeepSpeed.
         lr: peak learning rate of the warmup-stable-decay schedule.
         weight_decay: AdamW weight decay (none on 1-D parameters and biases).
         adam_betas: AdamW betas, two values.
@@ -97,6 +101,7 @@ class DistillConfig:
     epochs: float = 1.0
     global_batch_size: int = 64
     micro_batch_size: int = 4
+    micro_batch_tokens: int | None = None
     lr: float = 2e-4
     weight_decay: float = 0.01
     adam_betas: tuple[float, float] = (0.9, 0.95)
@@ -144,6 +149,10 @@ class DistillConfig:
         for name in ("global_batch_size", "micro_batch_size", "max_length", "save_every"):
             if getattr(self, name) < 1:
                 bad(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.micro_batch_tokens is not None and self.micro_batch_tokens < 1:
+            bad(f"--micro-batch-tokens must be >= 1, got {self.micro_batch_tokens}")
+        if self.micro_batch_tokens is not None and self.loss_reduction != "mean":
+            bad("--micro-batch-tokens needs --loss-reduction mean (sum normalises each micro-batch by its own size)")
         if self.max_steps is not None and self.max_steps < 1:
             bad(f"--max-steps must be >= 1, got {self.max_steps}")
         if self.epochs <= 0:

@@ -52,7 +52,9 @@ class BatchPlan:
     `global_batch` samples (a partial last batch is dropped); process r takes the r-th contiguous
     share of it, cut into micro-batches. With `lengths` (tokens per sample) a share is sorted by length,
     longest first, before it is cut, so each micro-batch pads to lengths close to its own: a step still
-    sums the gradients of the same samples, with less padding computed.
+    sums the gradients of the same samples, with less padding computed. With `tokens` the sorted share is
+    cut by positions instead of rows: each micro-batch takes rows while rows x its first (longest) row's
+    length stays within `tokens` (a longer row goes alone), so the count of micro-batches varies by step.
 
     With `group` (steps) the samples are also grouped by length across steps, as length-grouped samplers
     do: each run of `group` steps of the epoch's permutation is sorted by length, cut into global batches,
@@ -67,9 +69,12 @@ class BatchPlan:
     seed: int
     lengths: list[int] | None = None
     group: int = 0                    # steps per length group (0: no grouping across steps)
+    tokens: int = 0                   # positions per micro-batch (0: `micro` rows each)
 
     def __post_init__(self):
-        if self.global_batch % (self.world * self.micro):
+        if self.tokens and self.lengths is None:
+            raise MatvlmError("--micro-batch-tokens needs the samples' lengths, which this dataset does not give")
+        if not self.tokens and self.global_batch % (self.world * self.micro):
             raise MatvlmError(f"--global-batch-size {self.global_batch} must be a multiple of --micro-batch-size "
                               f"{self.micro} x {self.world} process(es)")
         if self.n < self.global_batch:
@@ -98,14 +103,27 @@ class BatchPlan:
         j = int(torch.randperm(steps, generator=g_order)[k - first])
         return run[j * gb:(j + 1) * gb]
 
-    def micro_batches(self, rank: int, start: int, stop: int):
+    def step_micro_batches(self, rank: int, step: int) -> list[list[int]]:
+        """Process `rank`'s micro-batches of step `step`, in order."""
         share = self.global_batch // self.world
+        mine = self.global_indices(step)[rank * share:(rank + 1) * share]
+        if self.lengths is not None:
+            mine = sorted(mine, key=lambda i: -self.lengths[i])           # stable: ties keep their order
+        if not self.tokens:
+            return [mine[j:j + self.micro] for j in range(0, share, self.micro)]
+        cut: list[list[int]] = [[]]
+        for i in mine:                                  # longest first: a micro-batch pads to its first row
+            if cut[-1] and (len(cut[-1]) + 1) * self.lengths[cut[-1][0]] > self.tokens:
+                cut.append([])
+            cut[-1].append(i)
+        return cut
+
+    def micro_batches(self, rank: int, start: int, stop: int):
         for step in range(start, stop):
-            mine = self.global_indices(step)[rank * share:(rank + 1) * share]
-            if self.lengths is not None:
-                mine = sorted(mine, key=lambda i: -self.lengths[i])       # stable: ties keep their order
-            for j in range(0, share, self.micro):
-                yield mine[j:j + self.micro]
+            yield from self.step_micro_batches(rank, step)
+
+    def micro_count(self, rank: int, step: int) -> int:
+        return len(self.step_micro_batches(rank, step)) if self.tokens else self.accumulation
 
 
 def wsd_lambda(total: int, warmup_ratio: float, decay_ratio: float):
@@ -312,7 +330,8 @@ def run(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Path
                             " (a minute or two the first time; compiled kernels are cached on disk)")
     try:
         for step in range(start, r.total):
-            rec = train_step(r, step, [next(batches) for _ in range(r.plan.accumulation)])
+            rec = train_step(r, step, [next(batches) for _ in range(r.plan.micro_count(r.accelerator.process_index,
+                                                                                        step))])
             r.loggers.write(rec)
             bar.update(1)
             bar.set_postfix({k: f"{rec[k]:.4g}" for k in ("loss", "loss_layer", "loss_prob", "lr", "tokens_per_s")
@@ -443,6 +462,9 @@ def setup(cfg: DistillConfig, resume: bool) -> Run:
         frozen_dtype = torch.float32
     if cfg.compile and (fsdp or getattr(accelerator.state, "deepspeed_plugin", None) is not None):
         raise MatvlmError("--compile is not supported with FSDP or DeepSpeed; run without it")
+    if cfg.micro_batch_tokens and (fsdp or getattr(accelerator.state, "deepspeed_plugin", None) is not None):
+        # FSDP gathers in every forward (processes must run as many) and DeepSpeed fixes the accumulation count
+        raise MatvlmError("--micro-batch-tokens is not supported with FSDP or DeepSpeed; use --micro-batch-size")
     model, teacher, trainable_names = build(cfg.teacher, cfg.student, cfg.mamba_ratio, cfg.placement, cfg.train,
                                             dtype=frozen_dtype, seed=cfg.seed)
     if cfg.gradient_checkpointing:
@@ -450,7 +472,8 @@ def setup(cfg: DistillConfig, resume: bool) -> Run:
     processor = formats.load_processor(cfg.teacher)
     dataset = make_dataset(cfg, processor, model.config)
     plan = BatchPlan(len(dataset), cfg.global_batch_size, accelerator.num_processes, cfg.micro_batch_size, cfg.seed,
-                     getattr(dataset, "lengths", None) or None, group=GROUP_STEPS if cfg.group_by_length else 0)
+                     getattr(dataset, "lengths", None) or None, group=GROUP_STEPS if cfg.group_by_length else 0,
+                     tokens=cfg.micro_batch_tokens or 0)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * plan.steps_per_epoch))
     if main:
         out.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,10 @@ def test_flags_override_a_recipe_and_unset_flags_keep_it(tmp_path):
 
 
 @pytest.mark.parametrize("values,why", [({"adam_betas": (0.9,)}, "--adam-betas takes two values"),
-                                        ({"placement": "sideways"}, "--placement must be one of")])
+                                        ({"placement": "sideways"}, "--placement must be one of"),
+                                        ({"micro_batch_tokens": 0}, "--micro-batch-tokens must be >= 1"),
+                                        ({"micro_batch_tokens": 4096, "loss_reduction": "sum"},
+                                         "--micro-batch-tokens needs --loss-reduction mean")])
 def test_bad_settings_are_refused_in_one_line(values, why):
     with pytest.raises(MatvlmError, match=why):
         DistillConfig(teacher="t", data="d", out="o", mamba_ratio=0.5, **values).validate()

@@ -413,6 +413,45 @@ def test_grouping_by_length_keeps_every_epoch_complete_and_cuts_padding_across_s
     assert sorted(i for mbs in shares for mb in mbs for i in mb) == sorted(grouped.global_indices(7))
 
 
+def test_micro_batches_cut_by_positions_hold_the_same_samples_within_the_budget():
+    import random
+
+    rng = random.Random(2)
+    lengths = [rng.choice([rng.randint(20, 80), rng.randint(300, 1024)]) for _ in range(1000)]
+    rows = train_mod.BatchPlan(1000, 64, 2, 8, seed=5, lengths=lengths, group=8)
+    by_tokens = train_mod.BatchPlan(1000, 64, 2, 8, seed=5, lengths=lengths, group=8, tokens=2048)
+    counts = set()
+    for rank in (0, 1):
+        for step in range(40):
+            a, b = rows.step_micro_batches(rank, step), by_tokens.step_micro_batches(rank, step)
+            assert sorted(sum(a, [])) == sorted(sum(b, []))              # the same samples, each once
+            assert all(len(mb) == 1 or len(mb) * max(lengths[i] for i in mb) <= 2048 for mb in b)
+            assert len(b) == by_tokens.micro_count(rank, step) and rows.micro_count(rank, step) == 4
+            counts.add(len(b))
+            short = [mb for mb in b if max(lengths[i] for i in mb) <= 80]
+            assert all(len(mb) >= 25 for mb in short[:-1])               # short rows: many to a forward
+    assert len(counts) > 3                                                # the count follows the lengths
+    assert list(by_tokens.micro_batches(1, 3, 5)) == by_tokens.step_micro_batches(1, 3) + \
+        by_tokens.step_micro_batches(1, 4)
+
+
+def test_micro_batch_tokens_does_not_change_the_run(teacher_dirs, data, tmp_path, monkeypatch):
+    """Cutting each step's share by positions takes other micro-batches but the same losses."""
+    seen = []
+    real = train_mod.train_step
+    monkeypatch.setattr(train_mod, "train_step", lambda r, step, micro: (
+        seen.append([b["input_ids"].shape for b in micro]), real(r, step, micro))[1])
+    run(cfg(teacher_dirs, data, tmp_path / "rows", max_steps=3, save_every=100))
+    rows, seen[:] = list(seen), []
+    run(cfg(teacher_dirs, data, tmp_path / "tok", max_steps=3, save_every=100, micro_batch_tokens=150))
+    assert [len(s) for s in rows] == [4, 4, 4] and [len(s) for s in seen] != [4, 4, 4]
+    assert all(s[0] * s[1] <= 150 or s[0] == 1 for step in seen for s in step)
+    for ra, rb in zip(read_log(tmp_path / "rows"), read_log(tmp_path / "tok")):
+        assert ra["tokens"] == rb["tokens"]
+        for k in ("loss", "loss_layer", "loss_prob"):
+            assert abs(ra[k] - rb[k]) <= 1e-5 * abs(ra[k]), (k, ra[k], rb[k])
+
+
 def test_group_by_length_is_a_setting_that_reaches_the_plan(teacher_dirs, data, tmp_path, monkeypatch):
     made = []
     real = train_mod.BatchPlan
