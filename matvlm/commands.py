@@ -788,8 +788,8 @@ def bench_serve(model: str | None = None, url: str | None = None, api_key: str |
         model: model directory to serve (omit with --url).
         url: measure the server at this /v1 base instead of starting one.
         api_key: the --url server's key.
-        scheduler: schedulers to compare with MODEL: static, continuous, overlap (continuous with
-            --overlap-prefill; see `serve`), comma-separated.
+        scheduler: schedulers to compare with MODEL: static, continuous (prefills between decode steps, as
+            --no-overlap-prefill), overlap (continuous with --overlap-prefill; see `serve`), comma-separated.
         requests: requests per scheduler.
         rate: mean arrivals per second (Poisson); 0 sends all at once.
         prompt_words: prompt lengths in words, LOW:HIGH (uniform).
@@ -966,7 +966,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
           max_image_pixels: int = 4096 * 4096, template: Literal["phi", "vicuna", "chatml", "plain"] | None = None,
           device: str | None = None, dtype: str | None = None, compile: bool = False,
           scheduler: Literal["continuous", "static"] = "continuous", max_waiting: int = 256,
-          max_len: int | None = None, prefill_tokens: int = 1024, overlap_prefill: bool = False) -> None:
+          max_len: int | None = None, prefill_tokens: int = 1024, overlap_prefill: bool | None = None) -> None:
     """Serve the model over an OpenAI-compatible HTTP API: /v1/chat/completions (stream: true for SSE;
     images as data: URLs), /v1/models, /health, /metrics (Prometheus text). Concurrent requests are
     batched: by default continuously (a request joins the running batch at the next decode step and
@@ -1000,7 +1000,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
             often; smaller keeps running streams' inter-token latency lower.
         overlap_prefill: continuous scheduler: prefill newcomers on a thread (and CUDA stream) of their own while
             running streams go on decoding, instead of between two decode steps (--prefill-tokens then does
-            not apply: a group of newcomers holds up to a slot's length).
+            not apply: a group of newcomers holds up to a slot's length). Default: on with CUDA, off on CPU.
     """
     from .errors import MatvlmError
     try:

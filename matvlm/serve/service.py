@@ -303,9 +303,11 @@ class ContinuousService(Service):
         return self.batcher.pool.length
 
     def __init__(self, engine: Engine, max_batch: int = 16, max_waiting: int = 256, max_len: int | None = None,
-                 prefill_tokens: int = 1024, warm_up: bool = True, overlap_prefill: bool = False):
+                 prefill_tokens: int = 1024, warm_up: bool = True, overlap_prefill: bool | None = None):
+        # prefills overlap decoding by default on CUDA, where an admission is mostly host work (docs/benchmarks.md)
+        overlap = engine.device.type == "cuda" if overlap_prefill is None else overlap_prefill
         self.batcher = ContinuousBatcher(engine, slots=max_batch, length=max_len, prefill_tokens=prefill_tokens,
-                                         overlap=overlap_prefill)
+                                         overlap=overlap)
         # before serving: kernel compilation and CUDA-graph capture (tens of seconds on a GPU the first
         # time) are paid here, not by the first requests
         self.warm_up_s = self.batcher.warm_up() if warm_up else None
