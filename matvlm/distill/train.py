@@ -74,6 +74,9 @@ class BatchPlan:
     def __post_init__(self):
         if self.tokens and self.lengths is None:
             raise MatvlmError("--micro-batch-tokens needs the samples' lengths, which this dataset does not give")
+        if self.tokens and self.global_batch % self.world:
+            raise MatvlmError(f"--global-batch-size {self.global_batch} must be a multiple of the {self.world} "
+                              f"process(es)")
         if not self.tokens and self.global_batch % (self.world * self.micro):
             raise MatvlmError(f"--global-batch-size {self.global_batch} must be a multiple of --micro-batch-size "
                               f"{self.micro} x {self.world} process(es)")

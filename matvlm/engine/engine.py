@@ -177,6 +177,8 @@ class Engine:
         self.prefill_tokens = prefill_tokens
         self._statics: dict[tuple[int, int], _Static] = {}
         self.eos_ids = self._eos_ids()
+        # read once here: prefills may run on another thread than the one decoding text with the tokenizer
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.compiled = compile
         self._compiled_ok = False          # the compiled step has run once (compiled or fell back)
         fuse = self.device.type == "cuda" and not compile if fuse is None else fuse
@@ -440,7 +442,7 @@ class Engine:
         row r's prompt is at cache positions prompt_len - n_r ... prompt_len - 1."""
         n, dev = len(encoded), self.device
         cache.clear()
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        pad_id = self.pad_id
         ids = torch.full((b, prompt_len), pad_id, dtype=torch.long)
         valid = torch.zeros((b, prompt_len), dtype=torch.bool)
         for row in range(b):

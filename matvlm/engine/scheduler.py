@@ -302,12 +302,14 @@ class ContinuousBatcher:
 
     @property
     def n_running(self) -> int:
-        return len(self.running) + (self.prefilling is not None) + (len(self._job[1]) if self._job else 0)
+        job = self._job                                  # read by other threads (metrics) while it changes
+        return len(self.running) + (self.prefilling is not None) + (len(job[1]) if job else 0)
 
     def close(self) -> None:
-        """End the prefill thread (`overlap`), after the prefill it runs."""
+        """End the prefill thread (`overlap`). Call it once the batcher is not busy; a prefill still in flight
+        is waited for and landed first (its requests then hold their slots, as running ones do)."""
         if self._job is not None:
-            wait_for([self._job[0]])
+            self._land_job()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
@@ -475,6 +477,9 @@ class ContinuousBatcher:
             return
         for seq, tok in zip(group, tokens):
             seq.pixels = None
+            if seq.cancelled():                          # it went away while its prompt was prefilled
+                self._release(seq, None, MatvlmError("request cancelled"))
+                continue
             try:
                 self._started(seq, tok)
             except Exception as e:                       # noqa: BLE001 - its own error
@@ -483,7 +488,9 @@ class ContinuousBatcher:
     def _overlapped_prefill(self) -> None:
         """`overlap`: start the next group's prefill on the prefill thread when none runs; land it once done,
         or at once (waiting for it) when no decode step would run meanwhile."""
-        if self._job is None:
+        if self._job is not None and (self._job[0].done() or not (self.running or self._pending)):
+            self._land_job()
+        if self._job is None:                            # the next group starts at once, beside the decode step
             group = self._admit(self.pool.length)
             if group:
                 if self._executor is None:
@@ -493,14 +500,16 @@ class ContinuousBatcher:
                 for seq in group:
                     seq.row = self.free.pop(0)
                 self._job = (self._executor.submit(self._prefill_job, group, True), group)
-        if self._job is not None and (self._job[0].done() or not (self.running or self._pending)):
-            future, group = self._job
-            self._job = None
-            try:
-                result = future.result()
-            except Exception as e:                       # noqa: BLE001 - `_land` says whose it is
-                result = e
-            self._land(group, result)
+
+    def _land_job(self) -> None:
+        """Wait for the prefill thread's group (if it still runs) and land it."""
+        future, group = self._job
+        self._job = None
+        try:
+            result = future.result()
+        except Exception as e:                           # noqa: BLE001 - `_land` says whose it is
+            result = e
+        self._land(group, result)
 
     def _started(self, seq: Sequence, tok: int) -> None:
         """A prefilled request (in its slot) takes its first token, then decodes with the others or is done."""

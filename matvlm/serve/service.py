@@ -334,7 +334,8 @@ class ContinuousService(Service):
 
     def close(self, timeout: float | None = 60.0) -> None:
         super().close(timeout)
-        self.batcher.close()
+        if not self.thread.is_alive():                  # still serving past the timeout: its prefill thread stays
+            self.batcher.close()
 
     def _add(self, h: Handle) -> None:
         def finish(output, error):

@@ -615,3 +615,33 @@ def test_with_overlapped_prefill_running_streams_go_on_decoding_while_a_newcomer
     batcher.close()
     assert len(got[0]) == 200 and len(got[1]) == 4
     assert len(during) == 1 and (during[0] >= 3 if overlap else during[0] == 0), during
+
+
+def test_a_request_cancelled_while_its_prefill_runs_beside_decoding_ends_cancelled_without_a_token(engine,
+                                                                                                    monkeypatch):
+    from matvlm.engine.scheduler import ContinuousBatcher, Sequence
+
+    batcher = ContinuousBatcher(engine, slots=2, length=256, overlap=True)
+    long, newcomer = ask(engine, "Is it?", 60), ask(engine, "Describe the image. " * 3, 4)
+    n = len(engine.encode(newcomer)[0])
+    forward, gone, counted = Engine._forward, {"flag": False}, []
+
+    def slow(self, embeds, *a):
+        if embeds.shape[1] == n:                         # the newcomer's prefill, on the prefill thread
+            counted.append(batcher.n_running)            # as /metrics reads it, from another thread
+            gone["flag"] = True                          # its client leaves meanwhile
+            time.sleep(0.2)
+        return forward(self, embeds, *a)
+
+    monkeypatch.setattr(Engine, "_forward", slow)
+    results, emitted = {}, []
+    batcher.add(Sequence(long, emit=lambda t: None, finish=lambda o, e: results.__setitem__("long", o or e)))
+    for _ in range(3):
+        batcher.step()
+    batcher.add(Sequence(newcomer, emit=emitted.append, cancelled=lambda: gone["flag"],
+                         finish=lambda o, e: results.__setitem__("new", o or e)))
+    while batcher.busy:
+        batcher.step()
+    batcher.close()
+    assert isinstance(results["new"], MatvlmError) and "cancelled" in str(results["new"]) and emitted == []
+    assert len(results["long"].token_ids) == 60 and counted == [2]
