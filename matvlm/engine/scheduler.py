@@ -89,8 +89,8 @@ def slot_bytes_per_token(engine: Engine) -> int:
 def slot_length(engine: Engine, slots: int, length: int | None = None,
                 fraction: float = POOL_MEMORY_FRACTION) -> int:
     """How many tokens (prompt + answer) each of `slots` slots holds: `length` if given, else the model's
-    context, capped to what fits in `fraction` of the free memory (the pool is `slots` + 1 rows, one of
-    them for staging prefills). A given `length` that does not fit is an error, not a crash mid-serving."""
+    context, capped to what fits in `fraction` of the free memory (`slots` + 1 rows: one stages prefills,
+    or, with overlapped prefills, stands for a group's own cache, which holds at most a row's tokens). A given `length` that does not fit is an error, not a crash mid-serving."""
     limit = context_limit(engine.model) or 4096
     want = min(length, limit) if length else limit
     per_token = slot_bytes_per_token(engine) * (slots + 1)
@@ -125,15 +125,16 @@ def _length_bucket(n: int, limit: int, smallest: int = 256) -> int:
 
 
 class SlotPool:
-    """The hybrid state of `slots` requests of up to `length` tokens each, plus one staging row (index
-    `slots`) that prefills write into; and the decode step's inputs and outputs per row."""
+    """The hybrid state of `slots` requests of up to `length` tokens each, plus, with `staging`, one staging row
+    (index `slots`) that chunked prefills write into; and the decode step's inputs and outputs per row.
+    (Overlapped prefills write into a cache of their own instead, of at most one row's size.)"""
 
-    def __init__(self, engine: Engine, slots: int, length: int):
+    def __init__(self, engine: Engine, slots: int, length: int, staging: bool = True):
         model, dev, dtype = engine.model, engine.device, engine.dtype
         cfg = model.hybrid_config
         _, kv, head_dim = attention_shape(model.config)
-        rows = slots + 1
-        self.slots, self.length, self.stage = slots, length, slots
+        rows = slots + 1 if staging else slots
+        self.slots, self.length, self.stage = slots, length, slots if staging else None
         self.mamba = set(cfg.mamba_layers)
         self.kv: dict[int, tuple[Tensor, Tensor]] = {}
         self.state: dict[int, tuple[Tensor, Tensor]] = {}
@@ -242,7 +243,7 @@ class ContinuousBatcher:
         self._job: tuple[Future, list[Sequence]] | None = None     # the prefill running on the prefill thread
         self._executor: ThreadPoolExecutor | None = None
         self._side = None                                          # its CUDA stream
-        self.pool = SlotPool(engine, slots, slot_length(engine, slots, length))
+        self.pool = SlotPool(engine, slots, slot_length(engine, slots, length), staging=not overlap)
         self.prefill_tokens = max(2, prefill_tokens)
         self.waiting: deque[Sequence] = deque()
         self.prefilling: Sequence | None = None

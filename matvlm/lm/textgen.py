@@ -123,24 +123,29 @@ def _continuous(engine, planned, request, slots: int, max_new_tokens: int):
     once; results that finish early wait for the ones before them."""
     from ..engine.scheduler import ContinuousBatcher, Sequence
 
-    batcher = ContinuousBatcher(engine, slots=slots, length=max_new_tokens + PROMPT_ALLOWANCE)
+    # on CUDA new sequences prefill beside the decode steps, as `serve` does (docs/benchmarks.md)
+    batcher = ContinuousBatcher(engine, slots=slots, length=max_new_tokens + PROMPT_ALLOWANCE,
+                                overlap=engine.device.type == "cuda")
     done: dict[int, tuple] = {}
     items: dict[int, dict] = {}
     following = None
-    while True:
-        while len(batcher.waiting) + batcher.n_running < slots:
-            i, it = next(planned)
-            following = i if following is None else following
-            items[i] = it
-            batcher.add(Sequence(request(i, it), emit=lambda text: None, stream=False,
-                                 finish=lambda out, err, i=i: done.__setitem__(i, (out, err))))
-        batcher.step()
-        while following in done:
-            out, err = done.pop(following)
-            if err is not None:
-                raise err
-            yield following, items.pop(following), out
-            following += 1
+    try:
+        while True:
+            while len(batcher.waiting) + batcher.n_running < slots:
+                i, it = next(planned)
+                following = i if following is None else following
+                items[i] = it
+                batcher.add(Sequence(request(i, it), emit=lambda text: None, stream=False,
+                                     finish=lambda out, err, i=i: done.__setitem__(i, (out, err))))
+            batcher.step()
+            while following in done:
+                out, err = done.pop(following)
+                if err is not None:
+                    raise err
+                yield following, items.pop(following), out
+                following += 1
+    finally:
+        batcher.close()
 
 
 def generate_text_corpus(engine, out: str | Path, tokens: int, max_new_tokens: int = 1024,

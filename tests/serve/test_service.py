@@ -583,6 +583,7 @@ def test_overlapped_prefill_runs_on_its_own_thread_and_answers_as_alone_with_fai
     monkeypatch.setattr(Engine, "prefill_into", lambda self, *a: (threads.append(th.current_thread().name),
                                                                   into(self, *a))[1])
     batcher = ContinuousBatcher(engine, slots=4, length=256, overlap=True)
+    assert {k.shape[0] for k, _ in batcher.pool.kv.values()} == {4}        # no staging row: prefills have their own
     got = _run_batcher(batcher, reqs, steps_before=[0, 2, 2, 2])
     batcher.close()
     assert [got[i] for i in (0, 1, 3)] == [alone[i] for i in (0, 1, 3)] and isinstance(got[2], IndexError)
