@@ -261,11 +261,12 @@ class ContinuousBatcher:
 
     def warm_up(self) -> float:
         """Pay the one-time costs before the first request does: a short dummy request (with an image for a
-        VLM) runs through encoding, the vision tower, chunked prefill and decoding (kernel compilation and
-        autotuning happen there), then, where CUDA graphs are on, the decode step of every slot bucket is
-        captured at the shortest length bucket. Nothing of it stays: the slots are free and their state is
-        rewritten when a request takes them. A failing dummy request is logged, not raised: serving goes
-        on. Returns the seconds it took."""
+        VLM) runs through encoding, the vision tower, prefill and decoding (kernel compilation and autotuning
+        happen there), then two together (a padded group prefill, whose kernels may compile apart: a burst's
+        first requests would otherwise wait for them), then, where CUDA graphs are on, the decode step of
+        every slot bucket is captured at the shortest length bucket. Nothing of it stays: the slots are free
+        and their state is rewritten when a request takes them. A failing dummy request is logged, not
+        raised: serving goes on. Returns the seconds it took."""
         from ..inputs.prompts import render
         from .sampling import SamplingParams
 
@@ -278,12 +279,21 @@ class ContinuousBatcher:
             from PIL import Image
 
             images = [Image.new("RGB", (64, 64), (128, 128, 128))]
-        prompt = render(eng.processor, eng.model.config, [{"role": "user", "content": "Hello."}], len(images))
         failed: list[BaseException] = []
-        self.add(Sequence(Request(prompt, images, SamplingParams(max_new_tokens=4, ignore_eos=True)),
-                          emit=lambda text: None, finish=lambda out, err: failed.extend([err] if err else [])))
-        while self.busy:
-            self.step()
+
+        def dummy(text: str, imgs: list) -> Sequence:
+            prompt = render(eng.processor, eng.model.config, [{"role": "user", "content": text}], len(imgs))
+            return Sequence(Request(prompt, imgs, SamplingParams(max_new_tokens=4, ignore_eos=True)),
+                            emit=lambda text: None, finish=lambda out, err: failed.extend([err] if err else []))
+
+        batches = [[dummy("Hello.", images)]]
+        if self.pool.slots > 1:
+            batches.append([dummy("Hello.", images), dummy("Hello, how are you today?", [])])
+        for batch in batches:
+            for seq in batch:
+                self.add(seq)
+            while self.busy:
+                self.step()
         if failed:          # e.g. slots too short for an image: serving goes on, the first request pays instead
             log.warning("warm-up request failed (%s); the first requests will wait for kernel compilation", failed[0])
         smallest = _length_bucket(1, self.pool.length)

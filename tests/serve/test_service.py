@@ -357,8 +357,10 @@ def test_warm_up_runs_a_dummy_request_and_every_slot_bucket_before_serving_and_l
 
     real = ContinuousBatcher._launch
     monkeypatch.setattr(ContinuousBatcher, "_launch", lambda self, k, n: (launched.append((k, n)), real(self, k, n)))
+    calls = _spy_prefills(monkeypatch)
     service = ContinuousService(engine, max_batch=6)
     assert service.warm_up_s is not None and service.batcher.steps == 0
+    assert len(calls["chunk"]) == 1 and [b for b, _ in calls["group"]] == [2]     # alone, then a padded group
     assert {(6, 256), (4, 256), (3, 256), (2, 256), (1, 256)} <= set(launched)   # every bucket of 6 slots
     assert service.batcher.free == list(range(6)) and not service.batcher.busy
     assert (service.batcher.pool.position == 0).all()
