@@ -264,7 +264,8 @@ class ContinuousBatcher:
         VLM) runs through encoding, the vision tower, prefill and decoding (kernel compilation and autotuning
         happen there), then two together (a padded group prefill, whose kernels may compile apart: a burst's
         first requests would otherwise wait for them), then, where CUDA graphs are on, the decode step of
-        every slot bucket is captured at the shortest length bucket. Nothing of it stays: the slots are free
+        every slot bucket is captured at every length bucket (without CUDA graphs, each slot bucket runs
+        once at the shortest). Nothing of it stays: the slots are free
         and their state is rewritten when a request takes them. A failing dummy request is logged, not
         raised: serving goes on. Returns the seconds it took."""
         from ..inputs.prompts import render
@@ -296,11 +297,15 @@ class ContinuousBatcher:
                 self.step()
         if failed:          # e.g. slots too short for an image: serving goes on, the first request pays instead
             log.warning("warm-up request failed (%s); the first requests will wait for kernel compilation", failed[0])
-        smallest = _length_bucket(1, self.pool.length)
+        lengths = [_length_bucket(1, self.pool.length)]
+        if eng.cuda_graphs:        # every length bucket too: a capture mid-serving stops every stream while it runs
+            while lengths[-1] < self.pool.length:
+                lengths.append(_length_bucket(lengths[-1] + 1, self.pool.length))
         with torch.no_grad():
-            for k in sorted({min(_bucket(n), self.pool.slots) for n in range(1, self.pool.slots + 1)}):
-                self.pool.position[:k] = 0                    # idle rows: a step writes only at position 0
-                self._launch(k, smallest)
+            for length in lengths:
+                for k in sorted({min(_bucket(n), self.pool.slots) for n in range(1, self.pool.slots + 1)}):
+                    self.pool.position[:k] = 0                # idle rows: a step writes only at position 0
+                    self._launch(k, length)
         self.pool.position.zero_()
         self.steps = 0
         if eng.device.type == "cuda":

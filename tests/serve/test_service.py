@@ -371,6 +371,28 @@ def test_warm_up_runs_a_dummy_request_and_every_slot_bucket_before_serving_and_l
     cold.close()
 
 
+def test_with_cuda_graphs_the_warm_up_captures_every_slot_and_length_bucket(engine, monkeypatch):
+    """A capture mid-serving stops every stream while it runs, so the warm-up makes them all up front."""
+    from types import SimpleNamespace
+
+    from matvlm.engine.scheduler import ContinuousBatcher
+
+    captured, req = [], ask(engine, "What color is the circle?", 5)
+    alone = engine.generate([req])[0].token_ids
+
+    def fake_capture(self, k, n):                        # CPU: a "graph" that replays the eager step
+        captured.append((k, n))
+        self._graphs[k, n] = SimpleNamespace(replay=lambda: self._step_body(k, n))
+
+    monkeypatch.setattr(engine, "cuda_graphs", True)
+    monkeypatch.setattr(ContinuousBatcher, "_capture", fake_capture)
+    batcher = ContinuousBatcher(engine, slots=3, length=512)             # the toy's context
+    batcher.warm_up()
+    assert sorted(captured) == sorted((k, n) for k in (1, 2, 3) for n in (256, 512))
+    assert _run_batcher(batcher, [req]) == [alone]
+    assert len(captured) == 6                            # serving captured nothing more
+
+
 def test_a_warm_up_that_cannot_run_its_dummy_request_is_logged_and_serving_goes_on(engine, caplog):
     with caplog.at_level("WARNING", logger="matvlm.engine"):
         service = ContinuousService(engine, max_batch=2, max_len=40)        # 64 image tokens do not fit a slot
