@@ -61,6 +61,9 @@ log = logging.getLogger("matvlm.engine")
 
 
 POOL_MEMORY_FRACTION = 0.85      # of the memory free after loading the model, what the slot pool may take
+# the warm-up captures the decode step at every (slot bucket, length bucket), a capture mid-serving stopping every
+# stream, unless that is more than this many graphs (16 slots x a 4K slot: 8 x 5)
+WARM_UP_CAPTURES = 64
 
 
 def free_memory(device: torch.device) -> int | None:
@@ -127,7 +130,8 @@ def _length_bucket(n: int, limit: int, smallest: int = 256) -> int:
 class SlotPool:
     """The hybrid state of `slots` requests of up to `length` tokens each, plus, with `staging`, one staging row
     (index `slots`) that chunked prefills write into; and the decode step's inputs and outputs per row.
-    (Overlapped prefills write into a cache of their own instead, of at most one row's size.)"""
+    (Overlapped prefills write into a cache of their own instead, of at most one row's tokens; while one group's
+    cache is read into the slots, the next group's may already exist.)"""
 
     def __init__(self, engine: Engine, slots: int, length: int, staging: bool = True):
         model, dev, dtype = engine.model, engine.device, engine.dtype
@@ -264,8 +268,8 @@ class ContinuousBatcher:
         VLM) runs through encoding, the vision tower, prefill and decoding (kernel compilation and autotuning
         happen there), then two together (a padded group prefill, whose kernels may compile apart: a burst's
         first requests would otherwise wait for them), then, where CUDA graphs are on, the decode step of
-        every slot bucket is captured at every length bucket (without CUDA graphs, each slot bucket runs
-        once at the shortest). Nothing of it stays: the slots are free
+        every slot bucket is captured at every length bucket (at the shortest only past `WARM_UP_CAPTURES`
+        graphs; without CUDA graphs, each slot bucket runs once at the shortest). Nothing of it stays: the slots are free
         and their state is rewritten when a request takes them. A failing dummy request is logged, not
         raised: serving goes on. Returns the seconds it took."""
         from ..inputs.prompts import render
@@ -297,13 +301,15 @@ class ContinuousBatcher:
                 self.step()
         if failed:          # e.g. slots too short for an image: serving goes on, the first request pays instead
             log.warning("warm-up request failed (%s); the first requests will wait for kernel compilation", failed[0])
+        ks = sorted({min(_bucket(n), self.pool.slots) for n in range(1, self.pool.slots + 1)})
         lengths = [_length_bucket(1, self.pool.length)]
-        if eng.cuda_graphs:        # every length bucket too: a capture mid-serving stops every stream while it runs
-            while lengths[-1] < self.pool.length:
-                lengths.append(_length_bucket(lengths[-1] + 1, self.pool.length))
+        while eng.cuda_graphs and lengths[-1] < self.pool.length:
+            lengths.append(_length_bucket(lengths[-1] + 1, self.pool.length))
+        if len(ks) * len(lengths) > WARM_UP_CAPTURES:     # each graph holds memory of its own: past this many,
+            lengths = lengths[:1]                         # the shortest only, the rest captured when first met
         with torch.no_grad():
             for length in lengths:
-                for k in sorted({min(_bucket(n), self.pool.slots) for n in range(1, self.pool.slots + 1)}):
+                for k in ks:
                     self.pool.position[:k] = 0                # idle rows: a step writes only at position 0
                     self._launch(k, length)
         self.pool.position.zero_()

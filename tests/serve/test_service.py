@@ -391,6 +391,12 @@ def test_with_cuda_graphs_the_warm_up_captures_every_slot_and_length_bucket(engi
     assert sorted(captured) == sorted((k, n) for k in (1, 2, 3) for n in (256, 512))
     assert _run_batcher(batcher, [req]) == [alone]
     assert len(captured) == 6                            # serving captured nothing more
+    import matvlm.engine.scheduler as scheduler
+
+    captured.clear()
+    monkeypatch.setattr(scheduler, "WARM_UP_CAPTURES", 5)      # more graphs than that: the shortest length only
+    ContinuousBatcher(engine, slots=3, length=512).warm_up()
+    assert sorted(captured) == [(1, 256), (2, 256), (3, 256)]
 
 
 def test_a_warm_up_that_cannot_run_its_dummy_request_is_logged_and_serving_goes_on(engine, caplog):
