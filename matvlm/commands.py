@@ -819,7 +819,8 @@ def bench_serve(model: str | None = None, url: str | None = None, api_key: str |
         raise MatvlmError("give MODEL (to start servers here) or --url (to measure a running server), not both")
     unknown = [s for s in scheduler if s not in ("static", "continuous", "overlap")]
     if unknown or not scheduler:
-        raise MatvlmError(f"--scheduler takes static, continuous and/or overlap; got {','.join(scheduler) or 'nothing'}")
+        raise MatvlmError(f"--scheduler takes static, continuous and/or overlap; got "
+                          f"{','.join(scheduler) or 'nothing'}")
     if requests < 1 or rate < 0 or max_batch < 1 or warmup < 0 or prefill_tokens < 2:
         raise MatvlmError(f"--requests and --max-batch must be >= 1, --rate and --warmup >= 0, --prefill-tokens "
                           f">= 2; got {requests}, {max_batch}, {rate}, {warmup}, {prefill_tokens}")

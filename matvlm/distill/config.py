@@ -46,8 +46,9 @@ class DistillConfig:
         global_batch_size: samples per optimizer step over all processes (paper: 64).
         micro_batch_size: samples per forward pass per process; accumulation makes up the rest.
         micro_batch_tokens: cut micro-batches by positions instead (rows x the longest row, at most this many,
-            before the padding to a multiple of 32 on CUDA; a longer row goes alone), so a forward takes more rows when rows are short: on a GPU a micro-batch
-            of short rows otherwise costs nearly what a long one does. Each step still sums the same samples
+            before the padding to a multiple of 32 on CUDA; a longer row goes alone), so a forward takes more
+            rows when rows are short: on a GPU a micro-batch of short rows otherwise costs nearly what a long
+            one does. Each step still sums the same samples
             (--micro-batch-size no longer applies). Needs --loss-reduction mean; not with FSDP or DeepSpeed.
         lr: peak learning rate of the warmup-stable-decay schedule.
         weight_decay: AdamW weight decay (none on 1-D parameters and biases).

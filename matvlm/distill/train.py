@@ -125,9 +125,6 @@ class BatchPlan:
         for step in range(start, stop):
             yield from self.step_micro_batches(rank, step)
 
-    def micro_count(self, rank: int, step: int) -> int:
-        return len(self.step_micro_batches(rank, step)) if self.tokens else self.accumulation
-
 
 def wsd_lambda(total: int, warmup_ratio: float, decay_ratio: float):
     """Warmup-stable-decay: linear warmup over the first warmup_ratio of steps, flat, then linear decay
@@ -324,7 +321,7 @@ def run(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Path
     if start >= r.total:
         raise MatvlmError(f"the run in {r.out} already reached step {start} of {r.total}; raise --max-steps to go on")
     prepare(r)
-    batches = r.batches(start)
+    steps = r.steps(start)
     bar = tqdm(total=r.total, initial=start, disable=not (r.main and progress), desc="distill", unit="step",
                dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30)   # logs: a line per 30 s
     if r.accelerator.device.type == "cuda":   # the first step waited 106 s on a fresh H100 with nothing said
@@ -333,8 +330,7 @@ def run(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Path
                             " (a minute or two the first time; compiled kernels are cached on disk)")
     try:
         for step in range(start, r.total):
-            rec = train_step(r, step, [next(batches) for _ in range(r.plan.micro_count(r.accelerator.process_index,
-                                                                                        step))])
+            rec = train_step(r, step, next(steps))
             r.loggers.write(rec)
             bar.update(1)
             bar.set_postfix({k: f"{rec[k]:.4g}" for k in ("loss", "loss_layer", "loss_prob", "lr", "tokens_per_s")
@@ -394,13 +390,17 @@ class Run:
     def world(self) -> int:
         return self.accelerator.num_processes
 
-    def batches(self, start: int):
-        """The micro-batches of this process from step `start` on, in order."""
+    def steps(self, start: int):
+        """This process's micro-batches of each step from step `start` on: a list per step (as many as the plan
+        cut it into), loaded in order."""
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
-        return iter(torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=list(self.plan.micro_batches(self.accelerator.process_index, start, self.total)),
+        plan = [self.plan.step_micro_batches(self.accelerator.process_index, s) for s in range(start, self.total)]
+        loaded = iter(torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=[mb for step in plan for mb in step],
             collate_fn=loop_collate(self.accelerator.device, tokenizer.pad_token_id), num_workers=self.cfg.num_workers,
             pin_memory=self.accelerator.device.type == "cuda"))
+        for step in plan:
+            yield [next(loaded) for _ in step]
 
     def full_params(self):
         """Outside forward/backward FSDP holds each rank's shard only; saving needs the whole tensors

@@ -93,7 +93,8 @@ def slot_length(engine: Engine, slots: int, length: int | None = None,
                 fraction: float = POOL_MEMORY_FRACTION) -> int:
     """How many tokens (prompt + answer) each of `slots` slots holds: `length` if given, else the model's
     context, capped to what fits in `fraction` of the free memory (`slots` + 1 rows: one stages prefills,
-    or, with overlapped prefills, stands for a group's own cache, which holds at most a row's tokens). A given `length` that does not fit is an error, not a crash mid-serving."""
+    or, with overlapped prefills, stands for a group's own cache, which holds at most a row's tokens). A given
+    `length` that does not fit is an error, not a crash mid-serving."""
     limit = context_limit(engine.model) or 4096
     want = min(length, limit) if length else limit
     per_token = slot_bytes_per_token(engine) * (slots + 1)
@@ -269,9 +270,9 @@ class ContinuousBatcher:
         happen there), then two together (a padded group prefill, whose kernels may compile apart: a burst's
         first requests would otherwise wait for them), then, where CUDA graphs are on, the decode step of
         every slot bucket is captured at every length bucket (at the shortest only past `WARM_UP_CAPTURES`
-        graphs; without CUDA graphs, each slot bucket runs once at the shortest). Nothing of it stays: the slots are free
-        and their state is rewritten when a request takes them. A failing dummy request is logged, not
-        raised: serving goes on. Returns the seconds it took."""
+        graphs; without CUDA graphs, each slot bucket runs once at the shortest). Nothing of it stays: the
+        slots are free and their state is rewritten when a request takes them. A failing dummy request is
+        logged, not raised: serving goes on. Returns the seconds it took."""
         from ..inputs.prompts import render
         from .sampling import SamplingParams
 

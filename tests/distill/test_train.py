@@ -426,7 +426,7 @@ def test_micro_batches_cut_by_positions_hold_the_same_samples_within_the_budget(
             a, b = rows.step_micro_batches(rank, step), by_tokens.step_micro_batches(rank, step)
             assert sorted(sum(a, [])) == sorted(sum(b, []))              # the same samples, each once
             assert all(len(mb) == 1 or len(mb) * max(lengths[i] for i in mb) <= 2048 for mb in b)
-            assert len(b) == by_tokens.micro_count(rank, step) and rows.micro_count(rank, step) == 4
+            assert len(a) == 4                                             # rows: 32 / 8 a step
             counts.add(len(b))
             short = [mb for mb in b if max(lengths[i] for i in mb) <= 80]
             assert all(len(mb) >= 25 for mb in short[:-1])               # short rows: many to a forward
