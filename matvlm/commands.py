@@ -458,7 +458,7 @@ def bench(model: str, vs: str | None = None, context: list[str] = ("1k", "4k", "
           hf_static_context: list[str] | None = None, dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16",
           device: str | None = None, compile: Literal["off", "on", "both"] = "off",
           max_batch_context: list[str] | None = None, fuse: Literal["auto", "off", "on", "both"] = "auto",
-          hf_static_batch: list[int] = (1,)) -> None:
+          hf_static_batch: list[int] = (1,), pdl: Literal["env", "off", "on", "both"] = "env") -> None:
     """Measure generation speed and memory of MODEL and (with --vs) its teacher in one run, under matvlm's
     engine, and the teacher also through transformers generate (dynamic cache, and static+compiled):
     prefill time, time to first token, ms per decode step, tokens/s, peak GPU memory, and the decode step's
@@ -484,6 +484,8 @@ def bench(model: str, vs: str | None = None, context: list[str] = ("1k", "4k", "
         max_batch_context: contexts (e.g. 16k,32k) at which to search the largest batch that fits, per system.
         fuse: the engine's fused decode step (fused projections, Triton matrix-vector and split-KV attention
             kernels): auto (on for CUDA), off, on, or both (side by side).
+        pdl: programmatic dependent launch of the decode kernels (Hopper and later; see MATVLM_PDL in the
+            README): env (as MATVLM_PDL says), off, on, or both (each cell measured without, then with).
     """
     import json
 
@@ -494,7 +496,8 @@ def bench(model: str, vs: str | None = None, context: list[str] = ("1k", "4k", "
               device=device, compile={"off": [False], "on": [True], "both": [False, True]}[compile],
               max_batch_contexts=_lengths(max_batch_context) if max_batch_context else [],
               fuse={"auto": [None], "off": [False], "on": [True], "both": [False, True]}[fuse],
-              hf_static_batches=list(hf_static_batch), on_row=lambda row: print(json.dumps(row), flush=True))
+              hf_static_batches=list(hf_static_batch), on_row=lambda row: print(json.dumps(row), flush=True),
+              pdl={"env": [None], "off": [False], "on": [True], "both": [False, True]}[pdl])
     from .bench.speed import table
     print(table(res))
     plots = [n for n in ("tokens_per_s.png", "memory.png") if (Path(out) / n).is_file()]

@@ -212,15 +212,18 @@ def hf_variants(cell: Cell, device: str, static_contexts: list[int] | None, stat
 def run(model: str, vs: str | None, contexts: list[int], batches: list[int], gens: list[int], out: Path,
         hf: bool = True, hf_static_contexts: list[int] | None = None, dtype: str = "bfloat16",
         device: str | None = None, compile: list[bool] = (False,), max_batch_contexts: list[int] = (),
-        fuse: list[bool | None] = (None,), hf_static_batches: list[int] = (1,), on_row=None) -> dict:
+        fuse: list[bool | None] = (None,), hf_static_batches: list[int] = (1,), on_row=None,
+        pdl: list[bool | None] = (None,)) -> dict:
     """Measure every cell for the model and the teacher (`on_row(row)` sees each row as it is measured);
     `hf_static_contexts` and `hf_static_batches`
     limit the (slow to compile) static+compiled transformers runs to those contexts (None: all) and batch
     sizes; `compile` and `fuse` list the engine variants (decode step eager-captured and/or compiled;
     the model's own layers and/or the fused step, None: the engine's default) each system is measured
-    with; for each context in `max_batch_contexts` the largest batch that fits is searched (engine,
-    first variant)."""
+    with; `pdl` lists programmatic dependent launch settings of the decode kernels (None: MATVLM_PDL),
+    each cell measured under each in turn; for each context in `max_batch_contexts` the largest batch
+    that fits is searched (engine, first variant)."""
     from ..engine.engine import Engine
+    from ..ops.backend import set_dependent_launch
     from .kernels import ceilings
 
     emit = on_row or (lambda row: None)
@@ -242,12 +245,18 @@ def run(model: str, vs: str | None, contexts: list[int], batches: list[int], gen
         for fu, comp in variants:
             engine = Engine(m, proc or tok, device=device, dtype=torch_dtype, compile=comp, fuse=fu)
             for cell in cells:
-                r = engine_cell(engine, cell, vocab)
-                if "step_ms" in r and copy_gbps:
-                    roof = step_bytes(m, cell.batch, cell.context + cell.gen // 2) / (copy_gbps * 1e9) * 1e3
-                    r.update(roofline_ms=roof, of_roofline=roof / r["step_ms"])
-                res["rows"].append({"system": engine_name(role, engine), **cell.__dict__, **r})
-                emit(res["rows"][-1])
+                for launch in pdl:
+                    set_dependent_launch(launch)
+                    try:
+                        r = engine_cell(engine, cell, vocab)
+                    finally:
+                        set_dependent_launch(None)
+                    if "step_ms" in r and copy_gbps:
+                        roof = step_bytes(m, cell.batch, cell.context + cell.gen // 2) / (copy_gbps * 1e9) * 1e3
+                        r.update(roofline_ms=roof, of_roofline=roof / r["step_ms"])
+                    name = engine_name(role, engine) + {None: "", False: " PDL off", True: " PDL on"}[launch]
+                    res["rows"].append({"system": name, **cell.__dict__, **r})
+                    emit(res["rows"][-1])
             if (fu, comp) == variants[0]:
                 for context in max_batch_contexts:
                     r = max_batch(engine, context, vocab)

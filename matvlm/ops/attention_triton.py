@@ -21,6 +21,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .backend import dependent_launch
+from .pdl_triton import after_previous, launch_options
+
 
 @triton.jit
 def _rope_lanes(row, cs_row, sn_row, rd, R, D: tl.constexpr):
@@ -41,7 +44,7 @@ def _attention_split(q_ptr, k_ptr, v_ptr, mask_ptr, n_ptr, cos_ptr, sin_ptr, m_b
                      H, KV, R, SPLIT_LEN, N_SPLITS,
                      sq_b, sq_h, s_cs, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b,
                      D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, BLOCK_L: tl.constexpr,
-                     APPEND: tl.constexpr):
+                     APPEND: tl.constexpr, PDL: tl.constexpr):
     """One (split of the keys, sequence, head): running max, normaliser and weighted value sum of its
     keys. A head's D channels are two tiles, DA (the largest power of two <= D) and DB (the rest, padded
     to a power of two; unused where D == DA), so D = 80 reads 64 + 16 lanes instead of 128.
@@ -51,6 +54,7 @@ def _attention_split(q_ptr, k_ptr, v_ptr, mask_ptr, n_ptr, cos_ptr, sin_ptr, m_b
     rotary embedding here, n_ptr holds the new token's slot, the cache is read below it, and the
     program whose split holds the slot takes the new key and value from registers (and, for the first
     query head of its KV group, writes them into the cache)."""
+    after_previous(PDL)
     split = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -132,7 +136,8 @@ def _attention_split(q_ptr, k_ptr, v_ptr, mask_ptr, n_ptr, cos_ptr, sin_ptr, m_b
 
 @triton.jit
 def _attention_combine(m_buf, l_buf, acc_buf, o_ptr, H, N_SPLITS, so_b, so_h,
-                       D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+                       D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    after_previous(PDL)
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -190,15 +195,16 @@ def _split_and_combine(src, keys, values, mask, count, cos, sin, scale, heads, s
     l = torch.empty_like(m)
     acc = torch.empty((bsz * heads, splits, d), dtype=torch.float32, device=src.device)
     out = torch.empty((bsz, heads, d), dtype=src.dtype, device=src.device)
+    pdl = launch_options(dependent_launch(src))
     _attention_split[(splits, bsz * heads)](
         src, keys, values, mask, count, cos, sin, m, l, acc, scale, heads, kv, cos.shape[-1], p["split_len"],
         splits, sq[0], sq[1], cos.stride(0), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), mask.stride(0),
         D=d, DA=da, DB=db, BLOCK_L=p["block_l"], APPEND=append, num_warps=p["warps"],
-        **({"num_stages": p["stages"]} if "stages" in p else {}))
+        **({"num_stages": p["stages"]} if "stages" in p else {}), **pdl)
     _attention_combine[(bsz * heads,)](m, l, acc, out, heads, splits, out.stride(0), out.stride(1),
                                        D=d, BLOCK_S=triton.next_power_of_2(splits),
-                                       BLOCK_D=triton.next_power_of_2(d), num_warps=1)
+                                       BLOCK_D=triton.next_power_of_2(d), num_warps=1, **pdl)
     return out
 
 
@@ -216,7 +222,9 @@ def _(q, keys, values, mask, n_keys, scale):
 
 @triton.jit
 def _rope_kv(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, slot_ptr, H, KV, D, R,
-             s_qkv, s_cs, sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, s_slot, BLOCK_D: tl.constexpr):
+             s_qkv, s_cs, sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, s_slot, BLOCK_D: tl.constexpr,
+             PDL: tl.constexpr):
+    after_previous(PDL)
     b = tl.program_id(0)
     head = tl.program_id(1)                        # 0..H-1: queries, H..H+KV-1: keys (and their values)
     rd = tl.arange(0, BLOCK_D)
@@ -245,7 +253,8 @@ def rope_kv(qkv: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor,
                                 qkv.stride(0), cos.stride(0), q.stride(0), q.stride(1),
                                 keys.stride(0), keys.stride(1), keys.stride(2),
                                 values.stride(0), values.stride(1), values.stride(2),
-                                slot.stride(0) if slot.dim() else 0, BLOCK_D=triton.next_power_of_2(d), num_warps=1)
+                                slot.stride(0) if slot.dim() else 0, BLOCK_D=triton.next_power_of_2(d), num_warps=1,
+                                **launch_options(dependent_launch(qkv)))
     return q
 
 

@@ -70,3 +70,33 @@ def fused_kernels(module: str, x: Tensor, dtypes=(torch.bfloat16, torch.float16,
         return importlib.import_module(f"{__package__}.{module}")
     except ImportError:
         return None
+
+
+_dependent_launch: bool | None = None       # set_dependent_launch's override of MATVLM_PDL
+
+
+def set_dependent_launch(on: bool | None) -> None:
+    """Turn programmatic dependent launch of the decode kernels on or off for kernels launched from now
+    on (None: back to MATVLM_PDL). CUDA graphs captured before keep what they were captured with."""
+    global _dependent_launch
+    _dependent_launch = on
+
+
+def dependent_launch(x: Tensor) -> bool:
+    """Whether matvlm's decode kernels on `x` launch as programmatic dependent launches (PDL; Hopper and
+    later, Triton with `griddepcontrol`). Each kernel may then start while the one before it in the stream
+    finishes: it loads what no earlier kernel writes (a matrix-vector product's first block of weights),
+    then waits for the kernel before it to complete and flush (`griddepcontrol.wait`) before it reads or
+    writes anything else, and lets the next kernel start. This hides part of each launch's ramp-up and
+    tail, which at batch 1 is a fixed cost per kernel (docs/benchmarks.md). ``MATVLM_PDL=1`` turns it on,
+    ``0`` (the default until measured) off."""
+    on = _dependent_launch
+    if on is None:
+        want = os.environ.get("MATVLM_PDL", "0")
+        if want not in ("0", "1"):
+            raise ValueError(f"MATVLM_PDL must be 0 or 1, got {want!r}")
+        on = want == "1"
+    if not on or not x.is_cuda or torch.cuda.get_device_capability(x.device)[0] < 9:
+        return False
+    from . import pdl_triton
+    return pdl_triton.AVAILABLE

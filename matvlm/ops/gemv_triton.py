@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .backend import dependent_launch
+from .pdl_triton import after_previous, launch_options
 
 
 def _gemv_configs(small_rows: bool) -> list[triton.Config]:
@@ -60,10 +62,16 @@ def _activate(t_ptrs, kt, t_half, ok, ACT: tl.constexpr):
 @triton.jit
 def _gemv_one_row(x_ptr, t_ptr, w_ptr, b_ptr, r_ptr, y_ptr, nw_ptr, nb_ptr, N, K1, K, t_half, stride_w, eps, N_ACT,
                   NORM: tl.constexpr, ACT: tl.constexpr, OUT_ACT: tl.constexpr, HAS_TAIL: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_X: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_X: tl.constexpr, PDL: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
+    w_rows = w_ptr + rn[:, None] * stride_w
+    n_ok = rn[:, None] < N
+    # The weights depend on no earlier kernel: the first block's loads go out before the wait (with PDL,
+    # while the kernel before this one finishes), and each iteration loads the next block.
+    w = tl.load(w_rows + rk[None, :], mask=n_ok & (rk[None, :] < K), other=0.0)
+    after_previous(PDL)
     mean = 0.0
     rstd = 1.0
     if NORM != 0 and BLOCK_X > 0:                   # statistics of the K1 head columns from one load
@@ -95,8 +103,9 @@ def _gemv_one_row(x_ptr, t_ptr, w_ptr, b_ptr, r_ptr, y_ptr, nw_ptr, nb_ptr, N, K
                 x += tl.load(nb_ptr + kk, mask=head, other=0.0).to(tl.float32)
         if HAS_TAIL:
             x = tl.where(head, x, _activate(t_ptr, kk - K1, t_half, (kk >= K1) & (kk < K), ACT))
-        w = tl.load(w_ptr + rn[:, None] * stride_w + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K), other=0.0)
         acc += w.to(tl.float32) * x[None, :]
+        nxt = kk + BLOCK_K                          # past K on the last iteration: masked, nothing read
+        w = tl.load(w_rows + nxt[None, :], mask=n_ok & (nxt[None, :] < K), other=0.0)
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
@@ -112,8 +121,9 @@ def _gemv_one_row(x_ptr, t_ptr, w_ptr, b_ptr, r_ptr, y_ptr, nw_ptr, nb_ptr, N, K
 def _gemv_few_rows(x_ptr, t_ptr, w_ptr, b_ptr, r_ptr, y_ptr, nw_ptr, nb_ptr, M, N, K1, K, t_half,
                    stride_x, stride_t, stride_w, stride_r, stride_y, eps, N_ACT,
                    NORM: tl.constexpr, ACT: tl.constexpr, OUT_ACT: tl.constexpr, HAS_TAIL: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    after_previous(PDL)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, 16)
     rk = tl.arange(0, BLOCK_K)
@@ -189,7 +199,7 @@ def launch_gemv(x, w, bias, residual, tail, norm_weight, norm_bias, eps, norm, a
     nw = norm_weight if norm_weight is not None else w
     nb = norm_bias if norm_bias is not None else w
     flags = dict(NORM=norm, ACT=act, OUT_ACT=out_act, HAS_TAIL=tail is not None, HAS_BIAS=bias is not None,
-                 HAS_RES=residual is not None)
+                 HAS_RES=residual is not None, **launch_options(dependent_launch(w)))
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_N"]),)

@@ -10,6 +10,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .backend import dependent_launch
+from .pdl_triton import after_previous, launch_options
+
 
 @triton.jit
 def _conv_silu(row_ptr, conv_ptr, cw_ptr, cb_ptr, ch, ok, sc_c, W: tl.constexpr):
@@ -40,7 +43,8 @@ def _conv_shift(conv_ptr, ch, ok, x_new, sc_c, W: tl.constexpr):
 def _mamba_step(in_ptr, conv_ptr, ssm_ptr, cw_ptr, cb_ptr, dtb_ptr, alog_ptr, dskip_ptr, nw_ptr, tmp_ptr, y_ptr,
                 s_in, sc_b, sc_c, ss_b, ss_h, ss_p, s_tmp, s_y, eps, DI, GN, HPG,
                 P: tl.constexpr, N: tl.constexpr, W: tl.constexpr,
-                BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+    after_previous(PDL)
     b = tl.program_id(0)
     g = tl.program_id(1)
     row = in_ptr + b * s_in                         # [z (DI) | x (DI) | B (GN) | C (GN) | dt (H)]
@@ -118,7 +122,7 @@ def launch_mamba_step(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt_
         zxbcdt.stride(0), conv_state.stride(0), conv_state.stride(1), ssm_state.stride(0), ssm_state.stride(1),
         ssm_state.stride(2), tmp.stride(0), y.stride(0), eps, di, gn, heads // ngroups,
         P=p, N=n, W=width, BLOCK_P=min(block_p, triton.next_power_of_2(p)), BLOCK_N=triton.next_power_of_2(n),
-        num_warps=warps)
+        num_warps=warps, **launch_options(dependent_launch(zxbcdt)))
     return y
 
 

@@ -154,6 +154,25 @@ def test_bench_command_passes_the_static_batch_sizes_through(monkeypatch, tmp_pa
     commands.bench("random:tinyllava-phi2", batch=[1, 8], out=tmp_path, hf_static_batch=[1, 8],
                    hf_static_context=["16k"])
     assert seen["hf_static_batches"] == [1, 8] and seen["hf_static_contexts"] == [16384]
+    assert seen["pdl"] == [None]
+    commands.bench("random:tinyllava-phi2", out=tmp_path, pdl="both")
+    assert seen["pdl"] == [False, True]
+
+
+def test_bench_measures_each_cell_under_each_launch_setting_in_turn(monkeypatch, tmp_path):
+    from matvlm.bench.speed import run
+    from matvlm.ops import backend
+    from matvlm.toy.demo import ASSET
+
+    settings = []
+    real = speed.engine_cell
+    monkeypatch.setattr(speed, "engine_cell", lambda *a: settings.append(backend._dependent_launch) or real(*a))
+    res = run(str(ASSET), None, [16], [1], [4, 5], tmp_path, hf=False, dtype="float32", device="cpu",
+              pdl=[False, True])
+    assert settings == [False, True, False, True]               # off then on, cell by cell
+    assert [(r["gen"], r["system"].split(")")[-1]) for r in res["rows"]] == [
+        (4, " PDL off"), (4, " PDL on"), (5, " PDL off"), (5, " PDL on")]
+    assert backend._dependent_launch is None                      # back to MATVLM_PDL afterwards
 
 
 def test_static_transformers_cell_sizes_its_cache_to_its_own_length(text_engine):
