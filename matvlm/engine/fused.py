@@ -148,6 +148,7 @@ class FusedDecoder:
         self.norm = _norm_spec(norm)
         self.head = model.get_output_embeddings()
         self._side: torch.cuda.Stream | None = None     # Phi: the MLP's second product runs beside the mixer
+        self.side_stream = True                           # False: fc2 runs before the mixer on one stream
         act = ACTIVATIONS[tc.hidden_act]
         if self.parallel and act == "silu_mul":
             raise ValueError("a parallel (Phi) MLP with a gated activation")
@@ -189,7 +190,7 @@ class FusedDecoder:
         n_keys = slot + 1
         h = embeds[:, 0]                                                # (B, d)
         side = main = None
-        if self.parallel and h.is_cuda:
+        if self.parallel and h.is_cuda and self.side_stream:
             main = torch.cuda.current_stream(h.device)
             if self._side is None:
                 self._side = torch.cuda.Stream(h.device)
