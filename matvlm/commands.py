@@ -485,7 +485,8 @@ def bench(model: str, vs: str | None = None, context: list[str] = ("1k", "4k", "
         fuse: the engine's fused decode step (fused projections, Triton matrix-vector and split-KV attention
             kernels): auto (on for CUDA), off, on, or both (side by side).
         pdl: programmatic dependent launch of the decode kernels (Hopper and later; see MATVLM_PDL in the
-            README): env (as MATVLM_PDL says), off, on, or both (each cell measured without, then with).
+            README): env (as MATVLM_PDL says), off, on, or both (each cell measured without, then with;
+            no effect off Hopper-class GPUs, where rows are labelled by the setting asked for).
     """
     import json
 

@@ -59,18 +59,20 @@ def main() -> None:
             roof = step_bytes(model, 1, context + args.gen // 2) / (copy * 1e9) * 1e3
             for name, side, pdl in VARIANTS:
                 engine.fused.side_stream = side
-                set_dependent_launch(pdl)
+                before = set_dependent_launch(pdl)
                 try:
                     r = engine_cell(engine, Cell(context, 1, args.gen), vocab)
                     if rnd == 0 and context == contexts[0] and "step_ms" in r:
                         st = next(iter(engine._statics.values()))
+                        saved = [t.clone() for t in engine._step_tensors(st)]    # the replays advance the slot
                         tl = timeline(st.graph.replay)
+                        engine._restore(st, saved)
                         (args.out / f"timeline-{name.replace(', ', '-').replace(' ', '-')}-{context}.json").write_text(
                             json.dumps(tl))
                         r["kernels"] = len(tl)
                         r["kernel_span_us"] = max(t["start_us"] + t["dur_us"] for t in tl) if tl else None
                 finally:
-                    set_dependent_launch(None)
+                    set_dependent_launch(before)
                 row = {"round": rnd, "context": context, "variant": name, "roofline_ms": roof, **r}
                 if "step_ms" in r:
                     row["of_roofline"] = roof / r["step_ms"]

@@ -246,11 +246,11 @@ def run(model: str, vs: str | None, contexts: list[int], batches: list[int], gen
             engine = Engine(m, proc or tok, device=device, dtype=torch_dtype, compile=comp, fuse=fu)
             for cell in cells:
                 for launch in pdl:
-                    set_dependent_launch(launch)
+                    before = set_dependent_launch(launch)
                     try:
                         r = engine_cell(engine, cell, vocab)
                     finally:
-                        set_dependent_launch(None)
+                        set_dependent_launch(before)
                     if "step_ms" in r and copy_gbps:
                         roof = step_bytes(m, cell.batch, cell.context + cell.gen // 2) / (copy_gbps * 1e9) * 1e3
                         r.update(roofline_ms=roof, of_roofline=roof / r["step_ms"])

@@ -75,21 +75,24 @@ def fused_kernels(module: str, x: Tensor, dtypes=(torch.bfloat16, torch.float16,
 _dependent_launch: bool | None = None       # set_dependent_launch's override of MATVLM_PDL
 
 
-def set_dependent_launch(on: bool | None) -> None:
+def set_dependent_launch(on: bool | None) -> bool | None:
     """Turn programmatic dependent launch of the decode kernels on or off for kernels launched from now
-    on (None: back to MATVLM_PDL). CUDA graphs captured before keep what they were captured with."""
+    on (None: back to MATVLM_PDL); returns the setting it replaces. CUDA graphs captured before keep what
+    they were captured with."""
     global _dependent_launch
-    _dependent_launch = on
+    before, _dependent_launch = _dependent_launch, on
+    return before
 
 
 def dependent_launch(x: Tensor) -> bool:
     """Whether matvlm's decode kernels on `x` launch as programmatic dependent launches (PDL; Hopper and
     later, Triton with `griddepcontrol`). Each kernel may then start while the one before it in the stream
-    finishes: it loads what no earlier kernel writes (a matrix-vector product's first block of weights),
-    then waits for the kernel before it to complete and flush (`griddepcontrol.wait`) before it reads or
-    writes anything else, and lets the next kernel start. This hides part of each launch's ramp-up and
-    tail, which at batch 1 is a fixed cost per kernel (docs/benchmarks.md). ``MATVLM_PDL=1`` turns it on,
-    ``0`` (the default until measured) off."""
+    finishes; it waits for that kernel to complete and flush (`griddepcontrol.wait`) before it reads or
+    writes anything an earlier kernel may touch, and right after the wait lets the next kernel launch. The
+    one-row matrix-vector kernel loads its first block of weights before waiting, so its weights must not
+    be written by the kernel just before it (the engine's never are). This hides part of each launch's
+    ramp-up and tail, which at batch 1 is a fixed cost per kernel. ``MATVLM_PDL=1`` turns it on, ``0``
+    (the default until measured) off."""
     on = _dependent_launch
     if on is None:
         want = os.environ.get("MATVLM_PDL", "0")

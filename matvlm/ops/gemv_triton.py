@@ -58,19 +58,18 @@ def _activate(t_ptrs, kt, t_half, ok, ACT: tl.constexpr):
     return t
 
 
-@triton.autotune(configs=_gemv_configs(True), key=["N", "K", "K1"])
+@triton.autotune(configs=_gemv_configs(True), key=["N", "K", "K1", "PDL"])
 @triton.jit
 def _gemv_one_row(x_ptr, t_ptr, w_ptr, b_ptr, r_ptr, y_ptr, nw_ptr, nb_ptr, N, K1, K, t_half, stride_w, eps, N_ACT,
                   NORM: tl.constexpr, ACT: tl.constexpr, OUT_ACT: tl.constexpr, HAS_TAIL: tl.constexpr,
                   HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_X: tl.constexpr, PDL: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + rn[:, None] * stride_w
     n_ok = rn[:, None] < N
-    # The weights depend on no earlier kernel: the first block's loads go out before the wait (with PDL,
-    # while the kernel before this one finishes), and each iteration loads the next block.
-    w = tl.load(w_rows + rk[None, :], mask=n_ok & (rk[None, :] < K), other=0.0)
+    if PREFETCH:    # the weights depend on no earlier kernel: the first block's loads go out before the wait
+        w = tl.load(w_rows + rk[None, :], mask=n_ok & (rk[None, :] < K), other=0.0)
     after_previous(PDL)
     mean = 0.0
     rstd = 1.0
@@ -103,9 +102,13 @@ def _gemv_one_row(x_ptr, t_ptr, w_ptr, b_ptr, r_ptr, y_ptr, nw_ptr, nb_ptr, N, K
                 x += tl.load(nb_ptr + kk, mask=head, other=0.0).to(tl.float32)
         if HAS_TAIL:
             x = tl.where(head, x, _activate(t_ptr, kk - K1, t_half, (kk >= K1) & (kk < K), ACT))
-        acc += w.to(tl.float32) * x[None, :]
-        nxt = kk + BLOCK_K                          # past K on the last iteration: masked, nothing read
-        w = tl.load(w_rows + nxt[None, :], mask=n_ok & (nxt[None, :] < K), other=0.0)
+        if PREFETCH:                                # this block came with the last iteration; load the next
+            acc += w.to(tl.float32) * x[None, :]
+            nxt = kk + BLOCK_K                      # past K on the last iteration: masked, nothing read
+            w = tl.load(w_rows + nxt[None, :], mask=n_ok & (nxt[None, :] < K), other=0.0)
+        else:
+            wk = tl.load(w_rows + kk[None, :], mask=n_ok & (kk[None, :] < K), other=0.0)
+            acc += wk.to(tl.float32) * x[None, :]
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
@@ -116,7 +119,7 @@ def _gemv_one_row(x_ptr, t_ptr, w_ptr, b_ptr, r_ptr, y_ptr, nw_ptr, nb_ptr, N, K
     tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
 
 
-@triton.autotune(configs=_gemv_configs(False), key=["N", "K", "K1"])
+@triton.autotune(configs=_gemv_configs(False), key=["N", "K", "K1", "PDL"])
 @triton.jit
 def _gemv_few_rows(x_ptr, t_ptr, w_ptr, b_ptr, r_ptr, y_ptr, nw_ptr, nb_ptr, M, N, K1, K, t_half,
                    stride_x, stride_t, stride_w, stride_r, stride_y, eps, N_ACT,
@@ -185,7 +188,8 @@ def gemv(x: Optional[Tensor], w: Tensor, bias: Optional[Tensor] = None, residual
 
 def launch_gemv(x, w, bias, residual, tail, norm_weight, norm_bias, eps, norm, act, out_act=0, out_act_from=0,
                 config: dict | None = None):
-    """`gemv`'s launcher; `config` ({"BLOCK_N", "BLOCK_K"}) bypasses the autotuner (tests, interpreter)."""
+    """`gemv`'s launcher; `config` ({"BLOCK_N", "BLOCK_K"}, and for one row optionally "PREFETCH") bypasses the
+    autotuner (tests, interpreter)."""
     src = x if x is not None else tail
     m = src.shape[0]
     k1 = x.shape[1] if x is not None else 0
@@ -210,9 +214,12 @@ def launch_gemv(x, w, bias, residual, tail, norm_weight, norm_bias, eps, norm, a
         # the norm's statistics from one load of x where it fits in registers (one L2 round trip
         # before the weights stream, instead of two passes of K / BLOCK_K dependent loads)
         block_x = triton.next_power_of_2(k1) if norm and k1 <= MAX_STATS_BLOCK else 0
+        # the first block of weights before the wait for the kernel before: under PDL, where that overlaps
+        prefetch = flags.pop("PREFETCH", flags["PDL"])
         one[grid](xx, tt, w, b, r, y, nw, nb, n, k1, k, t_half, w.stride(0), eps, out_act_from, BLOCK_X=block_x,
-                  **flags)
+                  PREFETCH=prefetch, **flags)
     else:
+        flags.pop("PREFETCH", None)
         few[grid](xx, tt, w, b, r, y, nw, nb, m, n, k1, k, t_half, xx.stride(0), tt.stride(0),
                   w.stride(0), r.stride(0), y.stride(0), eps, out_act_from, **flags)
     return y

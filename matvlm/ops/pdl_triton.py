@@ -12,8 +12,9 @@ AVAILABLE = hasattr(_cuda, "gdc_wait") and hasattr(_cuda, "gdc_launch_dependents
 
 @triton.jit
 def after_previous(PDL: tl.constexpr):
-    """With PDL: wait until the kernel before this one has completed and its writes are visible, then let
-    the next kernel start its programs as this one's finish."""
+    """With PDL: wait until the kernel before this one has completed and its writes are visible, then allow
+    the next kernel to launch (it does once every program of this one has passed this point; its programs
+    then take SM slots as this one's free them, and wait in turn)."""
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()

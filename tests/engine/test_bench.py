@@ -167,12 +167,16 @@ def test_bench_measures_each_cell_under_each_launch_setting_in_turn(monkeypatch,
     settings = []
     real = speed.engine_cell
     monkeypatch.setattr(speed, "engine_cell", lambda *a: settings.append(backend._dependent_launch) or real(*a))
-    res = run(str(ASSET), None, [16], [1], [4, 5], tmp_path, hf=False, dtype="float32", device="cpu",
-              pdl=[False, True])
+    backend.set_dependent_launch(True)                            # a caller's own setting
+    try:
+        res = run(str(ASSET), None, [16], [1], [4, 5], tmp_path, hf=False, dtype="float32", device="cpu",
+                  pdl=[False, True])
+        assert backend._dependent_launch is True                  # given back afterwards
+    finally:
+        backend.set_dependent_launch(None)
     assert settings == [False, True, False, True]               # off then on, cell by cell
     assert [(r["gen"], r["system"].split(")")[-1]) for r in res["rows"]] == [
         (4, " PDL off"), (4, " PDL on"), (5, " PDL off"), (5, " PDL on")]
-    assert backend._dependent_launch is None                      # back to MATVLM_PDL afterwards
 
 
 def test_static_transformers_cell_sizes_its_cache_to_its_own_length(text_engine):

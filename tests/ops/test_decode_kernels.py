@@ -33,6 +33,10 @@ def test_matrix_vector_kernel_equals_the_pytorch_path(rows, k1, kt, act, norm, o
                          config={"BLOCK_N": 16, "BLOCK_K": 64})
     want = ops.linear(x, w, b, r, norm=spec, tail=tail, act=act, out_act=out_act, out_act_from=17)
     assert rel(got, want) < 1e-5
+    if rows == 1:        # the weights' blocks loaded one iteration ahead (as under PDL): the same sums
+        ahead = gt.launch_gemv(x, w, b, r, tail, nw, nb, 1e-5, gt.NORMS[norm], gt.ACTS[act], gt.ACTS[out_act], 17,
+                               config={"BLOCK_N": 16, "BLOCK_K": 64, "PREFETCH": True})
+        assert torch.equal(ahead, got)
     if out_act:          # the activation applies to output features 17.. only, before the residual
         plain = ops.linear(x, w, b, norm=spec, tail=tail, act=act)
         gelu = torch.nn.functional.gelu(plain, approximate="tanh" if out_act == "gelu_tanh" else "none")
