@@ -17,7 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 from matvlm.bench.kernels import ceilings
 from matvlm.bench.speed import Cell, _NullTokenizer, engine_cell, resolve, step_bytes
 from matvlm.engine.engine import Engine
-from matvlm.ops.backend import set_dependent_launch
+from matvlm.ops.backend import dependent_launch, set_dependent_launch
 
 VARIANTS = [("two streams", True, False), ("two streams, PDL", True, True), ("one stream", False, False),
             ("one stream, PDL", False, True)]
@@ -53,7 +53,11 @@ def main() -> None:
     engine = Engine(model, _NullTokenizer(), dtype=torch.bfloat16)
     vocab = model.get_output_embeddings().out_features
     contexts = [int(c) for c in args.contexts.split(",")]
-    res = {"device": torch.cuda.get_device_name(), "copy_GBps": copy, "spec": args.spec, "rows": []}
+    before = set_dependent_launch(True)
+    pdl_works = dependent_launch(torch.empty(1, device="cuda"))      # Hopper or later, and Triton with griddepcontrol
+    set_dependent_launch(before)
+    res = {"device": torch.cuda.get_device_name(), "copy_GBps": copy, "spec": args.spec, "pdl_works": pdl_works,
+           "rows": []}
     for rnd in range(args.rounds):
         for context in contexts:
             roof = step_bytes(model, 1, context + args.gen // 2) / (copy * 1e9) * 1e3
@@ -73,7 +77,8 @@ def main() -> None:
                         r["kernel_span_us"] = max(t["start_us"] + t["dur_us"] for t in tl) if tl else None
                 finally:
                     set_dependent_launch(before)
-                row = {"round": rnd, "context": context, "variant": name, "roofline_ms": roof, **r}
+                row = {"round": rnd, "context": context, "variant": name, "roofline_ms": roof, **r,
+                       "pdl_active": pdl and pdl_works}
                 if "step_ms" in r:
                     row["of_roofline"] = roof / r["step_ms"]
                 res["rows"].append(row)
