@@ -15,7 +15,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from matvlm.bench.kernels import ceilings
-from matvlm.bench.speed import Cell, _NullTokenizer, engine_cell, resolve, step_bytes
+from matvlm.bench.speed import Cell, _NullTokenizer, engine_cell, resolve, roofline_ms
 from matvlm.engine.engine import Engine
 from matvlm.ops.backend import dependent_launch, set_dependent_launch
 
@@ -60,7 +60,7 @@ def main() -> None:
            "rows": []}
     for rnd in range(args.rounds):
         for context in contexts:
-            roof = step_bytes(model, 1, context + args.gen // 2) / (copy * 1e9) * 1e3
+            roof = roofline_ms(model, Cell(context, 1, args.gen), copy)
             for name, side, pdl in VARIANTS:
                 engine.fused.side_stream = side
                 before = set_dependent_launch(pdl)

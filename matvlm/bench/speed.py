@@ -68,6 +68,11 @@ def step_bytes(model, batch: int, context: int) -> int:
     return weights + kv_bytes + 2 * state
 
 
+def roofline_ms(model, cell: "Cell", copy_gbps: float) -> float:
+    """The cell's decode step at the copy bandwidth: `step_bytes` at the generation's midpoint."""
+    return step_bytes(model, cell.batch, cell.context + cell.gen // 2) / (copy_gbps * 1e9) * 1e3
+
+
 def _lm_weight_bytes(model) -> int:
     """Weights a decode step reads: everything but the vision tower and connector (the input embedding
     row lookup is ignored; the LM head is read in full)."""
@@ -245,14 +250,14 @@ def run(model: str, vs: str | None, contexts: list[int], batches: list[int], gen
         for fu, comp in variants:
             engine = Engine(m, proc or tok, device=device, dtype=torch_dtype, compile=comp, fuse=fu)
             for cell in cells:
+                roof = roofline_ms(m, cell, copy_gbps) if copy_gbps else None
                 for launch in pdl:
                     before = set_dependent_launch(launch)
                     try:
                         r = engine_cell(engine, cell, vocab)
                     finally:
                         set_dependent_launch(before)
-                    if "step_ms" in r and copy_gbps:
-                        roof = step_bytes(m, cell.batch, cell.context + cell.gen // 2) / (copy_gbps * 1e9) * 1e3
+                    if "step_ms" in r and roof:
                         r.update(roofline_ms=roof, of_roofline=roof / r["step_ms"])
                     name = engine_name(role, engine) + {None: "", False: " PDL off", True: " PDL on"}[launch]
                     res["rows"].append({"system": name, **cell.__dict__, **r})
