@@ -12,9 +12,10 @@ W=${W:-/tmp/distill-speed}
 PY=${PY:-python3}
 MICRO=${MICRO:-16,32,64}
 mkdir -p "$OUT" "$W"
-PYTHONUNBUFFERED=1 $PY scripts/profile-distill-step.py --config "$CFG" --micro "$MICRO" --out "$OUT"
+# PROFILE=0: the loops alone
+[ "${PROFILE:-1}" = 0 ] || PYTHONUNBUFFERED=1 $PY scripts/profile-distill-step.py --config "$CFG" --micro "$MICRO" --out "$OUT"
 # COMPILE=norm,mlp or layer: the same step with those submodules under torch.compile, side by side (its own folder)
-[ -z "${COMPILE:-}" ] || PYTHONUNBUFFERED=1 $PY scripts/profile-distill-step.py --config "$CFG" --micro "$MICRO" \
+[ -z "${COMPILE:-}" ] || [ "${PROFILE:-1}" = 0 ] || PYTHONUNBUFFERED=1 $PY scripts/profile-distill-step.py --config "$CFG" --micro "$MICRO" \
     --compile "$COMPILE" --out "$OUT/compiled"
 
 # the loop: a random-weight model directory with the real tokenizer, and random text of ~1 000 tokens a line
