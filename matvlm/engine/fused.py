@@ -24,6 +24,9 @@ kernel and sdpa otherwise), and the Mamba-2 layers take their decode step from
 `Mamba2Mixer.step_projected`. The step runs eagerly and is captured as a CUDA graph (compiling it
 with inductor did not finish in minutes; docs/benchmarks.md).
 
+The rotary embedding's cos and sin come from tables the model's own rotary module computes once for
+every cache position (bit-for-bit its per-step values; not for rope types that rescale with the length).
+
 The reference is the engine's unfused step (transformers' layers); tests compare the two.
 """
 
@@ -147,6 +150,13 @@ class FusedDecoder:
         self.stack = stack
         self.norm = _norm_spec(norm)
         self.head = model.get_output_embeddings()
+        # the rotary embedding's cos and sin by position, computed once by the model's own module (its
+        # ~10 small kernels took 15-20 us of a 2.3 ms batch-1 step on an H100; a lookup is two kernels).
+        # Rope types that rescale with the sequence length ("dynamic", "longrope") are computed each step.
+        rope_type = str(getattr(stack.rotary_emb, "rope_type", "default"))
+        self._rope_by_position = "dynamic" not in rope_type and rope_type != "longrope"
+        self._rope_tables: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self._rope_kept: list[tuple[Tensor, Tensor]] = []   # every table built: captured graphs read the old ones
         self._side: torch.cuda.Stream | None = None     # Phi: the MLP's second product runs beside the mixer
         self.side_stream = True                           # False: fc2 runs before the mixer on one stream
         act = ACTIVATIONS[tc.hidden_act]
@@ -183,8 +193,7 @@ class FusedDecoder:
     def forward(self, embeds: Tensor, position: Tensor, mask4d: Tensor, pad2d: Tensor | None, cache) -> Tensor:
         """One decode step: embeds (B, 1, d), position (B, 1), mask4d (B, 1, 1, L) bool over the cache
         slots; writes the cache at its slot. Returns the logits (B, V) in float32."""
-        cos, sin = self.stack.rotary_emb(embeds, position)
-        cos, sin = cos[:, 0], sin[:, 0]                                 # (B, rotary)
+        cos, sin = self._rotary(embeds, position, mask4d.shape[-1])      # (B, rotary)
         mask = (mask4d[:, 0, 0], ops.mask_bias(mask4d[:, 0, 0], embeds.dtype))   # (B, L) bool, its additive form
         slot = cache.slot
         n_keys = slot + 1
@@ -218,6 +227,24 @@ class FusedDecoder:
                 gate_up = ops.linear(h, layer.w_up, layer.b_up, norm=layer.post_norm)
                 h = ops.linear(None, layer.w_down, layer.b_down, residual=h, tail=gate_up, act=layer.act)
         return ops.linear(h, self.head.weight, self.head.bias, norm=self.norm).float()
+
+    def _rotary(self, embeds: Tensor, position: Tensor, length: int) -> tuple[Tensor, Tensor]:
+        """cos, sin (B, rotary) of the model's rotary embedding at `position` (B, 1), each < `length` (the
+        cache's): rows of tables the module computed for positions 0 .. a power of two >= length, built
+        outside CUDA-graph capture (the engine runs each step once before capturing it)."""
+        key = (embeds.device, embeds.dtype)
+        table = self._rope_tables.get(key)
+        if self._rope_by_position and (table is None or table[0].shape[0] < length):
+            if not (embeds.is_cuda and torch.cuda.is_current_stream_capturing()):
+                n = 1 << max(length - 1, 0).bit_length()
+                cos, sin = self.stack.rotary_emb(embeds[:1], torch.arange(n, device=embeds.device)[None])
+                table = self._rope_tables[key] = (cos[0], sin[0])
+                self._rope_kept.append(table)
+        if not self._rope_by_position or table is None or table[0].shape[0] < length:
+            cos, sin = self.stack.rotary_emb(embeds, position)
+            return cos[:, 0], sin[:, 0]
+        rows = position.reshape(-1)
+        return table[0].index_select(0, rows), table[1].index_select(0, rows)
 
     @staticmethod
     def _mix(layer: _Layer, projected: Tensor, state, cos, sin, mask, slot, n_keys) -> Tensor:

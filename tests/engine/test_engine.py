@@ -351,6 +351,30 @@ def test_fused_decode_step_equals_the_models_own_layers(models, phi_models, imag
     assert len(storages) < len(list(model.parameters()))
 
 
+@pytest.mark.parametrize("name", ["phi-hybrid", "text-hybrid"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_steps_rotary_lookup_equals_the_models_rotary_embedding_bit_for_bit(models, phi_models, name, dtype):
+    path = {**models, **phi_models}[name]
+    eng = Engine(matvlm.load(path, dtype="float32"), matvlm.load_processor(path), device="cpu", dtype=dtype, fuse=True)
+    fused, rotary = eng.fused, eng.stack.rotary_emb
+    d = eng.model.get_input_embeddings().weight.shape[1]
+    embeds = torch.randn(5, 1, d, dtype=dtype)
+    position = torch.tensor([[0], [1], [37], [299], [300]])
+    cos, sin = fused._rotary(embeds, position, 301)
+    assert fused._rope_tables[(embeds.device, dtype)][0].shape[0] == 512        # a power of two >= the cache
+    ref_cos, ref_sin = rotary(embeds, position)
+    assert cos.dtype == dtype and torch.equal(cos, ref_cos[:, 0]) and torch.equal(sin, ref_sin[:, 0])
+    first = fused._rope_tables[(embeds.device, dtype)]
+    cos, sin = fused._rotary(embeds, torch.tensor([[1500]] * 5), 2000)           # a longer cache: a new table
+    assert torch.equal(cos, rotary(embeds, torch.tensor([[1500]] * 5))[0][:, 0])
+    assert fused._rope_tables[(embeds.device, dtype)][0].shape[0] == 2048
+    assert any(t is first for t in fused._rope_kept)        # graphs captured with the first still read it
+    rotary.rope_type = "dynamic"                             # rescales with the length: computed each step
+    again = Engine(eng.model, matvlm.load_processor(path), device="cpu", dtype=dtype, fuse=True).fused
+    cos, _ = again._rotary(embeds, position, 301)
+    assert not again._rope_tables and torch.equal(cos, ref_cos[:, 0])
+
+
 def test_a_model_whose_weights_the_fused_step_shares_still_saves_and_reloads(phi_models, tmp_path):
     model = matvlm.load(phi_models["phi-hybrid"], dtype="float32")
     Engine(model, matvlm.load_processor(phi_models["phi-hybrid"]), device="cpu", fuse=True)
