@@ -253,6 +253,22 @@ def check_decode_kernels() -> dict:
         out["attention"].append({"attend_step": [bsz, heads, kv, d, rdim, length, slot], "rel": rel(got, ref),
                                  "k_written": rel(caches[0][:, :, slot], refs[0][:, :, slot]),
                                  "v_written": rel(caches[1][:, :, slot], refs[1][:, :, slot])})
+    # the continuous batcher's slots: 16 rows of one buffer, each at its own position, reading only its own keys
+    bsz, heads, d, rdim, length = 16, 32, 80, 32, 2048
+    slots = torch.randint(0, length, (bsz,), device="cuda", generator=g)
+    qkv, cos, sin = rotary_inputs(bsz, heads, heads, d, rdim, g)
+    caches = [torch.randn(bsz, heads, length, d, device="cuda", generator=g).bfloat16() for _ in range(2)]
+    beyond = torch.arange(length, device="cuda")[None] >= slots[:, None]
+    mask = (torch.rand(bsz, length, device="cuda", generator=g) < 0.8) & ~beyond
+    mask[torch.arange(bsz, device="cuda"), slots] = True
+    refs = [c.double() for c in caches]
+    for c in caches:
+        c.masked_fill_(beyond[:, None, :, None], float("nan"))
+    got = at.attend_step(qkv, cos, sin, caches[0], caches[1], mask, slots, heads, d ** -0.5)
+    q = ops.rope_kv(qkv.double(), cos.double(), sin.double(), refs[0], refs[1], slots, heads)
+    ref = torch.cat([attention_f64(q[r:r + 1], refs[0][r:r + 1], refs[1][r:r + 1], mask[r:r + 1], int(s) + 1,
+                                   d ** -0.5) for r, s in enumerate(slots.tolist())])
+    out["attention"].append({"attend_step_per_row": [bsz, heads, heads, d, rdim, length], "rel": rel(got, ref)})
     for bsz, heads, groups, p, n in [(1, 32, 32, 80, 80), (4, 32, 8, 64, 128)]:
         di, gn = heads * p, groups * n
         conv_w = torch.randn(di + 2 * gn, 4, device="cuda", generator=g).bfloat16() * 0.5

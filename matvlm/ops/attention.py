@@ -95,16 +95,18 @@ def mask_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.full(mask.shape, float("-inf"), dtype=dtype, device=mask.device).masked_fill_(mask, 0.0)[:, None, None]
 
 
-def split_kv_applies(batch: int, heads: int, kv_heads: int, length: int) -> bool:
+def split_kv_applies(batch: int, heads: int, kv_heads: int, length: int, per_row: bool = False) -> bool:
     """Whether one-query attention over a (batch, kv_heads, length) buffer goes to the split-KV Triton
-    kernel rather than sdpa: one sequence, at most `DECODE_ATTENTION_MAX_KEYS` positions, and one KV
-    head per query head. On an H100 the kernel (with rotary folded in) beat rotary + sdpa there at
+    kernel rather than sdpa: one sequence, or sequences each at its own position (`per_row`: the
+    continuous batcher's slots, where the kernel reads each row's keys up to its position and sdpa reads
+    the whole buffer for every row), at most `DECODE_ATTENTION_MAX_KEYS` positions, and one KV head per
+    query head. On an H100 the kernel (with rotary folded in) beat rotary + sdpa there at
     head sizes 80 and 128 (10.6 / 24.5 / 39.3 against 15.7 / 27.0 / 42.2 us at 1 280 / 4 352 / 8 448
     positions and 32 x 80 heads); at 16 640 positions the decode step took the same time either way,
     and at batch 8 the two were within 5 %. With grouped KV heads each query head's program reads its
     group's keys again, and sdpa (enable_gqa) was up to 1.4x faster (32 query heads on 8 KV heads x
     128 at 8 448 positions: 31.4 against 23.8 us); docs/benchmarks.md."""
-    return batch == 1 and heads == kv_heads and length <= DECODE_ATTENTION_MAX_KEYS
+    return (batch == 1 or per_row) and heads == kv_heads and length <= DECODE_ATTENTION_MAX_KEYS
 
 
 def decode_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, n_keys: Tensor, scale: float,
@@ -112,14 +114,15 @@ def decode_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, n_ke
     """Attention of one query per sequence and head over a static KV buffer.
 
     q: (B, H, D); keys, values: (B, KV, L, D), H a multiple of KV; mask: (B, L) bool, True where a
-    key may be attended to; n_keys: () int64 tensor, no key at or after it is attended to (the Triton
-    kernel does not read them); bias: `mask_bias(mask, q.dtype)` or None, used by the sdpa path in
-    place of the mask. Returns (B, H, D).
+    key may be attended to; n_keys: () int64 tensor, or (B,) one per sequence, no key at or after it is
+    attended to (the Triton kernel does not read them); bias: `mask_bias(mask, q.dtype)` or None, used
+    by the sdpa path in place of the mask. Returns (B, H, D).
 
     The split-KV Triton kernel runs where `split_kv_applies`; everything else goes to sdpa (cuDNN /
     flash)."""
     kernels = decode_kernels("attention_triton", q)
-    if (kernels is not None and split_kv_applies(q.shape[0], q.shape[1], keys.shape[1], keys.shape[2])
+    if (kernels is not None
+            and split_kv_applies(q.shape[0], q.shape[1], keys.shape[1], keys.shape[2], n_keys.dim() == 1)
             and keys.stride(-1) == 1 and values.stride(-1) == 1):
         return kernels.decode_attention(q.contiguous(), keys, values, mask, n_keys, scale)
     return decode_attention_ref(q, keys, values, mask, scale, bias)
@@ -139,14 +142,14 @@ def attend(qkv: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor, 
     """An attention layer's decode step from its projection qkv (B, (H + 2 KV) D): `rope_kv` (the new
     key and value written at `slot`, shared () or per row (B,)), then `decode_attention` over the
     positions before `n_keys` (= slot + 1, passed in so that it is made once per step; the one-kernel
-    path reads only `slot`; both kernels run for one row only, where the two forms agree).
+    path reads only `slot`).
     Returns (B, H, D) in qkv's dtype.
 
     Where the split-KV kernel runs (`split_kv_applies`) both happen in it (`attention_triton.attend_step`):
     the queries and the new key are rotated in registers and the new key attended to from them, which
     saves the rotary kernel's launch and a round trip of the queries through memory."""
     kernels = decode_kernels("attention_triton", qkv)
-    if (kernels is not None and split_kv_applies(qkv.shape[0], heads, keys.shape[1], keys.shape[2])
+    if (kernels is not None and split_kv_applies(qkv.shape[0], heads, keys.shape[1], keys.shape[2], slot.dim() == 1)
             and qkv.dtype == keys.dtype == values.dtype and qkv.stride(-1) == 1 and cos.stride(-1) == 1
             and sin.stride(-1) == 1 and keys.stride(-1) == 1 and values.stride(-1) == 1):
         return kernels.attend_step(qkv, cos, sin, keys, values, mask, slot, heads, scale)

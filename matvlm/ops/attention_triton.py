@@ -42,7 +42,7 @@ def _rope_lanes(row, cs_row, sn_row, rd, R, D: tl.constexpr):
 @triton.jit
 def _attention_split(q_ptr, k_ptr, v_ptr, mask_ptr, n_ptr, cos_ptr, sin_ptr, m_buf, l_buf, acc_buf, scale,
                      H, KV, R, SPLIT_LEN, N_SPLITS,
-                     sq_b, sq_h, s_cs, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b,
+                     sq_b, sq_h, s_cs, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, s_n,
                      D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, BLOCK_L: tl.constexpr,
                      APPEND: tl.constexpr, PDL: tl.constexpr):
     """One (split of the keys, sequence, head): running max, normaliser and weighted value sum of its
@@ -53,7 +53,9 @@ def _attention_split(q_ptr, k_ptr, v_ptr, mask_ptr, n_ptr, cos_ptr, sin_ptr, m_b
     APPEND=True: q_ptr is the step's projection (B, (H + 2 KV) D); the queries and the new key get the
     rotary embedding here, n_ptr holds the new token's slot, the cache is read below it, and the
     program whose split holds the slot takes the new key and value from registers (and, for the first
-    query head of its KV group, writes them into the cache)."""
+    query head of its KV group, writes them into the cache).
+    n_ptr holds one value for every sequence where s_n is 0, else one per sequence: a split past its
+    sequence's count reads nothing, so sequences of different lengths in one buffer read their own keys."""
     after_previous(PDL)
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -66,7 +68,7 @@ def _attention_split(q_ptr, k_ptr, v_ptr, mask_ptr, n_ptr, cos_ptr, sin_ptr, m_b
     row = q_ptr + b * sq_b
     cs_row = cos_ptr + b * s_cs
     sn_row = sin_ptr + b * s_cs
-    n_keys = tl.load(n_ptr)                        # APPEND: the slot; cache positions below it are read
+    n_keys = tl.load(n_ptr + b * s_n)              # APPEND: the slot; cache positions below it are read
     if APPEND:
         q_a = _rope_lanes(row + h * sq_h, cs_row, sn_row, ra, R, D)
         q_b = _rope_lanes(row + h * sq_h, cs_row, sn_row, rb, R, D)
@@ -172,7 +174,7 @@ def attention_plan(bsz: int, heads: int, length: int, sms: int) -> dict:
 def decode_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, n_keys: Tensor, scale: float) -> Tensor:
     """One query per (sequence, head). q: (B, H, D); keys, values: (B, KV, L, D) with unit stride along
     D (H a multiple of KV); mask: (B, L) bool, True where a key may be attended to; n_keys: () int64,
-    keys at and after it are not read. Returns (B, H, D) in q's dtype."""
+    or (B,) one per sequence: keys at and after it are not read. Returns (B, H, D) in q's dtype."""
     return launch_attention(q, keys, values, mask, n_keys, scale,
                             torch.cuda.get_device_properties(q.device).multi_processor_count)
 
@@ -199,7 +201,7 @@ def _split_and_combine(src, keys, values, mask, count, cos, sin, scale, heads, s
     _attention_split[(splits, bsz * heads)](
         src, keys, values, mask, count, cos, sin, m, l, acc, scale, heads, kv, cos.shape[-1], p["split_len"],
         splits, sq[0], sq[1], cos.stride(0), keys.stride(0), keys.stride(1), keys.stride(2),
-        values.stride(0), values.stride(1), values.stride(2), mask.stride(0),
+        values.stride(0), values.stride(1), values.stride(2), mask.stride(0), count.stride(0) if count.dim() else 0,
         D=d, DA=da, DB=db, BLOCK_L=p["block_l"], APPEND=append, num_warps=p["warps"],
         **({"num_stages": p["stages"]} if "stages" in p else {}), **pdl)
     _attention_combine[(bsz * heads,)](m, l, acc, out, heads, splits, out.stride(0), out.stride(1),
@@ -270,8 +272,8 @@ def attend_step(qkv: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Ten
     one split kernel (and the combine): the queries and the new key are rotated in registers, the new
     key and value written at `slot` and attended to from registers. qkv: (B, (H + 2 KV) D) with rows
     contiguous; cos, sin: (B, R) with unit stride; keys, values: (B, KV, L, D) with unit stride along
-    D; mask: (B, L) bool; slot: () int64, below L (not checked: it is a device scalar). Returns
-    (B, H, D) in qkv's dtype."""
+    D; mask: (B, L) bool; slot: () int64, or (B,) one per sequence, below L (not checked: it is on the
+    device). Returns (B, H, D) in qkv's dtype."""
     return launch_attend(qkv, cos, sin, keys, values, mask, slot, heads, scale,
                          torch.cuda.get_device_properties(qkv.device).multi_processor_count)
 

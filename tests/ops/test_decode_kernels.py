@@ -138,6 +138,38 @@ def test_attend_step_kernel_equals_rotary_then_attention(bsz, heads, kv, d, rota
     assert torch.isnan(caches[0][:, :, slot + 1:]).all()
 
 
+@pytest.mark.parametrize("plan", PLANS[:3])
+def test_split_kv_kernels_take_a_position_per_sequence_and_read_only_each_ones_keys(plan):
+    """The continuous batcher's slots: each row of one buffer at its own position. Attention alone (n_keys
+    per row) and the one-kernel step (slot per row, the new key written there) against the PyTorch path;
+    every cache entry past a row's own keys is NaN, so a read of any would show."""
+    g = torch.Generator().manual_seed(5)
+    bsz, heads, d, rotary, length = 4, 4, 20, 8, 160
+    slots = torch.tensor([0, 47, 159, 95])
+    q = torch.randn(bsz, heads, d, generator=g)
+    qkv = torch.randn(bsz, 3 * heads * d, generator=g)
+    angle = torch.rand(bsz, rotary // 2, generator=g) * 6.3
+    cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+    caches = [torch.randn(bsz, heads, length, d, generator=g) for _ in range(2)]
+    mask = torch.rand(bsz, length, generator=g) < 0.7
+    beyond = torch.arange(length)[None] > slots[:, None]
+    mask[beyond] = False
+    mask[torch.arange(bsz), slots] = True
+    refs = [c.clone() for c in caches]
+    want_attention = ops.decode_attention(q, refs[0], refs[1], mask, slots + 1, d ** -0.5)     # CPU: sdpa
+    want = ops.attend(qkv, cos, sin, refs[0], refs[1], mask, slots, slots + 1, heads, d ** -0.5)
+    for c in caches:
+        c.masked_fill_(beyond[:, None, :, None], float("nan"))
+    got_attention = at.launch_attention(q, caches[0], caches[1], mask, slots + 1, d ** -0.5, sms=2, plan=plan)
+    assert rel(got_attention, want_attention) < 1e-5
+    for c in caches:
+        c[torch.arange(bsz), :, slots] = float("nan")     # the step writes each row's slot before attending to it
+    got = at.launch_attend(qkv, cos, sin, caches[0], caches[1], mask, slots, heads, d ** -0.5, sms=2, plan=plan)
+    assert rel(got, want) < 1e-5
+    written = ~beyond[:, None, :, None].expand_as(caches[0])
+    assert rel(caches[0][written], refs[0][written]) < 1e-6 and torch.equal(caches[1][written], refs[1][written])
+
+
 def test_attention_plan_covers_the_buffer_in_whole_key_blocks():
     for bsz, length in [(1, 1280), (1, 16640), (8, 4352), (64, 100)]:
         p = at.attention_plan(bsz, 32, length, sms=132)
@@ -151,7 +183,9 @@ def test_split_kv_kernel_only_for_one_sequence_without_grouped_kv_heads_and_up_t
     assert ops.split_kv_applies(1, 32, 32, 4352)
     assert ops.split_kv_applies(1, 32, 32, ops.DECODE_ATTENTION_MAX_KEYS)
     assert not ops.split_kv_applies(1, 32, 32, ops.DECODE_ATTENTION_MAX_KEYS + 1)
-    assert not ops.split_kv_applies(8, 32, 32, 4352)                 # batches: sdpa
+    assert not ops.split_kv_applies(8, 32, 32, 4352)                 # batches sharing one position: sdpa
+    assert ops.split_kv_applies(8, 32, 32, 4352, per_row=True)       # each row at its own: its own keys only
+    assert not ops.split_kv_applies(8, 32, 8, 4352, per_row=True)
     assert not ops.split_kv_applies(1, 32, 8, 4352)                  # grouped KV heads: sdpa (enable_gqa)
 
 
