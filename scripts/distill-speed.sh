@@ -4,7 +4,8 @@
 # (data loading, tokenising, host syncs, logging included), with and without --group-by-length, on
 # random-weight SmolLM2 shapes and random text, read from its log.jsonl.
 #
-#   CFG=dir-with-config-and-tokenizer OUT=results/ [COMPILE=norm,mlp | COMPILE=layer] bash scripts/distill-speed.sh
+#   CFG=dir-with-config-and-tokenizer OUT=results/ [COMPILE=norm,mlp | COMPILE=layer] [PROFILE=0] \
+#       [LOOPS="plain group"] bash scripts/distill-speed.sh
 set -euo pipefail
 CFG=${CFG:?a causal-LM directory with config.json and tokenizer files}
 OUT=${OUT:-runs/distill-speed}

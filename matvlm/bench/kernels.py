@@ -268,7 +268,10 @@ def check_decode_kernels() -> dict:
     q = ops.rope_kv(qkv.double(), cos.double(), sin.double(), refs[0], refs[1], slots, heads)
     ref = torch.cat([attention_f64(q[r:r + 1], refs[0][r:r + 1], refs[1][r:r + 1], mask[r:r + 1], int(s) + 1,
                                    d ** -0.5) for r, s in enumerate(slots.tolist())])
-    out["attention"].append({"attend_step_per_row": [bsz, heads, heads, d, rdim, length], "rel": rel(got, ref)})
+    at_slot = torch.arange(bsz, device="cuda"), slice(None), slots
+    out["attention"].append({"attend_step_per_row": [bsz, heads, heads, d, rdim, length], "rel": rel(got, ref),
+                             "k_written": rel(caches[0][at_slot], refs[0][at_slot]),
+                             "v_written": rel(caches[1][at_slot], refs[1][at_slot])})
     for bsz, heads, groups, p, n in [(1, 32, 32, 80, 80), (4, 32, 8, 64, 128)]:
         di, gn = heads * p, groups * n
         conv_w = torch.randn(di + 2 * gn, 4, device="cuda", generator=g).bfloat16() * 0.5

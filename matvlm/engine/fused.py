@@ -19,8 +19,8 @@ The fused input matrices are built once by concatenating each layer's weights an
 modules' weights at slices of them (`Parameter.data` becomes a view), so the model holds its weights once and
 the prefill, which runs transformers' own layers, reads the same memory. The products go through
 `ops.linear` (a Triton matrix-vector kernel on CUDA at batch 1), the rotary embedding, cache write
-and attention through `ops.attend` (one split-KV kernel for short one-sequence buffers; a rotary
-kernel and sdpa otherwise), and the Mamba-2 layers take their decode step from
+and attention through `ops.attend` (one split-KV kernel for short buffers of one sequence or of
+sequences each at its own position; a rotary kernel and sdpa otherwise), and the Mamba-2 layers take their decode step from
 `Mamba2Mixer.step_projected`. The step runs eagerly and is captured as a CUDA graph (compiling it
 with inductor did not finish in minutes; docs/benchmarks.md).
 

@@ -59,7 +59,7 @@ def _attention_split(q_ptr, k_ptr, v_ptr, mask_ptr, n_ptr, cos_ptr, sin_ptr, m_b
     after_previous(PDL)
     split = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
+    b = (bh // H).to(tl.int64)                     # 64-bit offsets: (rows x a row's stride) may pass 2^31
     h = bh % H
     group = H // KV
     kvh = h // group
@@ -227,7 +227,7 @@ def _rope_kv(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, slot_ptr, H, KV, D,
              s_qkv, s_cs, sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, s_slot, BLOCK_D: tl.constexpr,
              PDL: tl.constexpr):
     after_previous(PDL)
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)              # 64-bit offsets: (rows x a row's stride) may pass 2^31
     head = tl.program_id(1)                        # 0..H-1: queries, H..H+KV-1: keys (and their values)
     rd = tl.arange(0, BLOCK_D)
     row = qkv_ptr + b * s_qkv + head * D           # keys follow the queries in the projection
