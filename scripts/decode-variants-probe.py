@@ -39,6 +39,27 @@ def timeline(replay) -> list[dict]:
     return sorted(rows, key=lambda r: r["start_us"])
 
 
+def busy(tl: list[dict]) -> dict:
+    """Where one step's time goes: the union of kernel busy time, the idle gaps between kernels, and the
+    time per kernel family (the name up to its first '(' or '<'), largest first."""
+    spans = sorted((t["start_us"], t["start_us"] + t["dur_us"]) for t in tl)
+    union, end = 0.0, None
+    for a, b in spans:
+        if end is None or a > end:
+            union += b - a
+            end = b
+        elif b > end:
+            union += b - end
+            end = b
+    families: dict[str, float] = {}
+    for t in tl:
+        name = t["name"].split("(")[0].split("<")[0]
+        families[name] = families.get(name, 0.0) + t["dur_us"]
+    span = max(b for _, b in spans) if spans else 0.0
+    return {"busy_us": union, "gaps_us": span - union,
+            "by_family_us": dict(sorted(families.items(), key=lambda kv: -kv[1])[:8])}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -75,6 +96,7 @@ def main() -> None:
                             json.dumps(tl))
                         r["kernels"] = len(tl)
                         r["kernel_span_us"] = max(t["start_us"] + t["dur_us"] for t in tl) if tl else None
+                        r.update(busy(tl))
                 finally:
                     set_dependent_launch(before)
                 row = {"round": rnd, "context": context, "variant": name, "roofline_ms": roof, **r,
