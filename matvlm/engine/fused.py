@@ -20,8 +20,8 @@ modules' weights at slices of them (`Parameter.data` becomes a view), so the mod
 the prefill, which runs transformers' own layers, reads the same memory. The products go through
 `ops.linear` (a Triton matrix-vector kernel on CUDA at batch 1), the rotary embedding, cache write
 and attention through `ops.attend` (one split-KV kernel for short buffers of one sequence or of
-sequences each at its own position; a rotary kernel and sdpa otherwise), and the Mamba-2 layers take their decode step from
-`Mamba2Mixer.step_projected`. The step runs eagerly and is captured as a CUDA graph (compiling it
+sequences each at its own position; a rotary kernel and sdpa otherwise), and the Mamba-2 layers take
+their decode step from `Mamba2Mixer.step_projected`. The step runs eagerly and is captured as a CUDA graph (compiling it
 with inductor did not finish in minutes; docs/benchmarks.md).
 
 The rotary embedding's cos and sin come from tables the model's own rotary module computes once for
