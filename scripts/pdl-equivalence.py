@@ -63,8 +63,9 @@ def main() -> None:
         same = [a == b for a, b in zip(runs[False], runs[True])]
         rows.append({"context": context, "first_difference": same.index(False) if False in same else None})
         print(json.dumps(rows[-1]), flush=True)
-    (args.out / "pdl-equivalence.json").write_text(json.dumps({"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                                                               "spec": args.spec, "rows": rows}, indent=1))
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    (args.out / "pdl-equivalence.json").write_text(json.dumps({"device": device, "spec": args.spec, "rows": rows},
+                                                              indent=1))
 
 
 if __name__ == "__main__":
