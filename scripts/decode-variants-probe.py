@@ -40,7 +40,7 @@ def timeline(replay) -> list[dict]:
 
 
 def busy(tl: list[dict]) -> dict:
-    """Where one step's time goes: the union of kernel busy time, the idle gaps between kernels, and the
+    """Where one step's time goes: its span, the union of kernel busy time, the idle gaps between kernels, and the
     time per kernel family (the name up to its first '(' or '<'), largest first."""
     spans = sorted((t["start_us"], t["start_us"] + t["dur_us"]) for t in tl)
     union, end = 0.0, None
@@ -55,8 +55,8 @@ def busy(tl: list[dict]) -> dict:
     for t in tl:
         name = t["name"].split("(")[0].split("<")[0]
         families[name] = families.get(name, 0.0) + t["dur_us"]
-    span = max(b for _, b in spans) if spans else 0.0
-    return {"busy_us": union, "gaps_us": span - union,
+    span = max(b for _, b in spans) if spans else None
+    return {"kernel_span_us": span, "busy_us": union, "gaps_us": span - union if spans else None,
             "by_family_us": dict(sorted(families.items(), key=lambda kv: -kv[1])[:8])}
 
 
@@ -95,7 +95,6 @@ def main() -> None:
                         (args.out / f"timeline-{name.replace(', ', '-').replace(' ', '-')}-{context}.json").write_text(
                             json.dumps(tl))
                         r["kernels"] = len(tl)
-                        r["kernel_span_us"] = max(t["start_us"] + t["dur_us"] for t in tl) if tl else None
                         r.update(busy(tl))
                 finally:
                     set_dependent_launch(before)

@@ -233,14 +233,14 @@ class FusedDecoder:
         cache's): rows of tables the module computed for positions 0 .. a power of two >= length, built
         outside CUDA-graph capture (the engine runs each step once before capturing it)."""
         key = (embeds.device, embeds.dtype)
-        table = self._rope_tables.get(key)
-        if self._rope_by_position and (table is None or table[0].shape[0] < length):
-            if not (embeds.is_cuda and torch.cuda.is_current_stream_capturing()):
-                n = 1 << max(length - 1, 0).bit_length()
-                cos, sin = self.stack.rotary_emb(embeds[:1], torch.arange(n, device=embeds.device)[None])
-                table = self._rope_tables[key] = (cos[0], sin[0])
-                self._rope_kept.append(table)
-        if not self._rope_by_position or table is None or table[0].shape[0] < length:
+        table = self._rope_tables.get(key)           # never built where the rope type rescales with the length
+        if (self._rope_by_position and (table is None or table[0].shape[0] < length)
+                and not (embeds.is_cuda and torch.cuda.is_current_stream_capturing())):
+            n = 1 << max(length - 1, 0).bit_length()
+            cos, sin = self.stack.rotary_emb(embeds[:1], torch.arange(n, device=embeds.device)[None])
+            table = self._rope_tables[key] = (cos[0], sin[0])
+            self._rope_kept.append(table)
+        if table is None or table[0].shape[0] < length:
             cos, sin = self.stack.rotary_emb(embeds, position)
             return cos[:, 0], sin[:, 0]
         rows = position.reshape(-1)
