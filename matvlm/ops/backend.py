@@ -84,6 +84,17 @@ def set_dependent_launch(on: bool | None) -> bool | None:
     return before
 
 
+def dependent_launch_wanted() -> bool:
+    """The PDL setting before the device has its say: set_dependent_launch's override, else MATVLM_PDL
+    (``1``, the default, on; ``0`` off)."""
+    if _dependent_launch is not None:
+        return _dependent_launch
+    want = os.environ.get("MATVLM_PDL", "1")
+    if want not in ("0", "1"):
+        raise ValueError(f"MATVLM_PDL must be 0 or 1, got {want!r}")
+    return want == "1"
+
+
 def dependent_launch(x: Tensor) -> bool:
     """Whether matvlm's decode kernels on `x` launch as programmatic dependent launches (PDL; Hopper and
     later, Triton with `griddepcontrol`). Each kernel may then start while the one before it in the stream
@@ -91,14 +102,11 @@ def dependent_launch(x: Tensor) -> bool:
     writes anything an earlier kernel may touch, and right after the wait lets the next kernel launch. The
     one-row matrix-vector kernel loads its first block of weights before waiting, so its weights must not
     be written by the kernel just before it (the engine's never are). This hides part of each launch's
-    ramp-up and tail, which at batch 1 is a fixed cost per kernel. ``MATVLM_PDL=1`` turns it on, ``0``
-    (the default until measured) off."""
-    on = _dependent_launch
-    if on is None:
-        want = os.environ.get("MATVLM_PDL", "0")
-        if want not in ("0", "1"):
-            raise ValueError(f"MATVLM_PDL must be 0 or 1, got {want!r}")
-        on = want == "1"
+    ramp-up and tail, which at batch 1 is a fixed cost per kernel. On by default where the device allows
+    it; ``MATVLM_PDL=0`` turns it off. On an H100 it made the batch-1 step 2-5 % faster, and its greedy
+    tokens differed from those without it only at near-ties of a full forward (scripts/pdl-equivalence.py;
+    docs/benchmarks.md)."""
+    on = dependent_launch_wanted()
     if not on or not x.is_cuda or torch.cuda.get_device_capability(x.device)[0] < 9:
         return False
     from . import pdl_triton

@@ -209,20 +209,21 @@ def test_mamba_step_kernel_equals_the_pytorch_path(bsz, heads, groups, p, n, blo
         assert rel(states[0], refs[0]) < 1e-6 and rel(states[1], refs[1]) < 1e-5, step
 
 
-def test_dependent_launch_is_off_by_default_needs_a_gpu_and_refuses_unknown_settings(monkeypatch):
+def test_dependent_launch_is_on_by_default_needs_a_gpu_and_refuses_unknown_settings(monkeypatch):
     from matvlm.ops import backend, pdl_triton
 
     x = torch.zeros(2)
     monkeypatch.delenv("MATVLM_PDL", raising=False)
-    assert backend.dependent_launch(x) is False
-    monkeypatch.setenv("MATVLM_PDL", "1")
+    assert backend.dependent_launch_wanted() is True
     assert backend.dependent_launch(x) is False                  # a CPU tensor: no launch to make dependent
+    monkeypatch.setenv("MATVLM_PDL", "0")
+    assert backend.dependent_launch_wanted() is False
     monkeypatch.setenv("MATVLM_PDL", "yes")
     with pytest.raises(ValueError, match="MATVLM_PDL must be 0 or 1"):
         backend.dependent_launch(x)
     backend.set_dependent_launch(False)                          # the override wins over the environment
     try:
-        assert backend.dependent_launch(x) is False
+        assert backend.dependent_launch_wanted() is False and backend.dependent_launch(x) is False
     finally:
         backend.set_dependent_launch(None)
     assert pdl_triton.launch_options(False) == {"PDL": False}
