@@ -198,7 +198,13 @@ class DistillStep(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
                 pixel_values: Tensor | None = None, rows: Tensor | None = None) -> dict[str, Tensor]:
-        """rows: optional flat indices of attention_mask's real positions (see `losses.head_losses`)."""
+        """attention_mask: 1 on tokens, 0 on right padding (as `inputs.data.collate` pads). In a causal model
+        no real token attends to the pads after it, so both passes run without the mask: attention takes
+        its causal kernel, and transformers does not ask the device whether the mask holds padding (a
+        host-device sync per pass). The mask picks the real tokens for the losses.
+        rows: optional flat indices of attention_mask's real positions (see `losses.head_losses`)."""
+        if not attention_mask.is_cuda and bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
+            raise ValueError("DistillStep needs right padding (a token after a pad in attention_mask)")
         model = self.model
         mamba = model.hybrid_config.mamba_layers
         mask = attention_mask.bool()
@@ -211,7 +217,7 @@ class DistillStep(nn.Module):
             with torch.no_grad(), self.teacher.active(), \
                     capture_layers(model, mamba if self.need_layer else [], captured):
                 t_hidden = decoder_stack(model)(inputs_embeds=embed(model, input_ids, feats),
-                                                attention_mask=attention_mask, use_cache=False).last_hidden_state
+                                                attention_mask=None, use_cache=False).last_hidden_state
                 t_head = model.get_output_embeddings()
         out = {"n_tokens": mask.sum().float(), "n_answer": losses.answer_mask(labels).logical_and(mask).sum().float()}
         zero = torch.zeros((), device=input_ids.device)
@@ -219,7 +225,7 @@ class DistillStep(nn.Module):
         out["layer_sq"] = torch.zeros(len(mamba), device=input_ids.device)
         if self.need_prob or self.need_ce:
             s_hidden = decoder_stack(model)(inputs_embeds=embed(model, input_ids, feats),
-                                            attention_mask=attention_mask, use_cache=False).last_hidden_state
+                                            attention_mask=None, use_cache=False).last_hidden_state
             # the LM head and both losses in chunks of real tokens: no (B, T, V) logits (losses.head_losses)
             kl, ce = losses.head_losses(s_hidden, t_hidden, model.get_output_embeddings(), t_head, labels, mask,
                                         self.temperature, want_kl=self.need_prob, want_ce=self.need_ce, rows=rows)
@@ -229,7 +235,7 @@ class DistillStep(nn.Module):
             sums, sqs = [], []
             for i in mamba:
                 h_in, h_out = captured[i]
-                s_out = layers[i](h_in, attention_mask=None, mamba_padding_mask=attention_mask)
+                s_out = layers[i](h_in, attention_mask=None)
                 s_out = s_out[0] if isinstance(s_out, tuple) else s_out
                 sums.append(losses.reduce_sum(losses.layer_distance_per_token(s_out, h_out), mask))
                 sqs.append(losses.reduce_sum(losses.layer_sq_distance_per_token(s_out, h_out), mask))

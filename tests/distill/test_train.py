@@ -98,6 +98,40 @@ def test_padding_a_batch_to_a_multiple_changes_no_loss(teacher_dirs, data):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
 
 
+def test_a_padded_batch_gives_each_row_what_it_gives_alone(teacher_dirs, data):
+    """Both passes run without the mask (right padding is invisible to a causal model's real tokens): a batch's
+    loss sums and gradients equal the sums over its rows, each run alone and unpadded. Left padding, which this
+    would get wrong, is refused."""
+    from matvlm.inputs.data import LlavaJsonDataset, collate
+    from matvlm.inputs.templates import get_template
+
+    model, teacher, _ = build(teacher_dirs["qwen2"], mamba_ratio=0.5)
+    step = DistillStep(model, teacher, 2.0, need_ce=True, need_layer=True, need_prob=True).double()
+    proc = matvlm.load_processor(teacher_dirs["qwen2"])
+    ds = LlavaJsonDataset(data, None, proc, get_template("plain"), 256)
+    items = [ds[i] for i in range(3)]
+    assert len({len(x["input_ids"]) for x in items}) > 1                      # the batch holds padding
+
+    def run_step(batch_items):
+        b = collate(batch_items, proc.tokenizer.pad_token_id)
+        b = {k: b[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values")}
+        b["pixel_values"] = b["pixel_values"].double()
+        step.zero_grad()
+        out = step(**b)
+        (out["prob_sum"] + out["ce_sum"] + 0.1 * out["layer_sum"]).backward()
+        return {k: v.detach() for k, v in out.items()}, [p.grad.clone() for p in step.parameters() if p.grad is not None]
+
+    batch, g_batch = run_step(items)
+    alone = [run_step([x]) for x in items]
+    for k in batch:
+        torch.testing.assert_close(batch[k], sum(a[k] for a, _ in alone), rtol=1e-5, atol=1e-6)
+    for j, g in enumerate(g_batch):
+        torch.testing.assert_close(g, sum(ga[j] for _, ga in alone), rtol=1e-5, atol=1e-8)
+    b = collate(items, proc.tokenizer.pad_token_id)
+    with pytest.raises(ValueError, match="right padding"):
+        step(b["input_ids"], b["attention_mask"].flip(1), b["labels"], b["pixel_values"].double())
+
+
 def test_the_loop_pads_to_the_multiple_on_cuda_only_and_only_batches_that_need_padding():
     from matvlm.distill.train import CUDA_PAD_MULTIPLE, loop_collate
     from matvlm.errors import MatvlmError
