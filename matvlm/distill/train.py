@@ -328,16 +328,26 @@ def run(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Path
         bar.set_postfix_str("the first step compiles and autotunes the GPU kernels" +
                             (" and torch.compile's graphs" if cfg.compile else "") +
                             " (a minute or two the first time; compiled kernels are cached on disk)")
+    pending = None              # the step issued last, whose record is read once the next one is queued
     try:
         for step in range(start, r.total):
-            rec = train_step(r, step, next(steps))
-            r.loggers.write(rec)
-            bar.update(1)
-            bar.set_postfix({k: f"{rec[k]:.4g}" for k in ("loss", "loss_layer", "loss_prob", "lr", "tokens_per_s")
-                             if rec[k] is not None})
+            issued = train_step(r, step, next(steps))
+            done, pending = pending, issued
+            if done is not None:
+                _log_step(r, bar, finish_step(r, done))
             if (step + 1) % cfg.save_every == 0 or step + 1 == r.total:
+                done, pending = pending, None                       # never a checkpoint of a non-finite step
+                _log_step(r, bar, finish_step(r, done))
                 save_checkpoint(r, step + 1)
+    except MatvlmError:                    # a non-finite step: the one issued after it is not logged
+        pending = None
+        raise
     finally:
+        try:
+            if pending is not None:        # interrupted: the last issued step still gets its log line
+                _log_step(r, bar, finish_step(r, pending))
+        except Exception:                  # noqa: BLE001 (the error that interrupted the run is the one to see)
+            pass
         bar.close()
         r.loggers.close()
     with r.full_params():
@@ -566,7 +576,9 @@ BATCH_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values")
 def train_step(r: Run, step: int, micro: list[dict]) -> dict:
     """One optimizer step over this process's micro-batches: token counts all-reduced first (every loss is
     normalised by the global batch's), forward and backward per micro-batch (gradients synchronised on the
-    last), clipping, optimizer and schedule; returns the step's log record."""
+    last), clipping, optimizer and schedule. Nothing here waits for the device: the step's losses and
+    gradient norm stay on it, and `finish_step` reads them (and stops a non-finite run) once the next
+    step's work is queued, so the host's issuing of one step overlaps the device's running of the last."""
     cfg, acc = r.cfg, r.accelerator
     stage = "align" if step < r.n_align else "e2e"
     w = loss_weights(cfg, stage)
@@ -601,22 +613,37 @@ def train_step(r: Run, step: int, micro: list[dict]) -> dict:
                                      o["ce_sum"].detach() / o["n_answer"].clamp_min(1)]) / n_mb
     sums = acc.reduce(sums, "sum")
     grad_norm = acc.clip_grad_norm_(r.params, cfg.max_grad_norm)  # DeepSpeed: the norm it clipped
-    grad_norm = float("nan") if grad_norm is None else grad_norm
-    loss_value = float(sums[0])
-    if not math.isfinite(loss_value) or (not math.isfinite(float(grad_norm)) and not r.deepspeed):
-        last_ok = ckpt.list_checkpoints(r.out / "checkpoints")
-        raise MatvlmError(f"non-finite loss ({loss_value}) or gradient norm ({float(grad_norm)}) at step "
-                          f"{step + 1}; stopped. Last good checkpoint: {last_ok[-1] if last_ok else 'none'}")
     lr = r.scheduler.get_last_lr()[0]
     r.optimizer.step()
     r.scheduler.step()
     r.optimizer.zero_grad(set_to_none=True)
-    r.tokens_done += int(n_tok)
+    return {"step": step + 1, "stage": stage, "weights": w, "lr": lr, "sums": sums, "grad_norm": grad_norm,
+            "n_tok": n_tok}
+
+
+def finish_step(r: Run, issued: dict) -> dict:
+    """The log record of a step `train_step` issued (this waits for the device to finish it). A non-finite
+    loss or gradient norm stops the run, before any checkpoint of that step or a later one is written."""
+    w, sums, grad_norm = issued["weights"], issued["sums"].tolist(), issued["grad_norm"]
+    grad_norm = float("nan") if grad_norm is None else float(grad_norm)
+    if not math.isfinite(sums[0]) or (not math.isfinite(grad_norm) and not r.deepspeed):
+        last_ok = ckpt.list_checkpoints(r.out / "checkpoints")
+        raise MatvlmError(f"non-finite loss ({sums[0]}) or gradient norm ({grad_norm}) at step "
+                          f"{issued['step']}; stopped. Last good checkpoint: {last_ok[-1] if last_ok else 'none'}")
+    n_tok = int(issued["n_tok"])
+    r.tokens_done += n_tok
     elapsed = time.time() - r.t0
-    return {"step": step + 1, "stage": stage, "loss": loss_value,
-            "loss_layer": float(sums[1]) if w[0] > 0 else None, "loss_prob": float(sums[2]) if w[1] > 0 else None,
-            "loss_ce": float(sums[3]) if need_logits else None, "lr": lr, "grad_norm": float(grad_norm),
-            "tokens": int(n_tok), "tokens_per_s": r.tokens_done / max(elapsed, 1e-9), "elapsed_s": elapsed}
+    return {"step": issued["step"], "stage": issued["stage"], "loss": sums[0],
+            "loss_layer": sums[1] if w[0] > 0 else None, "loss_prob": sums[2] if w[1] > 0 else None,
+            "loss_ce": sums[3] if w[1] > 0 or w[2] > 0 else None, "lr": issued["lr"], "grad_norm": grad_norm,
+            "tokens": n_tok, "tokens_per_s": r.tokens_done / max(elapsed, 1e-9), "elapsed_s": elapsed}
+
+
+def _log_step(r: Run, bar, rec: dict) -> None:
+    r.loggers.write(rec)
+    bar.update(1)
+    bar.set_postfix({k: f"{rec[k]:.4g}" for k in ("loss", "loss_layer", "loss_prob", "lr", "tokens_per_s")
+                     if rec[k] is not None})
 
 
 def save_checkpoint(r: Run, step: int) -> None:
