@@ -1,0 +1,108 @@
+"""How the continuous batcher's attention step should split ragged rows (GPU only; issue 20). Slots of one buffer
+sit at different positions (log-uniform, as a long-tailed serving load leaves them); the split-KV step reads each
+row's own keys. `attention_plan` sizes its splits for the whole buffer of every row, which gives a long row among
+short ones few programs. This times the one-kernel step (`launch_attend`) under that plan and under plans sized
+as for one sequence or by a fixed split, checks each against the default plan's output, and reports the keys'
+bytes read per microsecond against the copy rate measured in the same run. One JSON line per (batch, buffer,
+plan).
+
+    python scripts/ragged-attention-probe.py --out DIR [--batches 4,16] [--lengths 2048,4096]
+"""
+
+import argparse
+import json
+import math
+import random
+from pathlib import Path
+
+import torch
+
+from matvlm.ops import attention_triton as at
+
+
+def copy_gbps(device) -> float:
+    """Device-to-device copy rate of a 1 GiB buffer (read + write bytes per second), best of 10."""
+    x = torch.empty(1 << 29, dtype=torch.bfloat16, device=device)
+    y = torch.empty_like(x)
+    best = math.inf
+    for _ in range(10):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        y.copy_(x)
+        b.record()
+        b.synchronize()
+        best = min(best, a.elapsed_time(b))
+    return 2 * x.numel() * 2 / (best * 1e6)
+
+
+def time_us(fn, iters: int = 200) -> float:
+    """Median time of one call in microseconds, each call timed alone after a warm-up."""
+    for _ in range(10):
+        fn()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--batches", default="4,16")
+    ap.add_argument("--lengths", default="2048,4096")
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--head-dim", type=int, default=80)
+    ap.add_argument("--rotary", type=int, default=32)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device("cuda")
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    rate = copy_gbps(dev)
+    h, d, r = args.heads, args.head_dim, args.rotary
+    rng = random.Random(0)
+    rows = []
+    for bsz in (int(b) for b in args.batches.split(",")):
+        for length in (int(n) for n in args.lengths.split(",")):
+            # positions log-uniform in [16, length): most rows short, a few long (a long-tailed load's slots)
+            slots = torch.tensor([min(length - 1, int(math.exp(rng.uniform(math.log(16), math.log(length)))))
+                                  for _ in range(bsz)], device=dev)
+            qkv = torch.randn(bsz, 3 * h * d, device=dev, dtype=torch.bfloat16)
+            angle = torch.rand(bsz, r // 2, device=dev) * 6.3
+            cos = torch.cat([angle.cos()] * 2, -1).to(torch.bfloat16)
+            sin = torch.cat([angle.sin()] * 2, -1).to(torch.bfloat16)
+            keys = torch.randn(bsz, h, length, d, device=dev, dtype=torch.bfloat16)
+            values = torch.randn_like(keys)
+            mask = torch.arange(length, device=dev)[None] <= slots[:, None]
+            read = 2 * h * d * 2 * int((slots + 1).sum())                       # keys and values, bf16
+            plans = {"default": at.attention_plan(bsz, h, length, sms),
+                     "as one sequence": at.attention_plan(1, h, length, sms)}
+            for split in (128, 256, 512):
+                plans[f"split {split}"] = {"split_len": split, "block_l": 64, "warps": 1}
+            base = None
+            for name, plan in plans.items():
+                k, v = keys.clone(), values.clone()
+
+                def step(k=k, v=v, plan=plan):
+                    return at.launch_attend(qkv, cos, sin, k, v, mask, slots, h, d ** -0.5, sms, plan=plan)
+
+                out = step().float()
+                base = out if base is None else base
+                us = time_us(step)
+                row = {"batch": bsz, "length": length, "plan": name, "split_len": plan["split_len"],
+                       "programs": bsz * h * -(-length // plan["split_len"]), "us": round(us, 2),
+                       "keys_read_MB": round(read / 1e6, 2), "of_copy_rate": round(read / (us * 1e-6) / 1e9 / rate, 3),
+                       "rel_to_default": ((out - base).norm() / base.norm()).item(),
+                       "positions": sorted(int(s) + 1 for s in slots)}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    (args.out / "ragged-attention.json").write_text(json.dumps(
+        {"device": torch.cuda.get_device_name(), "copy_GBps": rate, "sms": sms, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
