@@ -5,6 +5,8 @@ a slot reading another's keys picks tokens far from the reference's argmax, whil
 (another split of the keys, another batch size in a matrix kernel) only flips near-ties, which a random-weight
 model has at nearly every step. Exits 1 unless every request is equal, or both lists pick only near-ties
 (reference regret at most --tie of the logits' standard deviation at every token).
+A bug that perturbs the logits slightly (one stale key among thousands) could still pass as near-ties; the
+CPU tests check the batcher's tokens for exact equality on the PyTorch path.
 
     python scripts/serve-check.py MODEL_DIR [--requests 6]
 """

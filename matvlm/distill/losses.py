@@ -66,8 +66,9 @@ def answer_mask(labels: Tensor) -> Tensor:
 
 
 def reduce_sum(per_token: Tensor, mask: Tensor) -> Tensor:
-    """Sum of a (B, T) per-token loss over positions where mask is true (padding excluded)."""
-    return (per_token * mask.to(per_token.dtype)).sum()
+    """Sum of a (B, T) per-token loss over positions where mask is true (padding excluded: selected, not
+    multiplied by zero, so a non-finite value at a pad cannot reach the sum)."""
+    return torch.where(mask, per_token, 0).sum()
 
 
 # --- the LM head and its losses in chunks (no (B, T, V) tensor) ---------------------------------

@@ -178,6 +178,13 @@ def capture_layers(model: nn.Module, indices: list[int], store: dict):
             h.remove()
 
 
+def require_right_padding(attention_mask: Tensor) -> None:
+    """Raise unless every row of a (B, T) mask is its tokens followed by its pads (DistillStep runs its
+    passes without the mask, which only right padding allows)."""
+    if bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
+        raise ValueError("distillation needs right-padded batches: attention_mask has a token after a pad")
+
+
 class DistillStep(nn.Module):
     """Teacher pass + student pass + teacher-forced layer outputs for one micro-batch.
 
@@ -198,13 +205,13 @@ class DistillStep(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
                 pixel_values: Tensor | None = None, rows: Tensor | None = None) -> dict[str, Tensor]:
-        """attention_mask: 1 on tokens, 0 on right padding (as `inputs.data.collate` pads). In a causal model
-        no real token attends to the pads after it, so both passes run without the mask: attention takes
-        its causal kernel, and transformers does not ask the device whether the mask holds padding (a
-        host-device sync per pass). The mask picks the real tokens for the losses.
+        """attention_mask: 1 on tokens, 0 on right padding (as `inputs.data.collate` pads; the loop checks it
+        on the host, `require_right_padding`). In a causal model no real token attends to the pads after it,
+        so both passes run without the mask: attention takes its causal kernel instead of a materialised
+        (B, 1, T, T) mask. The mask picks the real tokens for the losses.
         rows: optional flat indices of attention_mask's real positions (see `losses.head_losses`)."""
-        if not attention_mask.is_cuda and bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
-            raise ValueError("DistillStep needs right padding (a token after a pad in attention_mask)")
+        if not attention_mask.is_cuda:                # on a GPU this would wait for the device
+            require_right_padding(attention_mask)
         model = self.model
         mamba = model.hybrid_config.mamba_layers
         mask = attention_mask.bool()

@@ -29,7 +29,7 @@ from ..model.hybrid import decoder_layers
 from . import losses
 from . import state as ckpt
 from .config import DistillConfig
-from .model import DistillStep, build
+from .model import DistillStep, build, require_right_padding
 
 log = logging.getLogger("matvlm.distill")
 CONFIG_NAME = "distill_config.json"
@@ -329,19 +329,25 @@ def run(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Path
                             (" and torch.compile's graphs" if cfg.compile else "") +
                             " (a minute or two the first time; compiled kernels are cached on disk)")
     pending = None              # the step issued last, whose record is read once the next one is queued
+
+    def finish(issued: dict) -> None:
+        nonlocal pending
+        try:
+            _log_step(r, bar, finish_step(r, issued))
+        except MatvlmError:                # non-finite: the step issued after it is not logged either
+            pending = None
+            raise
+
     try:
         for step in range(start, r.total):
             issued = train_step(r, step, next(steps))
             done, pending = pending, issued
             if done is not None:
-                _log_step(r, bar, finish_step(r, done))
+                finish(done)
             if (step + 1) % cfg.save_every == 0 or step + 1 == r.total:
                 done, pending = pending, None                       # never a checkpoint of a non-finite step
-                _log_step(r, bar, finish_step(r, done))
+                finish(done)
                 save_checkpoint(r, step + 1)
-    except MatvlmError:                    # a non-finite step: the one issued after it is not logged
-        pending = None
-        raise
     finally:
         try:
             if pending is not None:        # interrupted: the last issued step still gets its log line
@@ -576,9 +582,10 @@ BATCH_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values")
 def train_step(r: Run, step: int, micro: list[dict]) -> dict:
     """One optimizer step over this process's micro-batches: token counts all-reduced first (every loss is
     normalised by the global batch's), forward and backward per micro-batch (gradients synchronised on the
-    last), clipping, optimizer and schedule. Nothing here waits for the device: the step's losses and
-    gradient norm stay on it, and `finish_step` reads them (and stops a non-finite run) once the next
-    step's work is queued, so the host's issuing of one step overlaps the device's running of the last."""
+    last), clipping, optimizer and schedule. The step's losses, gradient norm and token count stay on the
+    device: `finish_step` reads them (and stops a non-finite run) once the next step's first work is
+    queued. (transformers still waits for the device once per pass, when it checks the position ids
+    for packed sequences.)"""
     cfg, acc = r.cfg, r.accelerator
     stage = "align" if step < r.n_align else "e2e"
     w = loss_weights(cfg, stage)
@@ -593,6 +600,7 @@ def train_step(r: Run, step: int, micro: list[dict]) -> dict:
     for j, b in enumerate(micro):
         # pinned batches copy without waiting for the device (a pageable copy waits for the queued work);
         # the real tokens' rows are found here on the host, not by a nonzero() that waits for the device
+        require_right_padding(b["attention_mask"])              # on the host, before the copy
         rows = losses.real_rows(b["attention_mask"])
         b = {k: b[k].to(acc.device, non_blocking=True) for k in BATCH_KEYS if b.get(k) is not None}
         b["rows"] = rows.pin_memory().to(acc.device, non_blocking=True) if acc.device.type == "cuda" else rows

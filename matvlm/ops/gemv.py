@@ -23,7 +23,9 @@ def linear(x: Tensor | None, weight: Tensor, bias: Tensor | None = None, residua
     x: (B, K1) or None; norm: ("layer", weight, bias, eps) as `nn.LayerNorm`, ("rms", weight, None, eps)
     as transformers' RMSNorm, or None; tail: (B, K - K1) or None; act: None, "gelu_tanh", "gelu", or
     "silu_mul" (tail is (B, 2 (K - K1)): silu of its first half times its second half); out_act: None,
-    "gelu_tanh" or "gelu"; weight: (N, K)."""
+    "gelu_tanh" or "gelu"; weight: (N, K). Under programmatic dependent launch (on by default on Hopper,
+    `backend.dependent_launch`) the one-row kernel loads its first block of `weight` before it waits for
+    the kernel before it, so `weight` must not be written by the kernel launched just before this call."""
     if out_act not in (None, "gelu_tanh", "gelu"):
         raise ValueError(f"out_act must be None, 'gelu_tanh' or 'gelu', got {out_act!r}")
     src = x if x is not None else tail

@@ -128,7 +128,7 @@ def test_a_padded_batch_gives_each_row_what_it_gives_alone(teacher_dirs, data):
     for j, g in enumerate(g_batch):
         torch.testing.assert_close(g, sum(ga[j] for _, ga in alone), rtol=1e-5, atol=1e-8)
     b = collate(items, proc.tokenizer.pad_token_id)
-    with pytest.raises(ValueError, match="right padding"):
+    with pytest.raises(ValueError, match="right-padded"):
         step(b["input_ids"], b["attention_mask"].flip(1), b["labels"], b["pixel_values"].double())
 
 
