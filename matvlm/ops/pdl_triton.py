@@ -6,8 +6,19 @@ when triton is installed."""
 import triton
 import triton.language as tl
 
+
+def _launch_option() -> bool:
+    """Whether this Triton's CUDA backend takes the `launch_pdl` launch option (a build with the
+    `griddepcontrol` intrinsics but not the option would refuse the keyword at launch)."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+
+
 _cuda = getattr(getattr(tl, "extra", None), "cuda", None)
-AVAILABLE = hasattr(_cuda, "gdc_wait") and hasattr(_cuda, "gdc_launch_dependents")
+AVAILABLE = hasattr(_cuda, "gdc_wait") and hasattr(_cuda, "gdc_launch_dependents") and _launch_option()
 
 
 @triton.jit
