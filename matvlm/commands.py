@@ -858,8 +858,11 @@ def bench_serve(model: str | None = None, url: str | None = None, api_key: str |
         vlm = hasattr(engine.model.config, "vision_config")
         fraction = (0.5 if vlm else 0.0) if image_fraction is None else image_fraction
         workload = serve_load.make_workload(requests, rate, pw, mt, fraction, seed, answer_lengths)
+        from .ops.backend import dependent_launch
+
         meta.update(model=str(model), device=str(engine.device), max_batch=max_batch,
-                    gpu=__import__("torch").cuda.get_device_name() if str(engine.device).startswith("cuda") else None)
+                    gpu=__import__("torch").cuda.get_device_name() if str(engine.device).startswith("cuda") else None,
+                    pdl=dependent_launch(engine.model.get_output_embeddings().weight))
         if rate <= 0:           # all at once: what the answer lengths allow (serve_load.step_bound)
             meta["step_bound"] = serve_load.step_bound(workload, max_batch)
         names = list(scheduler)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from matvlm.ops import attention_triton as at
+from matvlm.ops.backend import dependent_launch
 
 
 def copy_gbps(device) -> float:
@@ -101,7 +102,8 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     (args.out / "ragged-attention.json").write_text(json.dumps(
-        {"device": torch.cuda.get_device_name(), "copy_GBps": rate, "sms": sms, "rows": rows}, indent=1))
+        {"device": torch.cuda.get_device_name(), "copy_GBps": rate, "sms": sms, "pdl": dependent_launch(keys),
+         "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ def test_bench_serve_runs_one_workload_against_both_schedulers_and_times_every_r
     rec = json.loads((out / "bench-serve.json").read_text())
     asked = [w["max_tokens"] for w in rec["workload"]]
     assert rec["prefill_tokens"] == 16
+    assert rec["pdl"] is False                             # recorded with the run; no dependent launch on a CPU
     assert any(w["image"] for w in rec["workload"]) and not all(w["image"] for w in rec["workload"])
     for name in ("static", "continuous"):
         warm = rec["warmup"][name]                         # served before the timed run, not in its figures
