@@ -228,7 +228,7 @@ def run(model: str, vs: str | None, contexts: list[int], batches: list[int], gen
     each cell measured under each in turn; for each context in `max_batch_contexts` the largest batch
     that fits is searched (engine, first variant)."""
     from ..engine.engine import Engine
-    from ..ops.backend import set_dependent_launch
+    from ..ops.backend import dependent_launch, set_dependent_launch
     from .kernels import ceilings
 
     emit = on_row or (lambda row: None)
@@ -255,6 +255,7 @@ def run(model: str, vs: str | None, contexts: list[int], batches: list[int], gen
                     before = set_dependent_launch(launch)
                     try:
                         r = engine_cell(engine, cell, vocab)
+                        r["pdl"] = dependent_launch(m.get_output_embeddings().weight)    # as the step ran
                     finally:
                         set_dependent_launch(before)
                     if "step_ms" in r and roof:

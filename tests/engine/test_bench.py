@@ -177,6 +177,7 @@ def test_bench_measures_each_cell_under_each_launch_setting_in_turn(monkeypatch,
     assert settings == [False, True, False, True]               # off then on, cell by cell
     assert [(r["gen"], r["system"].split(")")[-1]) for r in res["rows"]] == [
         (4, " PDL off"), (4, " PDL on"), (5, " PDL off"), (5, " PDL on")]
+    assert all(r["pdl"] is False for r in res["rows"])           # recorded: no dependent launch on a CPU
 
 
 def test_static_transformers_cell_sizes_its_cache_to_its_own_length(text_engine):
