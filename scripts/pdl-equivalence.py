@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from matvlm.bench.speed import _NullTokenizer, _random_prompts, resolve
+from matvlm.bench.speed import _NullTokenizer, _random_prompts, reference_logits, resolve
 from matvlm.engine.engine import Engine, Request
 from matvlm.engine.sampling import SamplingParams
 from matvlm.ops.backend import dependent_launch, set_dependent_launch
@@ -22,11 +22,8 @@ from matvlm.ops.backend import dependent_launch, set_dependent_launch
 def regrets(model, prompt: list[int], tokens: list[int]) -> tuple[torch.Tensor, float]:
     """Reference logit of its argmax minus that of the chosen token at each generated position (float32),
     and the logits' mean standard deviation (their scale)."""
-    device = model.get_output_embeddings().weight.device
-    ids = torch.tensor([prompt + tokens], device=device)
-    with torch.no_grad():
-        logits = model(input_ids=ids, use_cache=False).logits[0, len(prompt) - 1: -1].float()
-    chosen = logits.gather(1, torch.tensor(tokens, device=device)[:, None])[:, 0]
+    logits = reference_logits(model, prompt, tokens)
+    chosen = logits.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0]
     return (logits.max(1).values - chosen).cpu(), logits.std(1).mean().item()
 
 

@@ -17,38 +17,9 @@ from pathlib import Path
 
 import torch
 
+from matvlm.bench.kernels import ceilings, timed
 from matvlm.ops import attention_triton as at
 from matvlm.ops.backend import dependent_launch
-
-
-def copy_gbps(device) -> float:
-    """Device-to-device copy rate of a 1 GiB buffer (read + write bytes per second), best of 10."""
-    x = torch.empty(1 << 29, dtype=torch.bfloat16, device=device)
-    y = torch.empty_like(x)
-    best = math.inf
-    for _ in range(10):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        y.copy_(x)
-        b.record()
-        b.synchronize()
-        best = min(best, a.elapsed_time(b))
-    return 2 * x.numel() * 2 / (best * 1e6)
-
-
-def time_us(fn, iters: int = 200) -> float:
-    """Median time of one call in microseconds, each call timed alone after a warm-up."""
-    for _ in range(10):
-        fn()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:
@@ -63,7 +34,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     dev = torch.device("cuda")
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    rate = copy_gbps(dev)
+    rate = ceilings()["copy_GBps"]
     h, d, r = args.heads, args.head_dim, args.rotary
     rng = random.Random(0)
     rows = []
@@ -93,7 +64,7 @@ def main() -> None:
 
                 out = step().float()
                 base = out if base is None else base
-                us = time_us(step)
+                us = timed(step, warmup=10, rep=200) * 1e3
                 row = {"batch": bsz, "length": length, "plan": name, "split_len": plan["split_len"],
                        "programs": bsz * h * -(-length // plan["split_len"]), "us": round(us, 2),
                        "keys_read_MB": round(read / 1e6, 2), "of_copy_rate": round(read / (us * 1e-6) / 1e9 / rate, 3),

@@ -24,17 +24,10 @@ import sys
 
 import torch
 
+from matvlm.bench.speed import reference_logits
 from matvlm.engine.engine import Engine, Request
 from matvlm.engine.sampling import SamplingParams
 from matvlm.engine.scheduler import ContinuousBatcher, Sequence
-
-
-def reference_logits(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
-    """The full forward's float32 logits at the positions that chose each of `tokens` (len(tokens), V)."""
-    device = model.get_output_embeddings().weight.device
-    ids = torch.tensor([prompt + tokens], device=device)
-    with torch.no_grad():
-        return model(input_ids=ids, use_cache=False).logits[0, len(prompt) - 1: -1].float()
 
 
 def serve(engine: Engine, reqs: list[Request], slots: int, together: bool):

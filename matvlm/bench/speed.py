@@ -87,6 +87,16 @@ class Cell:
     gen: int
 
 
+def reference_logits(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """The model's own full forward (its layers, no cache, no decode kernels) over `prompt` + `tokens`: the
+    float32 logits at the positions that chose each of `tokens`, (len(tokens), V). What decode paths are
+    checked against."""
+    device = model.get_output_embeddings().weight.device
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + tokens], device=device), use_cache=False).logits
+    return logits[0, len(prompt) - 1: -1].float()
+
+
 def _random_prompts(batch: int, context: int, vocab: int, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(10, vocab - 10, (batch, context), generator=g).tolist()

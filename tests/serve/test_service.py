@@ -436,6 +436,7 @@ def test_every_step_of_slots_side_by_side_gives_the_logits_of_a_full_forward(eng
     request's prompt and answer within float32 rounding (that fault moves them by 8-42 % here)."""
     import torch
 
+    from matvlm.bench.speed import reference_logits
     from matvlm.engine import scheduler
 
     fused = Engine(matvlm.load(ASSET, dtype="float32"), matvlm.load_processor(ASSET), device="cpu", fuse=True)
@@ -467,8 +468,7 @@ def test_every_step_of_slots_side_by_side_gives_the_logits_of_a_full_forward(eng
     for i, r in enumerate(reqs):
         prompt = engine.encode(r)[0]
         tokens = got[i].token_ids
-        with torch.no_grad():
-            ref = engine.model(input_ids=torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1: -1]
+        ref = reference_logits(engine.model, prompt, tokens)
         mine = torch.stack(logits[i])[:len(tokens)]     # (a finished answer's spare step is dropped)
         assert mine.shape == ref.shape == (r.params.max_new_tokens, ref.shape[-1])
         assert ((mine - ref).norm(dim=1) / ref.norm(dim=1)).max() < 1e-5, i
