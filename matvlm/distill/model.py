@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..convert import formats
 from ..convert.init import hybridize
@@ -185,6 +187,40 @@ def require_right_padding(attention_mask: Tensor) -> None:
         raise ValueError("distillation needs right-padded batches: attention_mask has a token after a pad")
 
 
+CAUSAL_SDPA = "matvlm_causal_sdpa"
+
+
+def _causal_sdpa(module, query, key, value, attention_mask, *args, **kwargs):
+    """transformers' sdpa attention for passes with no padding mask (see `causal_attention`)."""
+    if attention_mask is not None:
+        raise ValueError(f"{CAUSAL_SDPA} is for passes without an attention mask; got one")
+    return sdpa_attention_forward(module, query, key, value, None, *args, **kwargs)
+
+
+AttentionInterface.register(CAUSAL_SDPA, _causal_sdpa)
+
+
+@contextmanager
+def causal_attention(stack: nn.Module):
+    """Within this scope the decoder stack's attention layers run sdpa with no mask, and transformers builds none.
+
+    For a pass without an attention mask or cache, transformers checks the position ids for packed sequences on
+    every forward, and that check waits for the device (`masking_utils.find_packed_sequence_indices`, 5.17–5.25).
+    It builds masks only for the attention implementations it has a mask function for, so under an implementation
+    registered through its `AttentionInterface` (here: sdpa itself, refusing a mask) there is neither mask nor
+    check, and the host can queue the whole step. Only a stack on plain sdpa is switched; the previous setting
+    comes back on exit. The vision tower keeps its own."""
+    cfg = stack.config
+    if cfg._attn_implementation != "sdpa":
+        yield
+        return
+    cfg._attn_implementation = CAUSAL_SDPA
+    try:
+        yield
+    finally:
+        cfg._attn_implementation = "sdpa"
+
+
 class DistillStep(nn.Module):
     """Teacher pass + student pass + teacher-forced layer outputs for one micro-batch.
 
@@ -208,7 +244,8 @@ class DistillStep(nn.Module):
         """attention_mask: 1 on tokens, 0 on right padding (as `inputs.data.collate` pads; the loop checks it
         on the host, `require_right_padding`). In a causal model no real token attends to the pads after it,
         so both passes run without the mask: attention takes its causal kernel instead of a materialised
-        (B, 1, T, T) mask. The mask picks the real tokens for the losses.
+        (B, 1, T, T) mask, and transformers makes no check that waits for the device (`causal_attention`).
+        The mask picks the real tokens for the losses.
         rows: optional flat indices of attention_mask's real positions (see `losses.head_losses`)."""
         if not attention_mask.is_cuda:                # on a GPU this would wait for the device
             require_right_padding(attention_mask)
@@ -223,16 +260,20 @@ class DistillStep(nn.Module):
             # Inside `active()` the decoder stack, its layers and the connector resolve to the teacher's.
             with torch.no_grad(), self.teacher.active(), \
                     capture_layers(model, mamba if self.need_layer else [], captured):
-                t_hidden = decoder_stack(model)(inputs_embeds=embed(model, input_ids, feats),
-                                                attention_mask=None, use_cache=False).last_hidden_state
+                stack = decoder_stack(model)
+                with causal_attention(stack):
+                    t_hidden = stack(inputs_embeds=embed(model, input_ids, feats), attention_mask=None,
+                                     use_cache=False).last_hidden_state
                 t_head = model.get_output_embeddings()
         out = {"n_tokens": mask.sum().float(), "n_answer": losses.answer_mask(labels).logical_and(mask).sum().float()}
         zero = torch.zeros((), device=input_ids.device)
         out["prob_sum"] = out["ce_sum"] = out["layer_sum"] = zero
         out["layer_sq"] = torch.zeros(len(mamba), device=input_ids.device)
         if self.need_prob or self.need_ce:
-            s_hidden = decoder_stack(model)(inputs_embeds=embed(model, input_ids, feats),
-                                            attention_mask=None, use_cache=False).last_hidden_state
+            stack = decoder_stack(model)
+            with causal_attention(stack):
+                s_hidden = stack(inputs_embeds=embed(model, input_ids, feats), attention_mask=None,
+                                 use_cache=False).last_hidden_state
             # the LM head and both losses in chunks of real tokens: no (B, T, V) logits (losses.head_losses)
             kl, ce = losses.head_losses(s_hidden, t_hidden, model.get_output_embeddings(), t_head, labels, mask,
                                         self.temperature, want_kl=self.need_prob, want_ce=self.need_ce, rows=rows)

@@ -584,8 +584,7 @@ def train_step(r: Run, step: int, micro: list[dict]) -> dict:
     normalised by the global batch's), forward and backward per micro-batch (gradients synchronised on the
     last), clipping, optimizer and schedule. The step's losses, gradient norm and token count stay on the
     device: `finish_step` reads them (and stops a non-finite run) once the next step's first work is
-    queued. (transformers still waits for the device once per pass, when it checks the position ids
-    for packed sequences.)"""
+    queued; nothing inside the step waits for the device (see `model.causal_attention`)."""
     cfg, acc = r.cfg, r.accelerator
     stage = "align" if step < r.n_align else "e2e"
     w = loss_weights(cfg, stage)

@@ -1,5 +1,6 @@
 """Distillation: the one-copy teacher path, teacher forcing, exactness of resume and of multi-process runs."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -130,6 +131,53 @@ def test_a_padded_batch_gives_each_row_what_it_gives_alone(teacher_dirs, data):
     b = collate(items, proc.tokenizer.pad_token_id)
     with pytest.raises(ValueError, match="right-padded"):
         step(b["input_ids"], b["attention_mask"].flip(1), b["labels"], b["pixel_values"].double())
+
+
+@pytest.mark.parametrize("family", ["phi", "qwen2"])
+def test_the_passes_make_no_mask_check_that_waits_for_the_device(teacher_dirs, data, family, monkeypatch):
+    """transformers checks the position ids for packed sequences on every forward without a mask, a read that
+    waits for the GPU. Under `causal_attention` neither pass makes it, the losses and gradients equal those of
+    plain sdpa (which does), and the stack's attention setting comes back afterwards, also after an error."""
+    from transformers import masking_utils
+
+    from matvlm.distill import model as model_mod
+    from matvlm.inputs.data import LlavaJsonDataset, collate
+    from matvlm.inputs.templates import get_template
+    from matvlm.model.hybrid import decoder_stack
+
+    model, teacher, _ = build(teacher_dirs[family], mamba_ratio=0.5)
+    step = DistillStep(model, teacher, 2.0, need_ce=True, need_layer=True, need_prob=True).double()
+    proc = matvlm.load_processor(teacher_dirs[family])
+    ds = LlavaJsonDataset(data, None, proc, get_template("plain"), 256)
+    b = collate([ds[i] for i in range(3)], proc.tokenizer.pad_token_id)
+    b = {k: b[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values")}
+    b["pixel_values"] = b["pixel_values"].double()
+    checks = []
+    real_check = masking_utils.find_packed_sequence_indices
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda *a: checks.append(1) or real_check(*a))
+
+    def run():
+        step.zero_grad()
+        out = step(**b)
+        (out["prob_sum"] + out["ce_sum"] + 0.1 * out["layer_sum"]).backward()
+        return {k: v.detach() for k, v in out.items()}, [p.grad.clone() for p in step.parameters() if p.grad is not None]
+
+    out, grads = run()
+    assert checks == []
+    assert decoder_stack(model).config._attn_implementation == "sdpa"
+    monkeypatch.setattr(model_mod, "causal_attention", lambda stack: contextlib.nullcontext())
+    ref, ref_grads = run()
+    assert len(checks) == 2                                   # the plain passes do check: the spy sees them
+    for k in ref:
+        torch.testing.assert_close(out[k], ref[k], rtol=1e-12, atol=0)
+    assert len(grads) == len(ref_grads) > 0
+    for a, r in zip(grads, ref_grads):
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=0)
+    monkeypatch.undo()
+    mask4d = b["attention_mask"][:, None, None, :].bool()                   # a mask is refused, not ignored
+    with pytest.raises(ValueError, match="without an attention mask"), model_mod.causal_attention(decoder_stack(model)):
+        decoder_stack(model)(input_ids=b["input_ids"], attention_mask=mask4d)
+    assert decoder_stack(model).config._attn_implementation == "sdpa"
 
 
 def test_the_loop_pads_to_the_multiple_on_cuda_only_and_only_batches_that_need_padding():
