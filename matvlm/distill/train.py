@@ -340,7 +340,11 @@ def run(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Path
 
     try:
         for step in range(start, r.total):
-            issued = train_step(r, step, next(steps))
+            t = time.perf_counter()
+            micro = next(steps)
+            waited = time.perf_counter() - t        # for the data loader, the host's queue of work drained meanwhile
+            issued = train_step(r, step, micro)
+            issued["data_s"] = waited
             done, pending = pending, issued
             if done is not None:
                 finish(done)
@@ -643,7 +647,8 @@ def finish_step(r: Run, issued: dict) -> dict:
     return {"step": issued["step"], "stage": issued["stage"], "loss": sums[0],
             "loss_layer": sums[1] if w[0] > 0 else None, "loss_prob": sums[2] if w[1] > 0 else None,
             "loss_ce": sums[3] if w[1] > 0 or w[2] > 0 else None, "lr": issued["lr"], "grad_norm": grad_norm,
-            "tokens": n_tok, "tokens_per_s": r.tokens_done / max(elapsed, 1e-9), "elapsed_s": elapsed}
+            "tokens": n_tok, "tokens_per_s": r.tokens_done / max(elapsed, 1e-9), "elapsed_s": elapsed,
+            "data_s": issued.get("data_s")}
 
 
 def _log_step(r: Run, bar, rec: dict) -> None:

@@ -223,6 +223,7 @@ def test_training_changes_only_trainable_weights_and_lowers_the_loss(teacher_dir
     assert log[-1]["loss"] < 0.85 * log[0]["loss"], [r["loss"] for r in log]
     for r in log:
         assert set(r) >= {"step", "loss", "loss_layer", "loss_prob", "loss_ce", "lr", "tokens_per_s"}
+        assert 0 <= r["data_s"] < r["elapsed_s"]                # the wait for the step's micro-batches
     teacher = matvlm.load(teacher_dirs["phi"]).state_dict()
     student = matvlm.load(out)                                                  # a normal hybrid checkpoint
     assert student.hybrid_config.mamba_layers == [0, 2]
