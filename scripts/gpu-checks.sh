@@ -5,8 +5,9 @@
 #      slots and alone (6 and 12 requests, float32, and without PDL): issue 20 item 2's correctness;
 #   2. on an H200 only: the decode step's variants (hybrid and teacher; issue 20 item 3), the prefill probe and
 #      the 75 % hybrid's time to first token at 16K (item 4);
-#   3. the `matvlm distill --compile --group-by-length` loop on SmolLM2 shapes: this checkout, the files of
-#      .carry/base (scripts/device-prep.sh BASE=...), and this checkout with --num-workers 4 (issue 16 item 5);
+#   3. the `matvlm distill --compile --group-by-length` loop on SmolLM2 shapes, this checkout and the files of
+#      .carry/base (scripts/device-prep.sh BASE=...), then the step alone of each with the host's issue time
+#      (issue 16 item 5);
 #   4. the ragged split-KV attention probe, and serving under load with PDL (scripts/serve-bench.sh's tail4).
 # Prepare with scripts/device-prep.sh, then on the device (carry .whl .whl2 .carry):
 #   pip install --no-index --no-deps --no-compile -q --target /tmp/site .whl/*.whl
@@ -59,8 +60,12 @@ if [ -f .carry/base/train.py ]; then
   rm -rf /tmp/base-tree; cp -r "$REPO" /tmp/base-tree; cp .carry/base/*.py /tmp/base-tree/matvlm/distill/
   loop /tmp/base-tree "base-$(cat .carry/base/COMMIT 2>/dev/null || echo base)"
 fi
-loop "$REPO" this-nw4 NW=4
 touch /tmp/phaseB.done
+prof() { local tree=$1 tag=$2; [ -f "$R/step-$tag/profile-distill-step.json" ] && return; step step-profile "$tag"
+  (cd "$tree" && PYTHONPATH="$SITE:$tree" python3 scripts/profile-distill-step.py --config "$REPO/.carry/smolcfg" \
+     --micro 16,64 --compile layer --out "$R/step-$tag" > "$R/step-$tag.log" 2>&1); }
+prof "$REPO" this
+[ -d /tmp/base-tree ] && prof /tmp/base-tree base
 [ -f "$R/ragged/ragged-attention.json" ] || { step ragged
   python3 scripts/ragged-attention-probe.py --out "$R/ragged" > "$R/ragged.log" 2>&1; }
 step serving
