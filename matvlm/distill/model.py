@@ -200,18 +200,30 @@ def _causal_sdpa(module, query, key, value, attention_mask, *args, **kwargs):
 AttentionInterface.register(CAUSAL_SDPA, _causal_sdpa)
 
 
+def causal_is_enough(cfg, length: int) -> bool:
+    """Whether every attention layer of a text config, over `length` unpadded tokens, masks nothing but the
+    future: full attention, or a sliding window no shorter than the sequence (chunked, linear or other layer
+    kinds: no)."""
+    kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+    if not kinds <= {"full_attention", "sliding_attention"}:
+        return False
+    window = getattr(cfg, "sliding_window", None)
+    return "sliding_attention" not in kinds if window is None else length <= window
+
+
 @contextmanager
-def causal_attention(stack: nn.Module):
+def causal_attention(stack: nn.Module, length: int):
     """Within this scope the decoder stack's attention layers run sdpa with no mask, and transformers builds none.
 
     For a pass without an attention mask or cache, transformers checks the position ids for packed sequences on
     every forward, and that check waits for the device (`masking_utils.find_packed_sequence_indices`, 5.17–5.25).
     It builds masks only for the attention implementations it has a mask function for, so under an implementation
     registered through its `AttentionInterface` (here: sdpa itself, refusing a mask) there is neither mask nor
-    check, and the host can queue the whole step. Only a stack on plain sdpa is switched; the previous setting
-    comes back on exit. The vision tower keeps its own."""
+    check, and the host can queue the whole step. Only a stack on plain sdpa whose layers need no more than
+    causality over `length` tokens is switched (`causal_is_enough`); the previous setting comes back on exit.
+    The vision tower keeps its own."""
     cfg = stack.config
-    if cfg._attn_implementation != "sdpa":
+    if cfg._attn_implementation != "sdpa" or not causal_is_enough(cfg, length):
         yield
         return
     cfg._attn_implementation = CAUSAL_SDPA
@@ -261,7 +273,7 @@ class DistillStep(nn.Module):
             with torch.no_grad(), self.teacher.active(), \
                     capture_layers(model, mamba if self.need_layer else [], captured):
                 stack = decoder_stack(model)
-                with causal_attention(stack):
+                with causal_attention(stack, input_ids.shape[1]):
                     t_hidden = stack(inputs_embeds=embed(model, input_ids, feats), attention_mask=None,
                                      use_cache=False).last_hidden_state
                 t_head = model.get_output_embeddings()
@@ -271,7 +283,7 @@ class DistillStep(nn.Module):
         out["layer_sq"] = torch.zeros(len(mamba), device=input_ids.device)
         if self.need_prob or self.need_ce:
             stack = decoder_stack(model)
-            with causal_attention(stack):
+            with causal_attention(stack, input_ids.shape[1]):
                 s_hidden = stack(inputs_embeds=embed(model, input_ids, feats), attention_mask=None,
                                  use_cache=False).last_hidden_state
             # the LM head and both losses in chunks of real tokens: no (B, T, V) logits (losses.head_losses)

@@ -165,7 +165,7 @@ def test_the_passes_make_no_mask_check_that_waits_for_the_device(teacher_dirs, d
     out, grads = run()
     assert checks == []
     assert decoder_stack(model).config._attn_implementation == "sdpa"
-    monkeypatch.setattr(model_mod, "causal_attention", lambda stack: contextlib.nullcontext())
+    monkeypatch.setattr(model_mod, "causal_attention", lambda stack, length: contextlib.nullcontext())
     ref, ref_grads = run()
     assert len(checks) == 2                                   # the plain passes do check: the spy sees them
     for k in ref:
@@ -175,9 +175,26 @@ def test_the_passes_make_no_mask_check_that_waits_for_the_device(teacher_dirs, d
         torch.testing.assert_close(a, r, rtol=1e-12, atol=0)
     monkeypatch.undo()
     mask4d = b["attention_mask"][:, None, None, :].bool()                   # a mask is refused, not ignored
-    with pytest.raises(ValueError, match="without an attention mask"), model_mod.causal_attention(decoder_stack(model)):
+    with pytest.raises(ValueError, match="without an attention mask"), \
+            model_mod.causal_attention(decoder_stack(model), b["input_ids"].shape[1]):
         decoder_stack(model)(input_ids=b["input_ids"], attention_mask=mask4d)
     assert decoder_stack(model).config._attn_implementation == "sdpa"
+
+
+def test_only_stacks_that_mask_nothing_but_the_future_run_without_a_mask():
+    """A sliding window shorter than the sequence, or another layer kind, needs the mask transformers builds."""
+    from types import SimpleNamespace as C
+
+    from matvlm.distill.model import causal_is_enough
+
+    assert causal_is_enough(C(), 4096)                                                    # Llama, Phi
+    assert causal_is_enough(C(sliding_window=None, layer_types=["full_attention"] * 4), 4096)   # Qwen2's default
+    assert causal_is_enough(C(sliding_window=4096), 4096)                                 # Mistral, within its window
+    assert not causal_is_enough(C(sliding_window=4096), 4097)
+    assert not causal_is_enough(C(sliding_window=512, layer_types=["sliding_attention", "full_attention"]), 1024)
+    assert causal_is_enough(C(sliding_window=512, layer_types=["sliding_attention", "full_attention"]), 512)
+    assert not causal_is_enough(C(sliding_window=None, layer_types=["sliding_attention"]), 16)
+    assert not causal_is_enough(C(layer_types=["full_attention", "chunked_attention"]), 16)
 
 
 def test_the_loop_pads_to_the_multiple_on_cuda_only_and_only_batches_that_need_padding():
