@@ -7,7 +7,8 @@ DIR is any causal-LM directory with a config.json (only the config is read; weig
 micro-batch size it times one optimizer step of matvlm's DistillStep (teacher pass, student pass, chunked
 LM-head KL, layer loss; backward, clip, AdamW) with CUDA events, reports tokens/s, model FLOPs
 utilisation against the measured bf16 matmul rate and peak memory, and profiles the first size's step
-(the top CUDA kernels by time). Writes profile-distill-step.json.
+(the top CUDA kernels by time, and every wait of the host for the device inside it, from torch's sync
+debug mode: `host_waits`). Writes profile-distill-step.json.
 """
 
 from __future__ import annotations
@@ -77,6 +78,24 @@ def compile_parts(model, step, cfg, parts: list[str], seq: int) -> dict:
     compiled = losses()
     return {"compiled_modules": n, "max_rel_diff_vs_eager": max(
         float((compiled[k] - eager[k]).abs() / eager[k].abs().clamp_min(1e-12)) for k in eager)}
+
+
+def host_waits(fn) -> dict:
+    """The operations inside one call of `fn` that made the host wait for the device, as torch's sync debug
+    mode reports them (a warning each, with where it came from)."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    waits = [w for w in caught if "synchroniz" in str(w.message)]
+    where = [f"{w.filename}:{w.lineno}" for w in waits]
+    return {"count": len(waits), "where": sorted(set(where))[:20]}
 
 
 def main(argv=None):
@@ -173,6 +192,8 @@ def main(argv=None):
                 avg.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70))
             r["profiled_cuda_ms"] = sum(e.self_device_time_total for e in avg) / 1e3
             r["profiled_ops"] = sum(e.count for e in avg if e.key.startswith("aten::"))
+            r["host_waits"] = host_waits(one)
+            print(json.dumps({"host_waits": r["host_waits"]}), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "profile-distill-step.json").write_text(json.dumps(res, indent=2))
 
