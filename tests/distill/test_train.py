@@ -181,6 +181,52 @@ def test_the_passes_make_no_mask_check_that_waits_for_the_device(teacher_dirs, d
     assert decoder_stack(model).config._attn_implementation == "sdpa"
 
 
+def test_a_text_step_reads_nothing_back_from_the_device(teacher_dirs, monkeypatch):
+    """Nothing in a text model's distillation step (both passes, the layer and KL losses, backward, clipping)
+    reads a value back to the host, which on a GPU waits for the queued work. Recorded on the CPU as the
+    operations that do it on CUDA: a tensor read as a Python number or bool, and ops whose output size
+    depends on values. Left out: the step's own right-padding check, which the loop makes on the host before
+    the copy, and AdamW, whose step counts are host tensors (read on the CPU, never on the device)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from matvlm.distill import losses
+    from matvlm.distill import model as model_mod
+
+    reads_back = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_consecutive", "equal",
+                  "is_nonzero", "repeat_interleave"}
+
+    class Reads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in reads_back:
+                self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    model, teacher, names = build(teacher_dirs["causal-llama"], mamba_ratio=0.5)
+    step = DistillStep(model, teacher, 2.0, need_ce=True, need_layer=True, need_prob=True)
+    params = [p for n, p in model.named_parameters() if n in set(names)]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (3, 24), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 17:] = 0                                            # right padding
+    mask[2, 9:] = 0
+    rows = losses.real_rows(mask)                                # as the loop finds them, on the host
+    monkeypatch.setattr(model_mod, "require_right_padding", lambda m: None)
+    for _ in range(2):                                           # the second step: after an update
+        with Reads() as r:
+            o = step(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100), rows=rows)
+            (o["prob_sum"] + o["ce_sum"] + 0.1 * o["layer_sum"]).backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        assert r.seen == []
+    assert torch.isfinite(o["prob_sum"]) and float(o["n_tokens"]) == mask.sum()
+
+
 def test_only_stacks_that_mask_nothing_but_the_future_run_without_a_mask():
     """A sliding window shorter than the sequence, or another layer kind, needs the mask transformers builds."""
     from types import SimpleNamespace as C
