@@ -111,9 +111,11 @@ class _HeadLosses(torch.autograd.Function):
                 valid = tg != -100
                 log_p = F.log_softmax(s.float(), -1)
                 ce -= log_p.gather(1, tg.clamp_min(0)[:, None])[:, 0].masked_fill(~valid, 0).sum()
+                # softmax − onehot on answer targets, 0 on other rows, without boolean indexing (a nonzero,
+                # which would wait for the device, per chunk)
                 dce = log_p.exp_()
-                dce[valid, tg[valid]] -= 1
-                dce[~valid] = 0
+                dce.scatter_add_(1, tg.clamp_min(0)[:, None], -valid[:, None].to(dce.dtype))
+                dce.mul_(valid[:, None])
                 grads.append(("ce", dce, g_ce))
             for key, ds, g in grads:
                 ds = ds.to(w_s.dtype)

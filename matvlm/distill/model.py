@@ -211,6 +211,11 @@ def causal_is_enough(cfg, length: int) -> bool:
     return "sliding_attention" not in kinds if window is None else length <= window
 
 
+def _refuse_a_mask(module, args, kwargs):
+    if kwargs.get("attention_mask") is not None or (len(args) > 1 and args[1] is not None):
+        raise ValueError(f"{CAUSAL_SDPA} is for passes without an attention mask; got one")
+
+
 @contextmanager
 def causal_attention(stack: nn.Module, length: int):
     """Within this scope the decoder stack's attention layers run sdpa with no mask, and transformers builds none.
@@ -218,19 +223,32 @@ def causal_attention(stack: nn.Module, length: int):
     For a pass without an attention mask or cache, transformers checks the position ids for packed sequences on
     every forward, and that check waits for the device (`masking_utils.find_packed_sequence_indices`, 5.17–5.25).
     It builds masks only for the attention implementations it has a mask function for, so under an implementation
-    registered through its `AttentionInterface` (here: sdpa itself, refusing a mask) there is neither mask nor
-    check, and the host can queue the whole step. Only a stack on plain sdpa whose layers need no more than
-    causality over `length` tokens is switched (`causal_is_enough`); the previous setting comes back on exit.
-    The vision tower keeps its own."""
+    registered through its `AttentionInterface` (here: sdpa itself) there is neither mask nor check, and the host
+    can queue the whole step. transformers would drop a padding mask given to such a stack, so within the scope
+    the stack and its layers refuse one. Only a stack on plain sdpa whose layers need no more than causality over
+    `length` tokens is switched (`causal_is_enough`); the previous setting comes back on exit. The vision tower
+    keeps its own. Gradient checkpointing recomputes layers after the scope, under plain sdpa: the same call
+    (no mask, causal), though `--compile` then compiles each layer's graph once more."""
     cfg = stack.config
-    if cfg._attn_implementation != "sdpa" or not causal_is_enough(cfg, length):
+    prev = cfg._attn_implementation
+    if prev != "sdpa" or not causal_is_enough(cfg, length):
         yield
         return
+    hook = stack.register_forward_pre_hook(_refuse_a_mask, with_kwargs=True)
     cfg._attn_implementation = CAUSAL_SDPA
     try:
         yield
     finally:
-        cfg._attn_implementation = "sdpa"
+        cfg._attn_implementation = prev
+        hook.remove()
+
+
+def _stack_pass(model: nn.Module, input_ids: Tensor, feats: Tensor | None) -> Tensor:
+    """The decoder stack's last hidden states over the embedded batch, without a mask (see DistillStep)."""
+    stack = decoder_stack(model)
+    with causal_attention(stack, input_ids.shape[1]):
+        return stack(inputs_embeds=embed(model, input_ids, feats), attention_mask=None,
+                     use_cache=False).last_hidden_state
 
 
 class DistillStep(nn.Module):
@@ -272,20 +290,14 @@ class DistillStep(nn.Module):
             # Inside `active()` the decoder stack, its layers and the connector resolve to the teacher's.
             with torch.no_grad(), self.teacher.active(), \
                     capture_layers(model, mamba if self.need_layer else [], captured):
-                stack = decoder_stack(model)
-                with causal_attention(stack, input_ids.shape[1]):
-                    t_hidden = stack(inputs_embeds=embed(model, input_ids, feats), attention_mask=None,
-                                     use_cache=False).last_hidden_state
+                t_hidden = _stack_pass(model, input_ids, feats)
                 t_head = model.get_output_embeddings()
         out = {"n_tokens": mask.sum().float(), "n_answer": losses.answer_mask(labels).logical_and(mask).sum().float()}
         zero = torch.zeros((), device=input_ids.device)
         out["prob_sum"] = out["ce_sum"] = out["layer_sum"] = zero
         out["layer_sq"] = torch.zeros(len(mamba), device=input_ids.device)
         if self.need_prob or self.need_ce:
-            stack = decoder_stack(model)
-            with causal_attention(stack, input_ids.shape[1]):
-                s_hidden = stack(inputs_embeds=embed(model, input_ids, feats), attention_mask=None,
-                                 use_cache=False).last_hidden_state
+            s_hidden = _stack_pass(model, input_ids, feats)
             # the LM head and both losses in chunks of real tokens: no (B, T, V) logits (losses.head_losses)
             kl, ce = losses.head_losses(s_hidden, t_hidden, model.get_output_embeddings(), t_head, labels, mask,
                                         self.temperature, want_kl=self.need_prob, want_ce=self.need_ce, rows=rows)

@@ -648,7 +648,7 @@ def finish_step(r: Run, issued: dict) -> dict:
             "loss_layer": sums[1] if w[0] > 0 else None, "loss_prob": sums[2] if w[1] > 0 else None,
             "loss_ce": sums[3] if w[1] > 0 or w[2] > 0 else None, "lr": issued["lr"], "grad_norm": grad_norm,
             "tokens": n_tok, "tokens_per_s": r.tokens_done / max(elapsed, 1e-9), "elapsed_s": elapsed,
-            "data_s": issued.get("data_s")}
+            "data_s": issued["data_s"]}
 
 
 def _log_step(r: Run, bar, rec: dict) -> None:
