@@ -13,7 +13,9 @@
 #   pip install --no-index --no-deps --no-compile -q --target /tmp/site .whl/*.whl
 #   pip install --no-index --no-deps --no-compile -q --target /tmp/site2 .whl2/*.whl
 #   cp -r . /tmp/repo; (setsid nohup bash /tmp/repo/scripts/gpu-checks.sh > /tmp/gpu-checks.log 2>&1 &)
-# and collect $R (default /tmp/res) with tar while it runs; /tmp/phaseA.done marks the end of steps 1-2.
+# and collect $R (default /tmp/res) with tar while it runs; /tmp/phaseA.done, /tmp/phaseB.done and
+# /tmp/all.done mark the ends of steps 1-2, 3's loops and everything. A serve-check that failed (rc != 0) is
+# kept as serve-check-NAME.failed and run again by a resumed job.
 set -uo pipefail
 R=${R:-/tmp/res}; SITE=${SITE:-/tmp/site}; SITE2=${SITE2:-/tmp/site2}
 REPO=$(cd "$(dirname "$0")/.." && pwd); cd "$REPO"
@@ -29,9 +31,11 @@ W=${W:-/tmp/serve-bench}; mkdir -p "$W"
 step model
 [ -f "$W/rtl/config.json" ] || python3 scripts/random-tinyllava.py --tokenizer .carry/smolcfg --out "$W/rtl" > "$R/model.log" 2>&1
 [ -f "$W/rtl-h25/config.json" ] || $MATVLM convert "$W/rtl" "$W/rtl-h25" --mamba-ratio 0.25 >> "$R/model.log" 2>&1
-sc() { local name=$1; shift; [ -f "$R/serve-check-$name.txt" ] && return; step serve-check "$name"
-  python3 scripts/serve-check.py "$W/rtl-h25" "$@" > "$R/serve-check-$name.tmp" 2>&1
-  echo "rc=$?" >> "$R/serve-check-$name.tmp"; mv "$R/serve-check-$name.tmp" "$R/serve-check-$name.txt"; }
+sc() { local name=$1 rc; shift; [ -f "$R/serve-check-$name.txt" ] && return; step serve-check "$name"
+  python3 scripts/serve-check.py "$W/rtl-h25" "$@" > "$R/serve-check-$name.tmp" 2>&1; rc=$?
+  echo "rc=$rc" >> "$R/serve-check-$name.tmp"
+  if [ $rc = 0 ]; then mv "$R/serve-check-$name.tmp" "$R/serve-check-$name.txt"
+  else mv "$R/serve-check-$name.tmp" "$R/serve-check-$name.failed"; fi; }
 sc 6 --requests 6
 sc f32 --requests 6 --dtype float32
 sc 12 --requests 12
@@ -56,16 +60,17 @@ loop() { local tree=$1 tag=$2; shift 2; [ -f "$R/distill-$tag/loop-compile-group
      PROFILE=0 LOOPS=compile-group MB=64 GB=128 STEPS=${STEPS:-40} "$@" bash scripts/distill-speed.sh \
      > "$R/distill-$tag.log" 2>&1); }
 loop "$REPO" this
+BASE_TAG=base-$(cat .carry/base/COMMIT 2>/dev/null || echo unknown)
 if [ -f .carry/base/train.py ]; then
   rm -rf /tmp/base-tree; cp -r "$REPO" /tmp/base-tree; cp .carry/base/*.py /tmp/base-tree/matvlm/distill/
-  loop /tmp/base-tree "base-$(cat .carry/base/COMMIT 2>/dev/null || echo base)"
+  loop /tmp/base-tree "$BASE_TAG"
 fi
 touch /tmp/phaseB.done
 prof() { local tree=$1 tag=$2; [ -f "$R/step-$tag/profile-distill-step.json" ] && return; step step-profile "$tag"
   (cd "$tree" && PYTHONPATH="$SITE:$tree" python3 scripts/profile-distill-step.py --config "$REPO/.carry/smolcfg" \
      --micro 16,64 --compile layer --out "$R/step-$tag" > "$R/step-$tag.log" 2>&1); }
 prof "$REPO" this
-[ -d /tmp/base-tree ] && prof /tmp/base-tree base
+[ -f .carry/base/train.py ] && prof /tmp/base-tree "$BASE_TAG"
 [ -f "$R/ragged/ragged-attention.json" ] || { step ragged
   python3 scripts/ragged-attention-probe.py --out "$R/ragged" > "$R/ragged.log" 2>&1; }
 step serving

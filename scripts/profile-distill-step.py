@@ -86,13 +86,14 @@ def host_waits(fn) -> dict:
     import warnings
 
     torch.cuda.synchronize()
+    prev = torch.cuda.get_sync_debug_mode()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
             fn()
         finally:
-            torch.cuda.set_sync_debug_mode("default")
+            torch.cuda.set_sync_debug_mode(prev)
     waits = [w for w in caught if "synchroniz" in str(w.message)]
     where = [f"{w.filename}:{w.lineno}" for w in waits]
     return {"count": len(waits), "where": sorted(set(where))[:20]}
