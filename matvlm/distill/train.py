@@ -342,7 +342,7 @@ def run(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Path
         for step in range(start, r.total):
             t = time.perf_counter()
             micro = next(steps)
-            waited = time.perf_counter() - t        # for the data loader, the host's queue of work drained meanwhile
+            waited = time.perf_counter() - t        # on the data loader, while the GPU works off its queue
             issued = train_step(r, step, micro)
             issued["data_s"] = waited
             done, pending = pending, issued
@@ -588,7 +588,7 @@ def train_step(r: Run, step: int, micro: list[dict]) -> dict:
     normalised by the global batch's), forward and backward per micro-batch (gradients synchronised on the
     last), clipping, optimizer and schedule. The step's losses, gradient norm and token count stay on the
     device: `finish_step` reads them (and stops a non-finite run) once the next step's first work is
-    queued; nothing inside the step waits for the device (see `model.causal_attention`)."""
+    queued; nothing inside a text model's step waits for the device (see `model.causal_attention`)."""
     cfg, acc = r.cfg, r.accelerator
     stage = "align" if step < r.n_align else "e2e"
     w = loss_weights(cfg, stage)

@@ -160,7 +160,8 @@ def test_the_passes_make_no_mask_check_that_waits_for_the_device(teacher_dirs, d
         step.zero_grad()
         out = step(**b)
         (out["prob_sum"] + out["ce_sum"] + 0.1 * out["layer_sum"]).backward()
-        return {k: v.detach() for k, v in out.items()}, [p.grad.clone() for p in step.parameters() if p.grad is not None]
+        grads = [p.grad.clone() for p in step.parameters() if p.grad is not None]
+        return {k: v.detach() for k, v in out.items()}, grads
 
     out, grads = run()
     assert checks == []
