@@ -5,7 +5,7 @@
 # random-weight SmolLM2 shapes and random text, read from its log.jsonl.
 #
 #   CFG=dir-with-config-and-tokenizer OUT=results/ [COMPILE=norm,mlp | COMPILE=layer] [PROFILE=0] \
-#       [LOOPS="plain group"] [NW=4 (the loops' --num-workers)] bash scripts/distill-speed.sh
+#       [LOOPS="plain group"] bash scripts/distill-speed.sh
 set -euo pipefail
 CFG=${CFG:?a causal-LM directory with config.json and tokenizer files}
 OUT=${OUT:-runs/distill-speed}
@@ -49,7 +49,7 @@ for loop in ${LOOPS:-plain group}; do
   $PY -m matvlm distill --teacher "$W/model" --mamba-ratio 0.25 --data "$W/text.jsonl" --out "$W/run" \
       --max-steps ${STEPS:-16} --global-batch-size ${GB:-64} --micro-batch-size ${MB:-32} --max-length 1024 \
       --alpha 0.01 --lr 1e-3 --save-every 100000 --no-tensorboard $([[ "$loop" == *group* ]] && echo --group-by-length) $([[ "$loop" == *compile* ]] && echo --compile) \
-      $([[ "$loop" == *tokens* ]] && echo --micro-batch-tokens ${MBT:-65536}) ${NW:+--num-workers $NW} \
+      $([[ "$loop" == *tokens* ]] && echo --micro-batch-tokens ${MBT:-65536}) \
       2>&1 | tail -3
   cp "$W/run/log.jsonl" "$OUT/loop-$loop-log.jsonl"
   $PY - "$W/run/log.jsonl" "$loop" <<'PY'

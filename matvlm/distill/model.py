@@ -188,12 +188,13 @@ def require_right_padding(attention_mask: Tensor) -> None:
 
 
 CAUSAL_SDPA = "matvlm_causal_sdpa"
+_NO_MASK = f"{CAUSAL_SDPA} is for passes without an attention mask; got one"
 
 
 def _causal_sdpa(module, query, key, value, attention_mask, *args, **kwargs):
     """transformers' sdpa attention for passes with no padding mask (see `causal_attention`)."""
     if attention_mask is not None:
-        raise ValueError(f"{CAUSAL_SDPA} is for passes without an attention mask; got one")
+        raise ValueError(_NO_MASK)
     return sdpa_attention_forward(module, query, key, value, None, *args, **kwargs)
 
 
@@ -213,7 +214,7 @@ def causal_is_enough(cfg, length: int) -> bool:
 
 def _refuse_a_mask(module, args, kwargs):
     if kwargs.get("attention_mask") is not None or (len(args) > 1 and args[1] is not None):
-        raise ValueError(f"{CAUSAL_SDPA} is for passes without an attention mask; got one")
+        raise ValueError(_NO_MASK)
 
 
 @contextmanager

@@ -40,14 +40,23 @@ def read_log(out):
     return [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
 
 
-def batch_of(teacher_dirs, data, n=2):
+def batch_of(teacher_dirs, data, n=2, family="phi"):
     from matvlm.inputs.data import LlavaJsonDataset, collate
     from matvlm.inputs.templates import get_template
 
-    proc = matvlm.load_processor(teacher_dirs["phi"])
+    proc = matvlm.load_processor(teacher_dirs[family])
     ds = LlavaJsonDataset(data, None, proc, get_template("plain"), 256)
     b = collate([ds[i] for i in range(n)], proc.tokenizer.pad_token_id)
     return {k: b[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values")}
+
+
+def losses_and_grads(step, batch):
+    """One forward and backward of `step` on `batch`: its loss sums and the gradients it leaves."""
+    step.zero_grad()
+    out = step(**batch)
+    (out["prob_sum"] + out["ce_sum"] + 0.1 * out["layer_sum"]).backward()
+    grads = [p.grad.clone() for p in step.parameters() if p.grad is not None]
+    return {k: v.detach() for k, v in out.items()}, grads
 
 
 def test_layer_loss_is_teacher_forced(teacher_dirs, data):
@@ -84,11 +93,7 @@ def test_padding_a_batch_to_a_multiple_changes_no_loss(teacher_dirs, data):
         assert b["input_ids"].shape[1] % multiple == 0
         b = {k: b[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values")}
         b["pixel_values"] = b["pixel_values"].double()
-        step.zero_grad()
-        out = step(**b)
-        (out["prob_sum"] + out["ce_sum"] + 0.1 * out["layer_sum"]).backward()
-        grads = [p.grad.clone() for p in step.parameters() if p.grad is not None]
-        results.append((b["input_ids"].shape[1], {k: v.detach() for k, v in out.items()}, grads))
+        results.append((b["input_ids"].shape[1], *losses_and_grads(step, b)))
     (t1, base, g1), *padded = results
     for t, out, grads in padded:
         assert t > t1
@@ -117,10 +122,7 @@ def test_a_padded_batch_gives_each_row_what_it_gives_alone(teacher_dirs, data):
         b = collate(batch_items, proc.tokenizer.pad_token_id)
         b = {k: b[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values")}
         b["pixel_values"] = b["pixel_values"].double()
-        step.zero_grad()
-        out = step(**b)
-        (out["prob_sum"] + out["ce_sum"] + 0.1 * out["layer_sum"]).backward()
-        return {k: v.detach() for k, v in out.items()}, [p.grad.clone() for p in step.parameters() if p.grad is not None]
+        return losses_and_grads(step, b)
 
     batch, g_batch = run_step(items)
     alone = [run_step([x]) for x in items]
@@ -141,33 +143,21 @@ def test_the_passes_make_no_mask_check_that_waits_for_the_device(teacher_dirs, d
     from transformers import masking_utils
 
     from matvlm.distill import model as model_mod
-    from matvlm.inputs.data import LlavaJsonDataset, collate
-    from matvlm.inputs.templates import get_template
     from matvlm.model.hybrid import decoder_stack
 
     model, teacher, _ = build(teacher_dirs[family], mamba_ratio=0.5)
     step = DistillStep(model, teacher, 2.0, need_ce=True, need_layer=True, need_prob=True).double()
-    proc = matvlm.load_processor(teacher_dirs[family])
-    ds = LlavaJsonDataset(data, None, proc, get_template("plain"), 256)
-    b = collate([ds[i] for i in range(3)], proc.tokenizer.pad_token_id)
-    b = {k: b[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values")}
+    b = batch_of(teacher_dirs, data, n=3, family=family)
     b["pixel_values"] = b["pixel_values"].double()
     checks = []
     real_check = masking_utils.find_packed_sequence_indices
     monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda *a: checks.append(1) or real_check(*a))
 
-    def run():
-        step.zero_grad()
-        out = step(**b)
-        (out["prob_sum"] + out["ce_sum"] + 0.1 * out["layer_sum"]).backward()
-        grads = [p.grad.clone() for p in step.parameters() if p.grad is not None]
-        return {k: v.detach() for k, v in out.items()}, grads
-
-    out, grads = run()
+    out, grads = losses_and_grads(step, b)
     assert checks == []
     assert decoder_stack(model).config._attn_implementation == "sdpa"
     monkeypatch.setattr(model_mod, "causal_attention", lambda stack, length: contextlib.nullcontext())
-    ref, ref_grads = run()
+    ref, ref_grads = losses_and_grads(step, b)
     assert len(checks) == 2                                   # the plain passes do check: the spy sees them
     for k in ref:
         torch.testing.assert_close(out[k], ref[k], rtol=1e-12, atol=0)
